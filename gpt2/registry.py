@@ -1,0 +1,132 @@
+"""The attention and LayerNorm implementations the model can run, looked up by name.
+
+Attention implementations take q (B, H, Tq, D) and k, v (B, H_kv, Tk, D) with H_kv dividing H
+and Tq <= Tk, and return (B, H, Tq, D). When causal, the queries are the last Tq positions of
+the Tk keys (bottom-right alignment), which is what a KV cache needs.
+
+LayerNorm implementations come in pairs: `norm(x, weight, bias, eps)` and
+`add_norm(x, residual, weight, bias, eps) -> (normed, x + residual)`.
+
+The "triton" entries import the kernels package lazily, so the model runs where Triton can't.
+The config field names the implementation; modules look it up on every call, so switching an
+existing model's kernels is a change of config, not a rebuild.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
+    """(Tq, Tk) bool, True where query i (at position Tk - Tq + i) may attend to key j."""
+    offset = t_k - t_q
+    rows = torch.arange(t_q, device=device)[:, None]
+    cols = torch.arange(t_k, device=device)[None, :]
+    return cols <= rows + offset
+
+
+def eager_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None):
+    """The readable reference: softmax(q k^T * scale + mask) v, materialising the scores."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # grouped-query: each K/V head serves n_rep query heads
+        k = k.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, D)
+        v = v.repeat_interleave(n_rep, dim=1)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    if causal:
+        mask = _causal_mask(q.shape[2], k.shape[2], q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v  # (B, H, Tq, D)
+
+
+def sdpa_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None):
+    """PyTorch's scaled_dot_product_attention (flash / memory-efficient / cuDNN / math)."""
+    t_q, t_k = q.shape[2], k.shape[2]
+    mask = None
+    if causal and t_q != t_k and t_q > 1:
+        # is_causal aligns top-left; a KV cache needs bottom-right. One query sees every key.
+        mask = _causal_mask(t_q, t_k, q.device)
+    return F.scaled_dot_product_attention(
+        q, k, v,
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        is_causal=causal and t_q == t_k,
+        scale=softmax_scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+def triton_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None):
+    """Our fused flash attention (kernels/attention.py). Cached decoding, where Tq < Tk, goes
+    through SDPA: one query row per step is memory-bound and gains nothing from a fused kernel."""
+    if q.shape[2] != k.shape[2]:
+        return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    if dropout_p > 0.0:
+        raise NotImplementedError(
+            "the triton attention kernel has no attention dropout; set dropout=0 or attn_impl='sdpa'"
+        )
+    from kernels import flash_attention
+
+    return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+
+
+def torch_norm(x, weight, bias, eps):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def torch_add_norm(x, residual, weight, bias, eps):
+    residual = x + residual
+    return F.layer_norm(residual, (x.shape[-1],), weight, bias, eps), residual
+
+
+def triton_norm(x, weight, bias, eps):
+    from kernels import layer_norm
+
+    return layer_norm(x, weight, bias, eps)
+
+
+def triton_add_norm(x, residual, weight, bias, eps):
+    from kernels import add_layer_norm
+
+    return add_layer_norm(x, residual, weight, bias, eps)
+
+
+ATTENTION: dict[str, Callable] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "triton": triton_attention,
+}
+NORM: dict[str, tuple[Callable, Callable]] = {
+    "torch": (torch_norm, torch_add_norm),
+    "triton": (triton_norm, triton_add_norm),
+}
+
+
+def triton_unavailable_reason() -> str | None:
+    """None when the Triton kernels can run here; otherwise why not and what to use instead."""
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return (
+            "the triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 with CPU tensors, for tests); "
+            "use attn_impl='sdpa' and norm_impl='torch' here (--kernels auto picks them)"
+        )
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton, Linux only); use attn_impl='sdpa', norm_impl='torch'"
+    return None
+
+
+def check_available(attn_impl: str, norm_impl: str) -> None:
+    """Raise RuntimeError, saying why and what to use, when a chosen implementation can't run here."""
+    if "triton" in (attn_impl, norm_impl):
+        reason = triton_unavailable_reason()
+        if reason:
+            raise RuntimeError(reason)
