@@ -149,7 +149,9 @@ def eos_token_id(tokenizer: Tokenizer) -> int | None:
     return None
 
 
-def save_tokenizer(tokenizer: Tokenizer, output_dir: str | os.PathLike, *, model_max_length: int | None = None):
+def save_tokenizer(
+    tokenizer: Tokenizer, output_dir: str | os.PathLike, *, model_max_length: int | None = None
+) -> None:
     """Write tokenizer.json (plus vocab.json + merges.txt for a BPE), tokenizer_config.json and
     special_tokens_map.json, so transformers' AutoTokenizer.from_pretrained(output_dir) loads it."""
     output_dir = Path(output_dir)
