@@ -1,0 +1,98 @@
+"""Autoregressive sampling with a KV cache: temperature, top-k, top-p (nucleus), greedy, EOS."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """One layer's keys and values so far, (B, n_kv_head, T_past, hs), grown by concatenation."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def update(self, k, v):
+        """Append this step's k, v (B, nkv, T, hs); return everything cached, this step included."""
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
+    """Set to -inf every logit outside the top_k largest and outside the smallest set whose
+    probability reaches top_p (the most likely token is always kept). logits: (B, V) float."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continue input_ids (B, T) by max_new_tokens tokens; returns (B, T + new).
+
+    temperature 0 is greedy. A sequence that emits eos_token_id keeps emitting it (as padding)
+    and generation stops once every sequence has. Without the cache the whole prefix is recomputed
+    each step; with a fixed generator both paths draw the same random numbers, so they give the
+    same tokens (up to floating-point ties).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    total = input_ids.shape[1] + max_new_tokens
+    if total > model.config.n_positions:
+        raise ValueError(
+            f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds "
+            f"the model's context of {model.config.n_positions}"
+        )
+    was_training = model.training
+    model.eval()
+    caches = [KVCache() for _ in model.transformer.h] if use_cache else None
+    tokens = input_ids
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    step_input = input_ids
+    for _ in range(max_new_tokens):
+        h = model.hidden_states(step_input if use_cache else tokens, caches)
+        logits = model.lm_head(h[:, -1]).float()  # (B, V), the last position only
+        if temperature == 0:
+            next_token = logits.argmax(dim=-1)
+        else:
+            logits = filter_logits(logits / temperature, top_k, top_p)
+            probs = torch.softmax(logits, dim=-1)
+            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if eos_token_id is not None:
+            next_token = torch.where(finished, eos_token_id, next_token)
+            finished |= next_token == eos_token_id
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        step_input = next_token[:, None]
+        if eos_token_id is not None and finished.all():
+            break
+    model.train(was_training)
+    return tokens

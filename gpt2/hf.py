@@ -1,0 +1,191 @@
+"""Hugging Face GPT-2 checkpoints: load them into our GPT2, save ours so transformers loads them.
+
+The format: a directory with config.json and model.safetensors (or, read with
+weights_only=True, pytorch_model.bin). Parameter names match ours key for key; HF's GPT-2 stores
+its linear layers as Conv1D, whose weight is (in, out), the transpose of nn.Linear's (out, in):
+those four names are transposed on the way in and out. The LM head is tied to wte and not stored.
+
+Architectures transformers' GPT-2 can't express (grouped-query attention, rotary, no biases)
+are saved with model_type "gpt2-suite" and our own fields, with a warning that says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from gpt2.config import GPT2Config
+from gpt2.hub import download_files
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Buffers old HF checkpoints carry (the causal mask), not parameters.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# Our fields that describe the architecture (attn_impl / norm_impl are a runtime choice, not saved).
+ARCH_FIELDS = (
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head", "position_embedding",
+    "rope_theta", "layer_norm_epsilon", "dropout", "bias",
+)
+OUR_MODEL_TYPE = "gpt2-suite"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "gpt2", "openai-community/gpt2"
+
+
+def config_to_json(config: GPT2Config) -> dict:
+    ours = {name: getattr(config, name) for name in ARCH_FIELDS}
+    if not config.is_hf_compatible:
+        return {"model_type": OUR_MODEL_TYPE, "architectures": ["GPT2"], **ours}
+    eot = config.vocab_size - 1 if config.vocab_size == 50257 else None  # GPT-2's <|endoftext|>
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "activation_function": "gelu_new",  # the tanh approximation of GELU
+        "n_inner": None,  # 4 * n_embd
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        **ours,
+    }
+
+
+def config_from_json(values: dict, source: str) -> GPT2Config:
+    """Our config from an HF GPT-2 config.json or one of ours; ValueError for anything else."""
+    model_type = values.get("model_type")
+    if model_type == OUR_MODEL_TYPE:
+        return GPT2Config.from_dict({k: values[k] for k in ARCH_FIELDS if k in values})
+    if model_type != "gpt2":
+        raise ValueError(f"{source}: not a GPT-2 checkpoint (model_type={model_type!r}; expected 'gpt2')")
+    unsupported = {
+        "activation_function": (values.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")),
+        "n_inner": values.get("n_inner") in (None, 4 * values.get("n_embd", 768)),
+        "scale_attn_weights": values.get("scale_attn_weights", True),
+        "scale_attn_by_inverse_layer_idx": not values.get("scale_attn_by_inverse_layer_idx", False),
+        "add_cross_attention": not values.get("add_cross_attention", False),
+    }
+    for key, ok in unsupported.items():
+        if not ok:
+            raise ValueError(f"{source}: unsupported GPT-2 variant, {key}={values.get(key)!r}")
+    fields = {k: values[k] for k in ARCH_FIELDS if k in values}
+    fields.setdefault("dropout", values.get("resid_pdrop", 0.0))
+    return GPT2Config.from_dict(fields)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over path: a crash leaves the old file or the new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model, save_directory) -> None:
+    from safetensors.torch import save_file
+
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":  # tied to transformer.wte.weight
+            continue
+        tensor = tensor.detach()
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        tensors[name] = tensor.contiguous().cpu()
+    _atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    config_json = json.dumps(config_to_json(model.config), indent=2) + "\n"
+    _atomic_write(directory / "config.json", lambda p: Path(p).write_text(config_json))
+    if not model.config.is_hf_compatible:
+        warnings.warn(
+            f"{directory}: grouped-query attention, rotary embeddings or bias=False have no transformers "
+            f"GPT-2 equivalent; saved with model_type '{OUR_MODEL_TYPE}', which GPT2.from_pretrained loads "
+            f"and transformers does not",
+            stacklevel=3,
+        )
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if (directory / "model.safetensors").exists():
+            return load_file(directory / "model.safetensors")
+        if (directory / "model.safetensors.index.json").exists():
+            index = json.loads((directory / "model.safetensors.index.json").read_text())
+            tensors = {}
+            for shard in sorted(set(index["weight_map"].values())):
+                tensors.update(load_file(directory / shard))
+            return tensors
+        if (directory / "pytorch_model.bin").exists():
+            return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{directory}: the weights file is unreadable or corrupt ({err})") from None
+    raise FileNotFoundError(f"{directory}: no weights file; expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _normalise_state_dict(tensors: dict, expected: dict, source: str) -> dict:
+    """Map checkpoint tensors onto our parameter names and layouts, or name the first problem."""
+    state = {}
+    for name, tensor in tensors.items():
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if not name.startswith(("transformer.", "lm_head.")):  # the original checkpoints omit the prefix
+            name = "transformer." + name
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        state[name] = tensor
+    lm_head = state.pop("lm_head.weight", None)
+    for name, param in expected.items():
+        if name == "lm_head.weight":
+            continue
+        if name not in state:
+            raise ValueError(f"{source}: checkpoint is missing tensor {name!r}")
+        if state[name].shape != param.shape:
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, the config implies "
+                f"{tuple(param.shape)}"
+            )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor {unexpected[0]!r} (not part of a GPT-2 model)")
+    if lm_head is not None and not torch.equal(lm_head, state["transformer.wte.weight"]):
+        raise ValueError(f"{source}: lm_head.weight differs from transformer.wte.weight; only tied heads are supported")
+    return state
+
+
+def from_pretrained(cls, path_or_name, **config_overrides):
+    path = Path(path_or_name)
+    if path.is_file():
+        raise ValueError(f"{path}: expected a checkpoint directory (config.json + model.safetensors), got a file")
+    if not path.is_dir():
+        if not HUB_ID.fullmatch(str(path_or_name)):
+            raise FileNotFoundError(f"{path}: no such checkpoint directory")
+        path = download_files(str(path_or_name), ["config.json"], "model")
+        download_files(str(path_or_name), list(WEIGHT_FILES), "model")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json; expected a GPT-2 checkpoint directory")
+    try:
+        values = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    config = config_from_json(values, str(path))
+    config = GPT2Config.from_dict({**config.to_dict(), **config_overrides})
+    tensors = _read_weights(path)
+    model = cls(config)
+    state = _normalise_state_dict(tensors, model.state_dict(), str(path))
+    model.load_state_dict(state, strict=False)  # lm_head.weight is tied to wte, checked above
+    return model

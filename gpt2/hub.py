@@ -1,0 +1,49 @@
+"""Reaching the Hugging Face Hub, or failing fast and clearly when it can't be reached.
+
+huggingface_hub retries a failed request five times with backoff (about 25 s) before it gives
+up; a user without a network should hear that within a second or two, with what to do instead.
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+@lru_cache(maxsize=1)
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """None when a TCP connection to the Hub's endpoint opens within timeout seconds; else why not.
+    Offline mode (HF_HUB_OFFLINE=1) counts as unreachable: only the local cache is used."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return f"cannot connect to {url.hostname}:{port} ({err})"
+    return None
+
+
+def download_files(repo_id: str, filenames: list[str], what: str) -> Path:
+    """Fetch the first of `filenames` alternatives that exists (plus config.json) from a Hub repo,
+    using the local cache when the Hub can't be reached. Returns the snapshot directory."""
+    from huggingface_hub import hf_hub_download
+
+    reason = hub_unreachable_reason()
+    errors = []
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo_id, filename, local_files_only=reason is not None)).parent
+        except Exception as err:  # noqa: BLE001 - every failure here means "try the next file, then explain"
+            errors.append(f"{filename}: {type(err).__name__}")
+    if reason is not None:
+        raise OSError(
+            f"{what} {repo_id!r} is not a local path, and the Hugging Face Hub can't be reached ({reason}) "
+            f"nor is it in the local cache. Pass a local directory instead."
+        )
+    raise OSError(f"could not download {what} {repo_id!r} from the Hugging Face Hub ({'; '.join(errors)})")

@@ -1,0 +1,233 @@
+"""GPT-2, from scratch.
+
+Pre-LayerNorm transformer (Radford et al. 2019): token + learned position embeddings, n_layer
+blocks of LN -> causal self-attention -> residual and LN -> MLP (tanh-GELU) -> residual, a final
+LN, and an LM head tied to the token embedding. Parameter names follow Hugging Face's GPT-2
+checkpoints (transformer.wte, transformer.h.0.attn.c_attn, ...), so interop is a key-for-key copy
+plus a transpose of the Conv1D weights (gpt2/hf.py).
+
+Attention and LayerNorm run through gpt2/registry.py, chosen by config.attn_impl and
+config.norm_impl at every call. The residual stream travels between blocks as (x, residual):
+each LayerNorm first adds the pending branch output x into the residual, then normalises it,
+which is exactly the fused `add_layer_norm` kernel's contract.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2 import hf
+from gpt2.config import GPT2Config
+from gpt2.generation import generate
+from gpt2.loss import linear_cross_entropy
+from gpt2.registry import ATTENTION, NORM, check_available
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm whose forward can also fold in the residual add: ln(x) or ln(x + residual)."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        self.bias = nn.Parameter(torch.zeros(config.n_embd)) if config.bias else None
+
+    def forward(self, x, residual=None):
+        """Returns (normed, new_residual). With no residual yet, x itself starts the stream."""
+        norm, add_norm = NORM[self.config.norm_impl]
+        eps = self.config.layer_norm_epsilon
+        if residual is None:
+            return norm(x, self.weight, self.bias, eps), x
+        return add_norm(x, residual, self.weight, self.bias, eps)
+
+
+def rotary_tables(config: GPT2Config, positions: torch.Tensor, dtype):
+    """cos and sin, (T, head_dim), for rotating channel pairs (i, i + D/2) by position * theta_i."""
+    half = config.head_dim // 2
+    inv_freq = config.rope_theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate-half RoPE (GPT-NeoX / Llama layout) on x (B, nh, T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # q, k, v in one projection; with grouped-query attention k and v have fewer heads.
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rotary=None, kv_cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # (B, nkv, T_past + T, hs)
+        dropout_p = self.config.dropout if self.training else 0.0
+        y = ATTENTION[self.config.attn_impl](q, k, v, causal=True, dropout_p=dropout_p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, residual, rotary=None, kv_cache=None):
+        h, residual = self.ln_1(x, residual)  # residual += x; h = ln_1(residual)
+        x = self.attn(h, rotary, kv_cache)
+        h, residual = self.ln_2(x, residual)  # residual += attention output
+        return self.mlp(h), residual  # the MLP output is added by the next LayerNorm
+
+
+class GPT2(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        config.validate()
+        check_available(config.attn_impl, config.norm_impl)
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config),
+            )
+        )
+        if config.position_embedding == "learned":
+            self.transformer.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix embeds and un-embeds
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer),
+        # since each block adds two of them and the stream's variance grows with every add.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def set_kernels(self, attn_impl: str | None = None, norm_impl: str | None = None) -> GPT2:
+        """Switch the attention / LayerNorm implementation in place (every module reads the config)."""
+        attn_impl = attn_impl or self.config.attn_impl
+        norm_impl = norm_impl or self.config.norm_impl
+        GPT2Config(**{**self.config.to_dict(), "attn_impl": attn_impl, "norm_impl": norm_impl})  # validates
+        check_available(attn_impl, norm_impl)
+        self.config.attn_impl, self.config.norm_impl = attn_impl, norm_impl
+        return self
+
+    def hidden_states(self, input_ids, kv_caches=None):
+        """The final LayerNorm's output, (B, T, C). With KV caches, input_ids continue the cached prefix."""
+        B, T = input_ids.shape
+        past = kv_caches[0].length if kv_caches else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(
+                f"sequence of {past + T} tokens is longer than the model's context (n_positions="
+                f"{self.config.n_positions})"
+            )
+        positions = torch.arange(past, past + T, device=input_ids.device)
+        x = self.transformer.wte(input_ids)  # (B, T, C)
+        rotary = None
+        if self.config.position_embedding == "learned":
+            x = x + self.transformer.wpe(positions)
+        else:
+            rotary = rotary_tables(self.config, positions, x.dtype)
+        x = self.transformer.drop(x)
+        residual = None
+        for i, block in enumerate(self.transformer.h):
+            x, residual = block(x, residual, rotary, kv_caches[i] if kv_caches else None)
+        h, _ = self.transformer.ln_f(x, residual)
+        return h
+
+    def forward(self, input_ids, labels=None, ignore_index: int = -100, reduction: str = "mean"):
+        """Logits (B, T, vocab) without labels. With labels (aligned with input_ids; the shift to
+        next-token targets happens here, as in Hugging Face), the next-token cross-entropy: the mean
+        over non-ignored targets, or their sum with reduction="sum" (for token-weighted averages).
+
+        The loss never materialises the whole batch's logits: linear_cross_entropy computes them
+        chunk by chunk, in fp32, and keeps only the gradient it needs (gpt2/loss.py).
+        """
+        h = self.hidden_states(input_ids)
+        if labels is None:
+            return self.lm_head(h)
+        targets = labels[:, 1:]
+        h = h[:, :-1]
+        return linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1), ignore_index, reduction
+        )
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters, counting the tied LM head once. exclude_embeddings drops wte and wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), the PaLM appendix B estimate:
+
+        Every parameter in a matmul costs 2 FLOPs per token forward (multiply + add) and 4
+        backward (grad w.r.t. its input and w.r.t. itself): 6N. N counts the tied wte once, as the
+        LM head's matmul, and leaves out wpe, which is a lookup. Attention adds QK^T and AV:
+        2 * 2 * T * hs FLOPs per head per token forward, times 3 for backward: 12 * L * H * hs * T.
+        That counts the full T x T square although causal attention needs only half of it (the
+        convention nanoGPT, PaLM and most MFU tables use). Grouped-query attention saves
+        parameters (smaller c_attn, so smaller N) but not attention FLOPs: every query head still
+        scores T keys.
+        """
+        n = self.num_parameters()
+        if "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        cfg = self.config
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    generate = generate
+
+    def save_pretrained(self, save_directory) -> None:
+        hf.save_pretrained(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, path_or_name, **config_overrides) -> GPT2:
+        return hf.from_pretrained(cls, path_or_name, **config_overrides)
