@@ -1,0 +1,204 @@
+"""Perplexity and bits per byte of a GPT-2 checkpoint on a text split, under a stated protocol.
+
+The protocol (gpt2/evaluation.py has it in full): the split's texts joined with "\\n\\n" and
+tokenized once; windows of --max_length tokens (default: the model's context) moving by --stride
+(default: max_length // 2); each window scores only the tokens no earlier window scored, so every
+token but the first is scored once, with at least max_length - stride tokens of context. Totals
+are sums of NLL, tokens and bytes over windows, gathered from every process.
+
+    # our checkpoint (a scripts/pretrain.py output directory) on a local file, CPU or one GPU
+    python scripts/evaluate_perplexity.py --model_name_or_path out/gpt2-tiny \\
+        --validation_file ../shared/data/wikitext-2/test.txt --output_json out/eval-wikitext2.json
+
+    # Hugging Face's GPT-2 on the perplexity guide's data and setting (needs a network)
+    python scripts/evaluate_perplexity.py --model_name_or_path gpt2 \\
+        --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --dataset_split test \\
+        --max_length 1024 --stride 512 --batch_size 8 --dtype bf16
+
+    # several processes (CPU with gloo, or GPUs): windows are split across them, each counted once
+    accelerate launch --num_processes 2 --cpu scripts/evaluate_perplexity.py --model_name_or_path out/gpt2-tiny \\
+        --validation_file ../shared/data/wikitext-2/test.txt
+    accelerate launch --multi_gpu --num_processes 8 scripts/evaluate_perplexity.py --model_name_or_path gpt2 \\
+        --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --batch_size 8 --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from gpt2 import GPT2
+from gpt2.evaluation import (
+    JOIN_SEPARATOR,
+    KERNEL_CHOICES,
+    EvaluationInputError,
+    PerplexityTotals,
+    WindowDataset,
+    check_window_arguments,
+    collate_windows,
+    join_texts,
+    load_texts,
+    plan_windows,
+    resolve_kernels,
+    score_batch,
+    tokenize_stream,
+)
+from gpt2.tokenizer import load_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_name_or_path", required=True, help="checkpoint directory or Hub name (gpt2)")
+    parser.add_argument("--tokenizer_name", default=None, help="default: the model's directory / name")
+    data = parser.add_argument_group("data (one of --dataset_name, --validation_file)")
+    data.add_argument("--dataset_name", default=None, help="a Hugging Face dataset, e.g. wikitext")
+    data.add_argument("--dataset_config_name", default=None, help="e.g. wikitext-2-raw-v1")
+    data.add_argument("--dataset_split", default="test")
+    data.add_argument(
+        "--validation_file", default=None, help="txt (the whole file is one text), json, jsonl or parquet"
+    )
+    data.add_argument("--text_column", default="text")
+    data.add_argument("--max_samples", type=int, default=None, help="use only the split's first N texts")
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument("--max_length", type=int, default=None, help="window length; default: model context")
+    protocol.add_argument("--stride", type=int, default=None, help="window step; default: max_length // 2")
+    run = parser.add_argument_group("execution")
+    run.add_argument("--batch_size", type=int, default=1, help="windows per forward pass, per process")
+    run.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model weights and activations")
+    run.add_argument("--kernels", choices=["auto", *KERNEL_CHOICES], default="auto",
+                     help="auto: triton on CUDA, else sdpa")
+    run.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    parser.add_argument("--output_json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error(f"--max_samples must be at least 1, got {args.max_samples}")
+    if (args.dataset_name is None) == (args.validation_file is None):
+        parser.error("give exactly one of --dataset_name or --validation_file")
+    return args
+
+
+def fail(message: str):
+    """Exit with a one-line message and no traceback (the user's input was at fault)."""
+    raise SystemExit(f"evaluate_perplexity.py: error: {message}")
+
+
+def load_model_and_tokenizer(args, device: torch.device):
+    try:
+        model = GPT2.from_pretrained(args.model_name_or_path)
+        model.set_kernels(*resolve_kernels(args.kernels, device.type))
+        tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path)
+    except (ValueError, OSError, RuntimeError) as error:
+        fail(str(error))
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        fail(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+            f"{model.config.vocab_size}: they don't belong together (see --tokenizer_name)"
+        )
+    return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer
+
+
+def window_lengths(args, n_positions: int) -> tuple[int, int]:
+    max_length = args.max_length if args.max_length is not None else n_positions
+    stride = args.stride if args.stride is not None else max(1, max_length // 2)
+    check_window_arguments(max_length, stride, n_positions)
+    return max_length, stride
+
+
+def build_dataloader(stream, windows, batch_size: int) -> DataLoader:
+    return DataLoader(WindowDataset(stream, windows), batch_size=batch_size, shuffle=False,
+                      collate_fn=collate_windows)
+
+
+def evaluate(model, dataloader, num_windows: int, accelerator: Accelerator) -> PerplexityTotals:
+    """Per-window NLL sums and counts, gathered from every process; gather_for_metrics drops the
+    windows the sampler repeated to even out the last batch, and the totals check that each window
+    arrived exactly once."""
+    totals = PerplexityTotals(num_windows)
+    for batch in tqdm(dataloader, desc="windows", disable=not accelerator.is_local_main_process):
+        nll = score_batch(model, batch)
+        gathered = accelerator.gather_for_metrics(
+            (batch["window_index"], nll, batch["num_tokens"], batch["num_bytes"])
+        )
+        totals.add(*gathered)
+    totals.check_complete()
+    return totals
+
+
+def build_report(args, totals: PerplexityTotals, stream, num_texts: int, max_length: int, stride: int,
+                 model, accelerator: Accelerator, seconds: float) -> dict:
+    source = args.validation_file or args.dataset_name
+    return {
+        **totals.metrics(),
+        "stream_tokens": len(stream),
+        "stream_bytes": stream.num_bytes,
+        "protocol": (
+            "sliding window (Hugging Face perplexity guide): texts joined with "
+            f"{JOIN_SEPARATOR!r} and tokenized once; each window scores only tokens no earlier "
+            "window scored; the first token is never scored; bytes are the UTF-8 bytes the scored "
+            "tokens cover (tokenizer offsets)"
+        ),
+        "model": args.model_name_or_path,
+        "tokenizer": args.tokenizer_name or args.model_name_or_path,
+        "dataset": source,
+        "dataset_config": args.dataset_config_name,
+        "split": None if args.validation_file else args.dataset_split,
+        "text_column": args.text_column,
+        "texts": num_texts,
+        "max_samples": args.max_samples,
+        "max_length": max_length,
+        "stride": stride,
+        "dtype": args.dtype,
+        "kernels": f"{model.config.attn_impl}/{model.config.norm_impl}",
+        "batch_size": args.batch_size,
+        "num_processes": accelerator.num_processes,
+        "device": str(accelerator.device.type),
+        "seconds": round(seconds, 3),
+    }
+
+
+def print_summary(report: dict) -> None:
+    width = max(map(len, report))
+    for key, value in report.items():
+        shown = f"{value:.6g}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=args.cpu)
+    model, tokenizer = load_model_and_tokenizer(args, accelerator.device)
+    try:
+        max_length, stride = window_lengths(args, model.config.n_positions)
+        with accelerator.main_process_first():  # one process fills the datasets cache, the others read it
+            texts = load_texts(args.dataset_name, args.dataset_config_name, args.dataset_split,
+                               args.validation_file, args.text_column, args.max_samples)
+        stream = tokenize_stream(tokenizer, join_texts(texts))
+        windows = plan_windows(len(stream), max_length, stride)
+    except EvaluationInputError as error:
+        fail(str(error))
+    start = time.perf_counter()
+    totals = evaluate(model, build_dataloader(stream, windows, args.batch_size), len(windows), accelerator)
+    report = build_report(args, totals, stream, len(texts), max_length, stride, model, accelerator,
+                          time.perf_counter() - start)
+    if accelerator.is_main_process:
+        print_summary(report)
+        if args.output_json:
+            Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return report
+
+
+if __name__ == "__main__":
+    main()
