@@ -24,7 +24,7 @@ _MAX_CHUNK_ELEMENTS = 2**26
 
 def _chunk_nll(h, weight, targets, ignore_index, want_grad):
     """NLL sum for one chunk and, when asked, the gradient of that sum w.r.t. its logits."""
-    logits = (h @ weight.T).float()  # (n, V)
+    logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # (n, V), fp32 or wider
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0)
     lse = torch.logsumexp(logits, dim=-1)  # (n,)
@@ -43,18 +43,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, h, weight, targets, ignore_index, reduction, want_grad):
         n_rows = h.shape[0]
         chunk = max(1, _MAX_CHUNK_ELEMENTS // weight.shape[0])
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         dh = torch.empty_like(h) if want_grad else None
-        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        dweight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_grad else None
         for start in range(0, n_rows, chunk):
             h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
             nll, dlogits = _chunk_nll(h_c, weight, t_c, ignore_index, want_grad)
             total += nll
             if want_grad:
                 dh[start : start + chunk] = (dlogits.to(h.dtype) @ weight.to(h.dtype)).to(h.dtype)
-                dweight += (dlogits.T.to(h.dtype) @ h_c).float()
+                dweight += (dlogits.T.to(h.dtype) @ h_c).to(acc_dtype)
         # The mean is over targets that count; with none, 0/0 = nan, as F.cross_entropy gives.
-        scale = 1.0 / (targets != ignore_index).sum() if reduction == "mean" else None
+        scale = 1.0 / (targets != ignore_index).sum().to(total.dtype) if reduction == "mean" else None
         loss = total * scale if scale is not None else total
         if want_grad:
             ctx.save_for_backward(dh, dweight.to(weight.dtype), scale if scale is not None else total.new_ones(()))

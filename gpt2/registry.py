@@ -41,7 +41,8 @@ def eager_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None):
     if causal:
         mask = _causal_mask(q.shape[2], k.shape[2], q.device)
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    # Softmax in at least fp32, so half-precision scores don't lose the small probabilities.
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return probs @ v  # (B, H, Tq, D)

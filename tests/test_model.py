@@ -1,0 +1,211 @@
+"""The model itself: configuration, causality, implementations agreeing, init, presets, loss, FLOPs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2 import GPT2, GPT2Config
+from gpt2.loss import linear_cross_entropy
+from gpt2.registry import ATTENTION
+
+
+def tiny_config(**overrides):
+    values = dict(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    return GPT2Config(**{**values, **overrides})
+
+
+VARIANTS = {
+    "gpt2": {},
+    "gqa": dict(n_kv_head=2),
+    "mqa": dict(n_kv_head=1),
+    "rope": dict(position_embedding="rope"),
+    "rope_gqa_nobias": dict(position_embedding="rope", n_kv_head=2, bias=False),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causality(variant):
+    """Changing token t changes no logit before t, and does change the logits at t."""
+    model = GPT2(tiny_config(**VARIANTS[variant])).double().eval()
+    ids = torch.randint(0, 97, (2, 23))
+    t = 11
+    changed = ids.clone()
+    changed[:, t] = (ids[:, t] + 1) % 97
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=0)
+    assert (a[:, t:] - b[:, t:]).abs().amax() > 1e-6
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_eager_equals_sdpa(variant):
+    model = GPT2(tiny_config(**VARIANTS[variant])).double().eval()
+    ids = torch.randint(0, 97, (3, 29))
+    eager = model.set_kernels(attn_impl="eager")(ids)
+    sdpa = model.set_kernels(attn_impl="sdpa")(ids)
+    torch.testing.assert_close(eager, sdpa, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("t_q, t_k", [(1, 9), (4, 9), (9, 9)])
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_attention_impls_match_reference(t_q, t_k, n_kv_head):
+    """Bottom-right causal alignment (what a KV cache needs) against a per-query loop in float64."""
+    B, H, D = 2, 4, 8
+    q = torch.randn(B, H, t_q, D, dtype=torch.float64)
+    k = torch.randn(B, n_kv_head, t_k, D, dtype=torch.float64)
+    v = torch.randn(B, n_kv_head, t_k, D, dtype=torch.float64)
+    expected = torch.empty_like(q)
+    for h in range(H):
+        kv = h // (H // n_kv_head)
+        for i in range(t_q):
+            visible = t_k - t_q + i + 1  # query i sits at position t_k - t_q + i
+            scores = torch.einsum("bd,bjd->bj", q[:, h, i], k[:, kv, :visible]) / math.sqrt(D)  # (B, visible)
+            expected[:, h, i] = (scores.softmax(-1)[:, :, None] * v[:, kv, :visible]).sum(1)
+    for name in ("eager", "sdpa"):
+        out = ATTENTION[name](q, k, v, causal=True)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_switching_kernels_keeps_the_model():
+    model = GPT2(tiny_config())
+    weight = model.transformer.wte.weight
+    model.set_kernels(attn_impl="eager")
+    assert model.config.attn_impl == "eager" and model.transformer.wte.weight is weight
+    assert all(block.attn.config.attn_impl == "eager" for block in model.transformer.h)
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        model.set_kernels(attn_impl="flash")
+    assert model.config.attn_impl == "eager"
+
+
+def test_init_statistics():
+    config = GPT2Config.from_preset("gpt2", n_layer=4, vocab_size=4096)
+    model = GPT2(config)
+    std_proj = 0.02 / math.sqrt(2 * config.n_layer)
+    for name, param in model.named_parameters():
+        if name.endswith(".bias"):
+            assert torch.all(param == 0), name
+        elif ".ln_" in name or "ln_f" in name:
+            assert torch.all(param == 1), name
+        else:
+            expected = std_proj if name.endswith("c_proj.weight") else 0.02
+            # The sample std of n normals is within a few 1/sqrt(2n) relative of the truth.
+            assert abs(param.std().item() - expected) < 5 * expected / math.sqrt(2 * param.numel()), name
+            assert abs(param.mean().item()) < 5 * expected / math.sqrt(param.numel()), name
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("gpt2", 124_439_808),
+        ("gpt2-medium", 354_823_168),
+        ("gpt2-large", 774_030_080),
+        ("gpt2-xl", 1_557_611_200),
+    ],
+)
+def test_preset_parameter_counts(preset, expected):
+    """The published GPT-2 sizes, counting the tied LM head once. Built on the meta device: no memory."""
+    with torch.device("meta"):
+        model = GPT2(GPT2Config.from_preset(preset))
+    assert model.num_parameters() == expected
+    c = model.config
+    assert model.num_parameters(exclude_embeddings=True) == expected - (c.vocab_size + c.n_positions) * c.n_embd
+
+
+def test_small_preset_is_small():
+    model = GPT2(GPT2Config.from_preset("gpt2-tiny"))
+    assert model.num_parameters() < 6_000_000
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_embd=30, n_head=4), "divisible by n_head"),
+        (dict(n_head=4, n_kv_head=3), "must divide n_head"),
+        (dict(attn_impl="flash"), "attn_impl must be one of"),
+        (dict(norm_impl="apex"), "norm_impl must be one of"),
+        (dict(position_embedding="alibi"), "position_embedding must be one of"),
+        (dict(n_layer=0), "positive integer"),
+        (dict(dropout=1.0), "dropout"),
+    ],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**kwargs)
+
+
+def test_presets_and_overrides():
+    with pytest.raises(ValueError, match="presets: gpt2, gpt2-medium"):
+        GPT2Config.from_preset("gpt3")
+    config = GPT2Config.from_preset("gpt2").with_overrides("n_layer=2, n_embd=96,bias=false,n_kv_head=3")
+    assert (config.n_layer, config.n_embd, config.bias, config.n_kv_head) == (2, 96, False, 3)
+    with pytest.raises(ValueError, match="key=value"):
+        config.with_overrides("n_layers=2")
+    with pytest.raises(ValueError, match="unknown GPT2Config field"):
+        GPT2Config.from_dict({"n_layers": 2})
+
+
+def test_triton_unavailable_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="use attn_impl='sdpa'"):
+        GPT2(tiny_config(attn_impl="triton"))
+    model = GPT2(tiny_config())
+    with pytest.raises(RuntimeError, match="need a CUDA GPU"):
+        model.set_kernels(norm_impl="triton")
+    assert model.config.norm_impl == "torch"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_matches_float64_cross_entropy(reduction, monkeypatch):
+    """The chunked fused loss and its gradients against F.cross_entropy on full float64 logits,
+    with chunks small enough that several are used and some targets ignored."""
+    monkeypatch.setattr("gpt2.loss._MAX_CHUNK_ELEMENTS", 97 * 7)  # 7 rows per chunk
+    model = GPT2(tiny_config()).double()
+    ids = torch.randint(0, 97, (3, 17))
+    labels = ids.clone()
+    labels[0, 5:9] = -100
+    loss = model(ids, labels=labels, reduction=reduction)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    logits = model(ids)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), reduction=reduction)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_loss_without_grad_and_all_ignored():
+    h = torch.randn(6, 8, dtype=torch.float64)
+    w = torch.randn(11, 8, dtype=torch.float64)
+    t = torch.randint(0, 11, (6,))
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, t), F.cross_entropy(h @ w.T, t))
+    assert torch.isnan(linear_cross_entropy(h, w, torch.full((6,), -100)))
+
+
+def test_flops_per_token():
+    config = GPT2Config.from_preset("gpt2")
+    with torch.device("meta"):
+        model = GPT2(config)
+    n = 124_439_808 - 1024 * 768  # the position table is a lookup, not a matmul
+    assert model.flops_per_token(1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+def test_dropout_trains_and_is_off_in_eval():
+    model = GPT2(tiny_config(dropout=0.5))
+    ids = torch.randint(0, 97, (2, 9))
+    model.train()
+    assert not torch.equal(model(ids), model(ids))
+    model.eval()
+    torch.testing.assert_close(model(ids), model(ids), rtol=0, atol=0)
+
+
+def test_context_length_is_enforced():
+    model = GPT2(tiny_config(n_positions=8))
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        model(torch.zeros(1, 9, dtype=torch.long))
