@@ -64,8 +64,7 @@ def plan_windows(num_tokens: int, max_length: int, stride: int) -> list[Window]:
     """The sliding windows of the protocol over a stream of num_tokens tokens."""
     if num_tokens < 2:
         raise EvaluationInputError(
-            f"the text is {num_tokens} token(s) long; perplexity needs at least 2 "
-            f"(the first token is never scored)"
+            f"the text is {num_tokens} token(s) long; perplexity needs at least 2 (the first token is never scored)"
         )
     check_window_arguments(max_length, stride)
     windows, prev_end = [], 0

@@ -74,8 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run = parser.add_argument_group("execution")
     run.add_argument("--batch_size", type=int, default=1, help="windows per forward pass, per process")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model weights and activations")
-    run.add_argument("--kernels", choices=["auto", *KERNEL_CHOICES], default="auto",
-                     help="auto: triton on CUDA, else sdpa")
+    run.add_argument(
+        "--kernels", choices=["auto", *KERNEL_CHOICES], default="auto", help="auto: triton on CUDA, else sdpa"
+    )
     run.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     parser.add_argument("--output_json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -116,8 +117,7 @@ def window_lengths(args, n_positions: int) -> tuple[int, int]:
 
 
 def build_dataloader(stream, windows, batch_size: int) -> DataLoader:
-    return DataLoader(WindowDataset(stream, windows), batch_size=batch_size, shuffle=False,
-                      collate_fn=collate_windows)
+    return DataLoader(WindowDataset(stream, windows), batch_size=batch_size, shuffle=False, collate_fn=collate_windows)
 
 
 def evaluate(model, dataloader, num_windows: int, accelerator: Accelerator) -> PerplexityTotals:
@@ -127,16 +127,23 @@ def evaluate(model, dataloader, num_windows: int, accelerator: Accelerator) -> P
     totals = PerplexityTotals(num_windows)
     for batch in tqdm(dataloader, desc="windows", disable=not accelerator.is_local_main_process):
         nll = score_batch(model, batch)
-        gathered = accelerator.gather_for_metrics(
-            (batch["window_index"], nll, batch["num_tokens"], batch["num_bytes"])
-        )
+        gathered = accelerator.gather_for_metrics((batch["window_index"], nll, batch["num_tokens"], batch["num_bytes"]))
         totals.add(*gathered)
     totals.check_complete()
     return totals
 
 
-def build_report(args, totals: PerplexityTotals, stream, num_texts: int, max_length: int, stride: int,
-                 model, accelerator: Accelerator, seconds: float) -> dict:
+def build_report(
+    args,
+    totals: PerplexityTotals,
+    stream,
+    num_texts: int,
+    max_length: int,
+    stride: int,
+    model,
+    accelerator: Accelerator,
+    seconds: float,
+) -> dict:
     source = args.validation_file or args.dataset_name
     return {
         **totals.metrics(),
@@ -181,16 +188,24 @@ def main(argv=None) -> dict:
     try:
         max_length, stride = window_lengths(args, model.config.n_positions)
         with accelerator.main_process_first():  # one process fills the datasets cache, the others read it
-            texts = load_texts(args.dataset_name, args.dataset_config_name, args.dataset_split,
-                               args.validation_file, args.text_column, args.max_samples)
+            texts = load_texts(
+                args.dataset_name,
+                args.dataset_config_name,
+                args.dataset_split,
+                args.validation_file,
+                args.text_column,
+                args.max_samples,
+            )
         stream = tokenize_stream(tokenizer, join_texts(texts))
         windows = plan_windows(len(stream), max_length, stride)
     except EvaluationInputError as error:
         fail(str(error))
     start = time.perf_counter()
-    totals = evaluate(model, build_dataloader(stream, windows, args.batch_size), len(windows), accelerator)
-    report = build_report(args, totals, stream, len(texts), max_length, stride, model, accelerator,
-                          time.perf_counter() - start)
+    dataloader = accelerator.prepare(build_dataloader(stream, windows, args.batch_size))  # shards the windows
+    totals = evaluate(model, dataloader, len(windows), accelerator)
+    report = build_report(
+        args, totals, stream, len(texts), max_length, stride, model, accelerator, time.perf_counter() - start
+    )
     if accelerator.is_main_process:
         print_summary(report)
         if args.output_json:

@@ -1,0 +1,345 @@
+"""scripts/evaluate_perplexity.py and gpt2/evaluation.py: the window plan, byte accounting, the
+total NLL against an independent per-token brute force, invariance to batch size, dtype and
+process count, and a clear message for every bad input."""
+
+import importlib.util
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2 import GPT2, GPT2Config
+from gpt2.evaluation import WindowDataset, collate_windows, plan_windows, tokenize_stream
+from gpt2.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "evaluate_perplexity.py"
+WORDS = "the a cat sat on mat naïve café 日本 😀 über rock roll and then of to is was ¿qué? 42 —".split()
+
+
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate_perplexity = load_script(SCRIPT)
+
+
+def sample_text(num_words: int, seed: int) -> str:
+    """Words, including multi-byte characters (2-, 3- and 4-byte UTF-8), spaces and newlines."""
+    rng = random.Random(seed)
+    words = [rng.choice(WORDS) + rng.choice(["", "", "", ",", ".\n", "\n\n"]) for _ in range(num_words)]
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random tiny GPT-2 and a 300-token byte-level BPE, saved the way pretraining saves them."""
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = train_tokenizer([sample_text(3000, seed=1)], vocab_size=300)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=tokenizer.get_vocab_size())
+    GPT2(config).save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(sample_text(120, seed=2), encoding="utf-8")
+    return path
+
+
+def run_eval(checkpoint, data_file, *extra) -> dict:
+    return evaluate_perplexity.main(
+        ["--model_name_or_path", str(checkpoint), "--validation_file", str(data_file), *map(str, extra)]
+    )
+
+
+def brute_force_nll(checkpoint, text: str, context_start) -> tuple[float, int]:
+    """Sum over tokens t >= 1 of -log p(token t | tokens context_start(t) .. t-1), one forward pass
+    per token, in float64, from plain logits: shares no code with the script but the model."""
+    ids = load_tokenizer(checkpoint).encode(text).ids
+    model = GPT2.from_pretrained(checkpoint).double().eval()
+    total = 0.0
+    with torch.no_grad():
+        for t in range(1, len(ids)):
+            context = torch.tensor([ids[context_start(t) : t + 1]])
+            log_probs = torch.log_softmax(model(context)[0, -2].double(), dim=-1)
+            total -= log_probs[ids[t]].item()
+    return total, len(ids) - 1
+
+
+# --------------------------------------------------------------------------------------------
+# The window plan and the byte accounting
+
+
+@pytest.mark.parametrize(
+    "num_tokens, max_length, stride", [(2, 2, 1), (17, 8, 4), (97, 16, 5), (100, 10, 10), (129, 32, 31), (5, 64, 32)]
+)
+def test_windows_score_each_token_once(num_tokens, max_length, stride):
+    windows = plan_windows(num_tokens, max_length, stride)
+    scored = [t for w in windows for t in range(w.score_from, w.end)]
+    assert all(w.end - w.begin <= max_length and w.begin < w.score_from <= w.end for w in windows)
+    assert [w.begin for w in windows] == list(range(0, stride * len(windows), stride))
+    assert windows[-1].end == num_tokens
+    if stride < max_length:  # every token but the first, exactly once, in order
+        assert scored == list(range(1, num_tokens))
+    else:  # disjoint windows: each window's first token has no context and is not scored
+        assert scored == [t for t in range(num_tokens) if t % max_length]
+
+
+def test_byte_spans_match_the_tokens_bytes(text_file):
+    """For a byte-level BPE each token is a known byte string: the spans built from offsets must
+    end where the tokens' bytes end, wherever a token ends on a character boundary, and the whole
+    stream must cover the text's bytes."""
+    tokenizer = train_tokenizer([sample_text(3000, seed=1)], vocab_size=300)
+    text = text_file.read_text(encoding="utf-8")
+    stream = tokenize_stream(tokenizer, text)
+    byte_decoder = {char: byte for byte, char in enumerate(_bytes_to_unicode())}
+    token_bytes = [bytes(byte_decoder[c] for c in tokenizer.id_to_token(i)) for i in stream.ids.tolist()]
+    assert b"".join(token_bytes) == text.encode("utf-8")
+    ends = torch.tensor([len(b) for b in token_bytes]).cumsum(0)
+    on_char_boundary = torch.tensor([_is_char_boundary(text.encode(), int(e)) for e in ends])
+    assert (~on_char_boundary).any(), "the test text should make the BPE split some character"
+    assert torch.equal(stream.byte_ends[on_char_boundary], ends[on_char_boundary])
+    assert stream.num_bytes == len(text.encode("utf-8"))
+    assert stream.bytes_between(1, len(stream)) == stream.num_bytes - len(token_bytes[0])
+    windows = plan_windows(len(stream), 16, 5)
+    assert sum(item["num_bytes"] for item in WindowDataset(stream, windows)) == stream.num_bytes - len(token_bytes[0])
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character table (the ByteLevel alphabet), indexed by byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def _is_char_boundary(data: bytes, position: int) -> bool:
+    return position == len(data) or (data[position] & 0xC0) != 0x80
+
+
+def test_padded_batch_labels():
+    stream = tokenize_stream(train_tokenizer(["ab ab ab abc"] * 20, vocab_size=260), "ab abc ab ab abc")
+    windows = plan_windows(len(stream), 4, 3)
+    batch = collate_windows([WindowDataset(stream, windows)[i] for i in range(len(windows))])
+    scored = (batch["labels"][:, 1:] != -100).sum(1)
+    assert scored.tolist() == batch["num_tokens"].tolist() == [w.num_scored for w in windows]
+
+
+# --------------------------------------------------------------------------------------------
+# Exactness of the script's totals
+
+
+def test_total_nll_matches_brute_force(checkpoint, text_file, tmp_path):
+    max_length, stride = 16, 5
+    report = run_eval(
+        checkpoint,
+        text_file,
+        "--max_length",
+        max_length,
+        "--stride",
+        stride,
+        "--batch_size",
+        3,
+        "--output_json",
+        tmp_path / "eval.json",
+    )
+
+    def context_start(t):  # the protocol's window for token t: the first whose end is past t
+        k = next(k for k in range(t + 1) if k * stride + max_length > t)
+        return k * stride
+
+    expected, tokens = brute_force_nll(checkpoint, text_file.read_text(encoding="utf-8"), context_start)
+    assert report["tokens"] == tokens == report["stream_tokens"] - 1
+    assert report["nll_sum"] == pytest.approx(expected, rel=1e-5)
+    assert report["nll_per_token"] == pytest.approx(expected / tokens, rel=1e-5)
+    assert report["perplexity"] == pytest.approx(math.exp(expected / tokens), rel=1e-5)
+    assert report["bits_per_token"] == pytest.approx(expected / tokens / math.log(2), rel=1e-5)
+    assert report["bits_per_byte"] == pytest.approx(expected / report["bytes"] / math.log(2), rel=1e-5)
+    assert report["windows"] == len(plan_windows(report["stream_tokens"], max_length, stride))
+    assert json.loads((tmp_path / "eval.json").read_text()) == pytest.approx(report)
+
+
+def test_stride_one_is_full_context_scoring(checkpoint, text_file):
+    """stride 1: every token is scored with the max_length - 1 tokens before it (or all of them)."""
+    text = text_file.read_text(encoding="utf-8")[:200]
+    data = text_file.parent / "short.txt"
+    data.write_text(text, encoding="utf-8")
+    report = run_eval(checkpoint, data, "--max_length", 8, "--stride", 1, "--batch_size", 16)
+    expected, tokens = brute_force_nll(checkpoint, text, lambda t: max(0, t - 7))
+    assert report["tokens"] == tokens
+    assert report["nll_sum"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_defaults_and_disjoint_windows(checkpoint, text_file):
+    report = run_eval(checkpoint, text_file)
+    assert (report["max_length"], report["stride"]) == (32, 16)  # the model's context, half of it
+    disjoint = run_eval(checkpoint, text_file, "--stride", 32)
+    assert disjoint["tokens"] == disjoint["stream_tokens"] - disjoint["windows"]
+    assert disjoint["nll_per_token"] > report["nll_per_token"] - 0.5  # sanity, not a model-quality claim
+
+
+def test_invariant_to_batch_size(checkpoint, text_file):
+    reports = [run_eval(checkpoint, text_file, "--max_length", 12, "--stride", 7, "--batch_size", b) for b in (1, 4, 7)]
+    for report in reports[1:]:
+        for key in ("tokens", "bytes", "windows"):
+            assert report[key] == reports[0][key]
+        assert report["nll_sum"] == pytest.approx(reports[0]["nll_sum"], rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype, rel", [("bf16", 2e-2), ("fp16", 5e-3)])
+def test_low_precision_close_to_fp32(checkpoint, text_file, dtype, rel):
+    fp32 = run_eval(checkpoint, text_file, "--batch_size", 4)
+    low = run_eval(checkpoint, text_file, "--batch_size", 4, "--dtype", dtype)
+    assert low["tokens"] == fp32["tokens"] and low["dtype"] == dtype
+    assert low["nll_sum"] == pytest.approx(fp32["nll_sum"], rel=rel)
+
+
+def test_eager_kernels_agree(checkpoint, text_file):
+    sdpa = run_eval(checkpoint, text_file, "--kernels", "sdpa")
+    eager = run_eval(checkpoint, text_file, "--kernels", "eager")
+    assert eager["kernels"] == "eager/torch"
+    assert eager["nll_sum"] == pytest.approx(sdpa["nll_sum"], rel=1e-6)
+
+
+def test_jsonl_rows_joined_and_capped(checkpoint, tmp_path):
+    rows = [sample_text(20, seed=s) for s in range(5)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"body": row, "id": i}) + "\n" for i, row in enumerate(rows)))
+    report = run_eval(checkpoint, data, "--text_column", "body", "--max_samples", 3)
+    single = tmp_path / "joined.txt"
+    single.write_text("\n\n".join(rows[:3]), encoding="utf-8")
+    joined = run_eval(checkpoint, single)
+    assert report["texts"] == 3
+    assert (report["tokens"], report["bytes"]) == (joined["tokens"], joined["bytes"])
+    assert report["nll_sum"] == pytest.approx(joined["nll_sum"], rel=1e-9)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(checkpoint, text_file, tmp_path):
+    """Two CPU processes (gloo): the windows are split between them, the sampler repeats some to
+    even out the last batch, and the totals still count each window once.
+
+    `accelerate launch --cpu --num_processes 2` starts one process (accelerate's CPU path wants
+    mpirun), so the processes are started as for GPUs and the script's --cpu picks gloo."""
+    args = ["--model_name_or_path", checkpoint, "--validation_file", text_file, "--max_length", 12, "--stride", 7]
+    one = run_eval(checkpoint, text_file, *args[4:], "--batch_size", 3)
+    assert one["windows"] % 6, "the window count should leave a ragged last batch across 2 x 3"
+    output = tmp_path / "two.json"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port())]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    command = [*launch, SCRIPT, *args, "--batch_size", 3, "--cpu", "--output_json", output]
+    result = subprocess.run(list(map(str, command)), env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads(output.read_text())
+    assert two["num_processes"] == 2
+    for key in ("tokens", "bytes", "windows", "stream_tokens"):
+        assert two[key] == one[key]
+    assert two["nll_sum"] == pytest.approx(one["nll_sum"], rel=1e-6)
+
+
+def test_wikitext2_test_split(checkpoint, shared_data):
+    """Real text: the whole wikitext-2 test file, disjoint windows, every byte accounted for."""
+    path = Path(shared_data) / "wikitext-2" / "test.txt"
+    report = run_eval(checkpoint, path, "--stride", 32, "--batch_size", 1024)
+    assert report["stream_bytes"] == len(path.read_text(encoding="utf-8").encode("utf-8"))
+    assert report["tokens"] == report["stream_tokens"] - report["windows"]
+    assert 0 < report["bytes"] < report["stream_bytes"]
+    vocab = load_tokenizer(checkpoint).get_vocab_size()
+    # An untrained model sits near the uniform distribution's log(vocab) nats per token.
+    assert abs(report["nll_per_token"] - math.log(vocab)) < 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: a short message (SystemExit, no traceback) within seconds
+
+
+def expect_error(argv, *fragments, within: float = 10.0):
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as caught:
+        evaluate_perplexity.main(list(map(str, argv)))
+    assert time.perf_counter() - start < within
+    message = str(caught.value.code)
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_missing_checkpoint(tmp_path, text_file):
+    expect_error(["--model_name_or_path", tmp_path / "nope", "--validation_file", text_file], "no such checkpoint")
+
+
+def test_non_gpt2_checkpoint(tmp_path, text_file):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    expect_error(["--model_name_or_path", tmp_path, "--validation_file", text_file], "not a GPT-2 checkpoint")
+
+
+def test_unreachable_dataset(checkpoint, monkeypatch):
+    """Without a network the Hub probe answers in seconds; with one, the Hub says there is no such
+    dataset. Either way: one line, no traceback."""
+    expect_error(
+        ["--model_name_or_path", checkpoint, "--dataset_name", "gpt2-suite-tests/no-such-dataset-3f9a"],
+        "no-such-dataset-3f9a",
+        within=30.0,
+    )
+
+
+def test_missing_validation_file(checkpoint, tmp_path):
+    expect_error(["--model_name_or_path", checkpoint, "--validation_file", tmp_path / "x.txt"], "does not exist")
+
+
+def test_empty_split(checkpoint, tmp_path):
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    expect_error(["--model_name_or_path", checkpoint, "--validation_file", tmp_path / "empty.jsonl"], "no non-empty")
+
+
+def test_text_shorter_than_two_tokens(checkpoint, tmp_path):
+    (tmp_path / "one.txt").write_text("a")
+    expect_error(["--model_name_or_path", checkpoint, "--validation_file", tmp_path / "one.txt"], "at least 2")
+
+
+def test_missing_text_column(checkpoint, tmp_path):
+    (tmp_path / "rows.json").write_text(json.dumps([{"body": "hello there"}]))
+    expect_error(["--model_name_or_path", checkpoint, "--validation_file", tmp_path / "rows.json"], "--text_column")
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--stride", 17, "--max_length", 16], "--stride must be in [1, max_length=16]"),
+        (["--stride", 0], "--stride must be in"),
+        (["--stride", -3], "--stride must be in"),
+        (["--max_length", 64], "longer than the model's context"),
+        (["--max_length", 1], "at least 2"),
+    ],
+)
+def test_bad_window_arguments(checkpoint, text_file, extra, fragment):
+    expect_error(["--model_name_or_path", checkpoint, "--validation_file", text_file, *extra], fragment)
