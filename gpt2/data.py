@@ -1,0 +1,386 @@
+"""Pretraining data: raw text from the hub, local files or the built-in corpus, tokenized and packed.
+
+    raw = load_raw_datasets()                                   # the built-in corpus, "builtin:pydocs"
+    raw = load_raw_datasets("wikitext", "wikitext-103-raw-v1")  # a hub dataset
+    raw = load_raw_datasets(train_file="train.txt")             # local files (txt, json, jsonl, csv, parquet)
+    lm = tokenize_and_pack(raw, tokenizer, block_size=256)      # {"train", "validation"} of input_ids rows
+
+The built-in corpus, BUILTIN_CORPUS = "builtin:pydocs", is English prose that every Python
+install carries: the reference-manual topics bundled as `pydoc_data.topics` plus the docstrings of
+the standard library's modules, classes and functions, read from the source files with `ast` (so
+no module is imported). About 2.2 MB of text, 9,000 documents, with a fixed train/validation split.
+
+Packing (non-streaming): every document is followed by the end-of-text token, the whole token
+stream is cut into block_size rows, and only the final partial block is dropped (PackingStats
+says how many tokens). Both steps run through `datasets.map`, so they are cached on disk and run
+in parallel with num_proc; call them inside `accelerator.main_process_first()` so that one process
+builds the cache and the others read it.
+
+Streaming (`load_raw_datasets(..., streaming=True)` then `stream_packed_blocks`): an
+IterableDataset, shuffled through a buffer and split between ranks with split_dataset_by_node, so
+each rank reads different documents; packing carries the leftover tokens from one document to the
+next, so nothing is dropped at all.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BUILTIN_CORPUS = "builtin:pydocs"
+BUILTIN_VALIDATION_PERCENT = 5  # share of built-in documents (by a hash of their name) held out
+STREAMING_VALIDATION_DOCUMENTS = 1000  # a stream without a validation split holds out its first documents
+
+# Local file extensions and the `datasets` builder that reads them.
+FILE_BUILDERS = {"txt": "text", "text": "text", "json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad or unreachable input data; the message says what is wrong and what would work."""
+
+
+# --------------------------------------------------------------------------- the built-in corpus
+
+
+def _stdlib_python_files() -> list[Path]:
+    """The standard library's .py files in a fixed order, without tests and third-party packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py")]
+    return files
+
+
+def _module_docstrings(path: Path) -> str:
+    """A module's docstrings (module, then classes and functions in source order), blank-line separated."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+    except (SyntaxError, ValueError):
+        return ""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docs = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
+    return "\n\n".join(doc.strip() for doc in docs if doc and doc.strip())
+
+
+def _builtin_documents(split: str, python_version: str):
+    """Generator for Dataset.from_generator. python_version is only part of the cache key: another
+    Python carries other docs. A document lands in validation by a hash of its name, so the split
+    never depends on order or on how many documents there are."""
+    import pydoc_data.topics  # a data module: one dict of reference-manual sections
+
+    def wanted(name: str) -> bool:
+        in_validation = zlib.crc32(name.encode()) % 100 < BUILTIN_VALIDATION_PERCENT
+        return in_validation == (split == "validation")
+
+    for topic, text in sorted(pydoc_data.topics.topics.items()):
+        name = f"pydoc_data.topics:{topic}"
+        if text.strip() and wanted(name):
+            yield {"text": text.strip(), "source": name}
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in _stdlib_python_files():
+        name = path.relative_to(root).as_posix()
+        if wanted(name):
+            text = _module_docstrings(path)
+            if text:
+                yield {"text": text, "source": name}
+
+
+def load_builtin_corpus(cache_dir: str | None = None):
+    """The built-in corpus as a DatasetDict {"train", "validation"} with columns text and source."""
+    from datasets import Dataset, DatasetDict
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    return DatasetDict(
+        {
+            split: Dataset.from_generator(
+                _builtin_documents,
+                gen_kwargs={"split": split, "python_version": version},
+                cache_dir=cache_dir,
+            )
+            for split in ("train", "validation")
+        }
+    )
+
+
+# --------------------------------------------------------------------------- loading raw text
+
+
+def load_raw_datasets(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    *,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    validation_split_percentage: int = 5,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+):
+    """{"train", "validation"} raw text from the built-in corpus (no name, or BUILTIN_CORPUS), local
+    files, a local dataset directory, or the hub. Without a validation split, one is carved off the
+    training split deterministically (validation_split_percentage of the rows, fixed seed)."""
+    from datasets import DatasetDict, IterableDatasetDict
+
+    if train_file or validation_file:
+        if dataset_name:
+            raise DataError("pass either --dataset_name or --train_file/--validation_file, not both")
+        raw = _load_files(train_file, validation_file, streaming, cache_dir)
+    elif dataset_name in (None, BUILTIN_CORPUS):
+        raw = load_builtin_corpus(cache_dir)
+        if streaming:
+            raw = IterableDatasetDict({k: v.to_iterable_dataset(num_shards=8) for k, v in raw.items()})
+    else:
+        raw = _load_named(dataset_name, dataset_config_name, streaming, cache_dir)
+
+    if "train" not in raw:
+        raise DataError(f"dataset has no 'train' split; splits: {sorted(raw)}")
+    if "validation" not in raw:
+        held_out = next((s for s in ("valid", "val", "test") if s in raw), None)
+        if held_out:
+            raw["validation"] = raw[held_out]
+        elif streaming:
+            train = raw["train"]
+            raw["validation"] = train.take(STREAMING_VALIDATION_DOCUMENTS)
+            raw["train"] = train.skip(STREAMING_VALIDATION_DOCUMENTS)
+        else:
+            if len(raw["train"]) < 2:
+                raise DataError(
+                    f"the training data has {len(raw['train'])} row(s): too few to carve a validation "
+                    f"split from; pass --validation_file or more data"
+                )
+            test_size = max(1, round(len(raw["train"]) * validation_split_percentage / 100))
+            split = raw["train"].train_test_split(test_size=test_size, seed=0, shuffle=True)
+            raw["train"], raw["validation"] = split["train"], split["test"]
+    cls = IterableDatasetDict if streaming else DatasetDict
+    return cls({"train": raw["train"], "validation": raw["validation"]})
+
+
+def _load_files(train_file, validation_file, streaming, cache_dir):
+    from datasets import load_dataset
+
+    data_files = {}
+    for split, file in (("train", train_file), ("validation", validation_file)):
+        if file:
+            if not Path(file).exists():
+                raise DataError(f"--{split}_file {file} does not exist")
+            data_files[split] = file
+    if "train" not in data_files:
+        raise DataError("--validation_file needs a --train_file too")
+    extensions = {Path(f).suffix.lstrip(".").lower() for f in data_files.values()}
+    builders = {FILE_BUILDERS.get(ext) for ext in extensions}
+    if None in builders or len(builders) != 1:
+        raise DataError(
+            f"can't read files with extension(s) {sorted(extensions)} together; supported: "
+            f"{sorted(FILE_BUILDERS)} (all files of one kind)"
+        )
+    builder = builders.pop()
+    # Text files: one example per paragraph (blank-line separated), so the end-of-text token goes
+    # between paragraphs rather than between every line of verse or prose.
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        return load_dataset(builder, data_files=data_files, streaming=streaming, cache_dir=cache_dir, **kwargs)
+    except Exception as err:  # datasets' builders raise many types for unreadable files
+        raise DataError(f"could not read {sorted(data_files.values())} as {builder}: {err}") from err
+
+
+def _load_named(name, config_name, streaming, cache_dir):
+    """A hub dataset, or a local dataset directory (load_from_disk output or data files)."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    path = Path(name)
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            data = load_from_disk(str(path))
+            data = data if isinstance(data, DatasetDict) else DatasetDict({"train": data})
+            return DatasetDict({k: v.to_iterable_dataset() for k, v in data.items()}) if streaming else data
+        return load_dataset(str(path), config_name, streaming=streaming, cache_dir=cache_dir)
+
+    from gpt2.tokenizer import hub_unreachable_reason
+
+    alternatives = (
+        "Use local files (--train_file data.txt [--validation_file val.txt]; txt, json, jsonl, csv or "
+        f"parquet), a local dataset directory, or the built-in offline corpus (--dataset_name "
+        f"{BUILTIN_CORPUS}, the default)."
+    )
+    reason = hub_unreachable_reason()
+    if reason and not os.environ.get("HF_HUB_OFFLINE"):
+        raise DataError(
+            f"dataset {name!r} needs the Hugging Face Hub, which can't be reached ({reason}). {alternatives} "
+            f"A dataset already in the local cache loads with HF_HUB_OFFLINE=1."
+        )
+    try:
+        return load_dataset(name, config_name, streaming=streaming, cache_dir=cache_dir)
+    except Exception as err:  # DatasetNotFoundError, ConnectionError, missing config, ...
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"could not load dataset {name!r} (config {config_name!r}): {message}. {alternatives}") from err
+
+
+def resolve_text_column(column_names: list[str] | None, text_column: str | None) -> str:
+    """The column holding the text: the one asked for, else "text", else the only column."""
+    if column_names is None:  # a stream whose features are unknown until read
+        return text_column or "text"
+    if text_column:
+        if text_column not in column_names:
+            raise DataError(f"text column {text_column!r} not found; columns: {column_names} (--text_column)")
+        return text_column
+    if "text" in column_names:
+        return "text"
+    if len(column_names) == 1:
+        return column_names[0]
+    raise DataError(f"no 'text' column; pick one of {column_names} with --text_column")
+
+
+# --------------------------------------------------------------------------- tokenize and pack
+
+
+@dataclass
+class PackingStats:
+    """What packing did to one split: the token stream and what was cut off its end."""
+
+    documents: int
+    tokens: int  # including one end-of-text token per document
+    blocks: int
+    dropped_tokens: int  # the final partial block
+
+
+def _tokenize_batch(batch, tokenizer, text_column: str, eot_id: int):
+    """Token ids of each document followed by the end-of-text token."""
+    texts = [text if isinstance(text, str) else "" for text in batch[text_column]]
+    return {"input_ids": [enc.ids + [eot_id] for enc in tokenizer.encode_batch(texts)]}
+
+
+def _pack_batch(batch, tokenized, doc_starts, block_size: int):
+    """Rows block, block+1, ... of the concatenated token stream: find the documents that cover the
+    token range [first * block_size, (last + 1) * block_size) and cut it into block_size rows."""
+    import pyarrow.compute as pc
+
+    blocks = np.asarray(batch["block"], dtype=np.int64)
+    start, stop = int(blocks[0]) * block_size, (int(blocks[-1]) + 1) * block_size
+    first_doc = int(np.searchsorted(doc_starts, start, side="right")) - 1
+    last_doc = int(np.searchsorted(doc_starts, stop, side="left"))  # exclusive
+    column = tokenized.data.slice(first_doc, last_doc - first_doc).column("input_ids")
+    tokens = pc.list_flatten(column).to_numpy()
+    offset = start - int(doc_starts[first_doc])
+    tokens = tokens[offset : offset + stop - start].reshape(len(blocks), block_size)
+    return {"input_ids": tokens.tolist()}
+
+
+def tokenize_and_pack(raw, tokenizer, block_size: int, *, text_column: str | None = None, num_proc=None):
+    """Non-streaming: (DatasetDict of {"input_ids": block_size ints} rows, {split: PackingStats}).
+
+    Tokenization and packing are datasets.map calls, cached next to the raw data's cache files
+    (in-memory data such as from_dict is not cached)."""
+    from datasets import Dataset, DatasetDict
+    from datasets.fingerprint import Hasher
+
+    from gpt2.tokenizer import eos_token_id
+
+    eot_id = eos_token_id(tokenizer)
+    if eot_id is None:
+        raise DataError("the tokenizer has no end-of-text token (<|endoftext|> or </s>) to separate documents")
+    packed, stats = DatasetDict(), {}
+    for split, dataset in raw.items():
+        column = resolve_text_column(dataset.column_names, text_column)
+        if len(dataset) == 0:
+            raise DataError(f"the {split} split is empty")
+        tokenized = dataset.map(
+            _tokenize_batch,
+            batched=True,
+            num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) >= num_proc else None,
+            remove_columns=dataset.column_names,
+            fn_kwargs={"tokenizer": tokenizer, "text_column": column, "eot_id": eot_id},
+            desc=f"Tokenizing {split}",
+        )
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(tokenized.data.column("input_ids")).to_numpy()
+        doc_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        total = int(doc_starts[-1])
+        n_blocks = total // block_size
+        stats[split] = PackingStats(len(dataset), total, n_blocks, total - n_blocks * block_size)
+        if n_blocks == 0:
+            raise DataError(
+                f"the {split} split has {total} tokens, fewer than one block of {block_size}; "
+                f"use more data or a smaller --block_size"
+            )
+        fingerprint = Hasher.hash([tokenized._fingerprint, block_size, "pack-v1"])
+        cache_file = None
+        if tokenized.cache_files:
+            cache_file = str(Path(tokenized.cache_files[0]["filename"]).parent / f"packed-{fingerprint}.arrow")
+        blocks = Dataset.from_dict({"block": np.arange(n_blocks, dtype=np.int64)})
+        packed[split] = blocks.map(
+            _pack_batch,
+            batched=True,
+            batch_size=max(1, 65536 // block_size),
+            num_proc=num_proc if num_proc and num_proc > 1 and n_blocks >= num_proc else None,
+            remove_columns=["block"],
+            fn_kwargs={"tokenized": tokenized, "doc_starts": doc_starts, "block_size": block_size},
+            cache_file_name=cache_file,
+            new_fingerprint=fingerprint,
+            desc=f"Packing {split} into blocks of {block_size}",
+        )
+    return packed.with_format("torch"), stats
+
+
+def stream_packed_blocks(dataset, tokenizer, block_size: int, *, text_column: str | None = None):
+    """Streaming: {"input_ids": LongTensor(block_size)} dicts from an IterableDataset. Leftover tokens
+    carry into the next block, so only the stream's last partial block is lost."""
+    import torch
+
+    from gpt2.tokenizer import eos_token_id
+
+    eot_id = eos_token_id(tokenizer)
+    if eot_id is None:
+        raise DataError("the tokenizer has no end-of-text token (<|endoftext|> or </s>) to separate documents")
+    column = resolve_text_column(dataset.column_names, text_column)
+    buffer: list[int] = []
+    for batch in dataset.iter(batch_size=256):
+        if column not in batch:
+            raise DataError(f"text column {column!r} not found; columns: {sorted(batch)} (--text_column)")
+        for ids in _tokenize_batch(batch, tokenizer, column, eot_id)["input_ids"]:
+            buffer.extend(ids)
+        while len(buffer) >= block_size:
+            yield {"input_ids": torch.tensor(buffer[:block_size], dtype=torch.long)}
+            del buffer[:block_size]
+
+
+class PackedStream:
+    """A torch-style iterable of packed blocks from a streaming dataset, for one rank.
+
+    Each pass shuffles the documents through a buffer (reseeded per pass: seed + epoch) and keeps
+    this rank's part with split_dataset_by_node, so ranks read disjoint documents. shuffle=False
+    gives one plain pass (validation); epochs=None repeats forever (training runs by step count).
+    """
+
+    def __init__(self, dataset, tokenizer, block_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, buffer_size: int = 10_000, epochs: int | None = 1,
+                 text_column: str | None = None):
+        self.dataset, self.tokenizer, self.block_size = dataset, tokenizer, block_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.buffer_size, self.epochs, self.text_column = buffer_size, epochs, text_column
+
+    def __iter__(self):
+        from datasets.distributed import split_dataset_by_node
+
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            dataset = self.dataset
+            if self.shuffle:
+                dataset = dataset.shuffle(seed=self.seed, buffer_size=self.buffer_size)
+                dataset.set_epoch(epoch)
+            dataset = split_dataset_by_node(dataset, rank=self.rank, world_size=self.world_size)
+            blocks = 0
+            for block in stream_packed_blocks(dataset, self.tokenizer, self.block_size, text_column=self.text_column):
+                blocks += 1
+                yield block
+            if blocks == 0:
+                raise DataError(f"rank {self.rank}'s share of the stream holds less than one block of tokens")
+            epoch += 1

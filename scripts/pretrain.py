@@ -1,0 +1,643 @@
+"""Pretrain GPT-2 with Hugging Face Accelerate on Hugging Face datasets.
+
+With no flags: the gpt2-tiny preset on the built-in offline corpus (builtin:pydocs), a BPE
+tokenizer trained on it, on whatever device is there (a few minutes on a 2-core CPU).
+
+    python scripts/pretrain.py                                        # one process, no flags
+    accelerate launch scripts/pretrain.py                             # the same through Accelerate
+    accelerate launch --config_file accelerate_config.yaml scripts/pretrain.py \\
+        --dataset_name wikitext --dataset_config_name wikitext-103-raw-v1 \\
+        --tokenizer_name gpt2 --config_name gpt2 --block_size 1024     # all local GPUs, bf16
+    accelerate launch --num_processes 2 --cpu scripts/pretrain.py     # two CPU processes (gloo)
+    python scripts/pretrain.py --train_file train.txt --validation_file val.txt
+    python scripts/pretrain.py --output_dir out --resume_from_checkpoint latest
+
+Flag names follow transformers' examples/pytorch/language-modeling/run_clm_no_trainer.py.
+Checkpoints go to OUTPUT_DIR/step_N (accelerator.save_state + the data position + a completion
+marker); the final model, config and tokenizer go to OUTPUT_DIR in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+# Runnable as `python scripts/pretrain.py` from a checkout without `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import (  # noqa: E402
+    DataLoaderConfiguration,
+    DistributedType,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    set_seed,
+)
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from gpt2 import GPT2, GPT2Config, PRESETS  # noqa: E402
+from gpt2 import data as gdata  # noqa: E402
+from gpt2 import training  # noqa: E402
+from gpt2.registry import triton_unavailable_reason  # noqa: E402
+from gpt2.tokenizer import (  # noqa: E402
+    TokenizerNotFoundError,
+    eos_token_id,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
+
+TOKENIZER_TRAINING_CHARS = 200_000_000  # train the BPE on at most this much text (a sample of big corpora)
+
+
+class UsageError(Exception):
+    """Bad flags or input: printed as one line, no traceback, exit status 2."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset_name", default=None,
+                   help=f"hub dataset, local dataset directory, or {gdata.BUILTIN_CORPUS} (the default "
+                        f"when no --train_file is given: Python's bundled docs, offline)")
+    d.add_argument("--dataset_config_name", default=None)
+    d.add_argument("--train_file", default=None, help="txt, json, jsonl, csv or parquet")
+    d.add_argument("--validation_file", default=None)
+    d.add_argument("--validation_split_percentage", type=int, default=5,
+                   help="carved off the training split when the data has no validation split")
+    d.add_argument("--text_column", default=None, help="default: 'text', or the only column")
+    d.add_argument("--streaming", action="store_true",
+                   help="read the dataset as a stream (bigger than the disk); needs --max_train_steps")
+    d.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="documents, with --streaming")
+    d.add_argument("--preprocessing_num_workers", type=int, default=None)
+    d.add_argument("--max_eval_samples", type=int, default=None, help="cap the validation blocks")
+    m = p.add_argument_group("model and tokenizer")
+    m.add_argument("--config_name", default="gpt2-tiny", help=f"a preset ({', '.join(PRESETS)}) or a config.json")
+    m.add_argument("--config_overrides", default=None, help='e.g. "n_layer=2,n_embd=64,dropout=0.1"')
+    m.add_argument("--model_name_or_path", default=None, help="start from these weights (ours or HF GPT-2)")
+    m.add_argument("--tokenizer_name", default=None,
+                   help="tokenizer.json file or directory, or a hub name (gpt2); default: train a "
+                        "byte-level BPE on the training text")
+    m.add_argument("--vocab_size", type=int, default=8192, help="for a tokenizer trained here")
+    m.add_argument("--block_size", type=int, default=None, help="tokens per sequence; default n_positions")
+    m.add_argument("--kernels", choices=("auto", "triton", "sdpa", "eager"), default="auto",
+                   help="auto = our Triton kernels on CUDA, PyTorch SDPA elsewhere")
+    m.add_argument("--compile", action="store_true", help="torch.compile through Accelerate (inductor)")
+    t = p.add_argument_group("training")
+    t.add_argument("--per_device_train_batch_size", type=int, default=8)
+    t.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    t.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    t.add_argument("--learning_rate", type=float, default=1e-3)
+    t.add_argument("--min_lr", type=float, default=1e-4, help="the schedule decays to this")
+    t.add_argument("--weight_decay", type=float, default=0.1)
+    t.add_argument("--max_grad_norm", type=float, default=1.0)
+    t.add_argument("--max_train_steps", type=int, default=500, help="optimizer steps")
+    t.add_argument("--num_train_epochs", type=float, default=None, help="overrides --max_train_steps")
+    t.add_argument("--num_warmup_steps", type=int, default=None, help="default: 5%% of the steps")
+    t.add_argument("--lr_scheduler_type", choices=training.SCHEDULES, default="cosine")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--on_nonfinite", choices=("stop", "skip"), default="stop",
+                   help="a non-finite loss or grad norm stops the run (keeping the last good "
+                        "checkpoint), or skips that update")
+    o = p.add_argument_group("evaluation, logging and checkpoints")
+    o.add_argument("--output_dir", default="out")
+    o.add_argument("--eval_steps", type=int, default=100, help="also before the first and after the last step")
+    o.add_argument("--logging_steps", type=int, default=10)
+    o.add_argument("--checkpointing_steps", type=int, default=None, help="default: --eval_steps")
+    o.add_argument("--resume_from_checkpoint", default=None, help="a step_N directory, or 'latest'")
+    o.add_argument("--with_tracking", action="store_true")
+    o.add_argument("--report_to", default="all", help="tensorboard, wandb, ... or all (every installed one)")
+    o.add_argument("--sample_prompt", default="The", help="prompt for the sample printed at the end")
+    o.add_argument("--sample_tokens", type=int, default=60)
+    args = p.parse_args(argv)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "max_train_steps", "eval_steps", "logging_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.checkpointing_steps is None:
+        args.checkpointing_steps = args.eval_steps
+    if args.streaming and args.num_train_epochs:
+        p.error("--streaming runs by --max_train_steps; a stream has no known epoch length")
+    return args
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_tokenizer(args, raw, accelerator: Accelerator, resume_dir: Path | None):
+    """The tokenizer: the checkpoint's when resuming, a named one, the starting model's, or a BPE
+    trained here on the training text (by the main process; the others read its file)."""
+    try:
+        if resume_dir is not None and (resume_dir / "tokenizer.json").is_file():
+            return load_tokenizer(resume_dir)
+        if args.tokenizer_name:
+            return load_tokenizer(args.tokenizer_name)
+        if args.model_name_or_path:
+            return load_tokenizer(args.model_name_or_path)
+    except TokenizerNotFoundError as err:
+        raise UsageError(str(err)) from None
+    trained = Path(args.output_dir) / "tokenizer.json"
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            column = gdata.resolve_text_column(raw["train"].column_names, args.text_column)
+            tokenizer = train_tokenizer(_text_sample(raw["train"], column), args.vocab_size)
+            save_tokenizer(tokenizer, args.output_dir)
+        else:
+            tokenizer = load_tokenizer(trained)
+    return tokenizer
+
+
+def _text_sample(dataset, column: str):
+    """Documents from the start of the training split, up to TOKENIZER_TRAINING_CHARS."""
+    seen = 0
+    for batch in dataset.iter(batch_size=1000):
+        if column not in batch:
+            raise gdata.DataError(f"text column {column!r} not found; columns: {sorted(batch)} (--text_column)")
+        for text in batch[column]:
+            if seen >= TOKENIZER_TRAINING_CHARS:
+                return
+            if isinstance(text, str):
+                seen += len(text)
+                yield text
+
+
+def build_model(args, vocab_size: int) -> GPT2:
+    """The model on CPU, with the kernels picked by --kernels; ValueError/RuntimeError -> UsageError."""
+    try:
+        if args.model_name_or_path:
+            model = GPT2.from_pretrained(args.model_name_or_path)
+            if args.config_overrides:
+                raise UsageError("--config_overrides applies to new models; drop it with --model_name_or_path")
+        else:
+            config = _config_from_name(args.config_name)
+            if args.config_overrides:
+                config = config.with_overrides(args.config_overrides)
+            if "vocab_size" not in (args.config_overrides or ""):
+                config.vocab_size = vocab_size
+            config.validate()
+            model = GPT2(config)
+        if model.config.vocab_size < vocab_size:
+            raise UsageError(
+                f"the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's "
+                f"({vocab_size})"
+            )
+        attn, norm = _kernels(args.kernels)
+        model.set_kernels(attn_impl=attn, norm_impl=norm)
+    except (ValueError, RuntimeError, OSError) as err:
+        raise UsageError(str(err)) from None
+    return model
+
+
+def _config_from_name(name: str) -> GPT2Config:
+    if name in PRESETS:
+        return GPT2Config.from_preset(name)
+    path = Path(name)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        values = json.loads(path.read_text())
+        known = set(GPT2Config().to_dict())  # a saved config.json also carries HF GPT-2 keys
+        return GPT2Config.from_dict({k: v for k, v in values.items() if k in known})
+    raise UsageError(f"--config_name {name!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
+
+
+def _kernels(choice: str) -> tuple[str, str]:
+    """(attn_impl, norm_impl) for --kernels."""
+    if choice == "auto":
+        use_triton = torch.cuda.is_available() and triton_unavailable_reason() is None
+        return ("triton", "triton") if use_triton else ("sdpa", "torch")
+    if choice == "triton":
+        reason = triton_unavailable_reason()
+        if reason:
+            raise UsageError(f"--kernels triton can't run here: {reason}")
+        return "triton", "triton"
+    return choice, "torch"
+
+
+def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
+    """(train loader, eval loader, packing stats or None). Map-style loaders go through prepare;
+    streams are split between ranks by split_dataset_by_node already and are not prepared (prepare
+    would shard them a second time)."""
+    if args.streaming:
+        train = gdata.PackedStream(
+            raw["train"], tokenizer, block_size, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, seed=args.seed, buffer_size=args.shuffle_buffer_size,
+            epochs=None, text_column=args.text_column,
+        )
+        valid = gdata.PackedStream(
+            raw["validation"], tokenizer, block_size, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, shuffle=False, epochs=1, text_column=args.text_column,
+        )
+        if args.max_eval_samples:
+            valid = list(itertools.islice(valid, args.max_eval_samples))
+        return (DataLoader(train, batch_size=args.per_device_train_batch_size),
+                DataLoader(valid, batch_size=args.per_device_eval_batch_size), None)
+    with accelerator.main_process_first():
+        lm, stats = gdata.tokenize_and_pack(
+            raw, tokenizer, block_size, text_column=args.text_column, num_proc=args.preprocessing_num_workers
+        )
+    validation = lm["validation"]
+    if args.max_eval_samples:
+        validation = validation.select(range(min(args.max_eval_samples, len(validation))))
+    global_batch = args.per_device_train_batch_size * accelerator.num_processes
+    if len(lm["train"]) < global_batch * args.gradient_accumulation_steps:
+        raise UsageError(
+            f"the training split packs into {len(lm['train'])} blocks of {block_size} tokens, fewer than "
+            f"one optimizer step needs ({global_batch * args.gradient_accumulation_steps}); use more data "
+            f"or a smaller --block_size / --per_device_train_batch_size"
+        )
+    train = DataLoader(lm["train"], shuffle=True, drop_last=True, batch_size=args.per_device_train_batch_size)
+    valid = DataLoader(validation, batch_size=args.per_device_eval_batch_size)
+    return train, valid, stats
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, accelerator: Accelerator, prepared: bool) -> tuple[float, float]:
+    """(mean next-token loss, perplexity) over the validation blocks, weighted by token: per-sequence
+    NLL sums and counts go through gather_for_metrics (which drops the samples Accelerate repeats to
+    even out the last batch), then one division. An unprepared (streamed) loader is summed locally
+    and reduced once, since ranks may hold different numbers of batches."""
+    model.eval()
+    nll, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    nll, count = nll.to(accelerator.device), count.to(accelerator.device)
+    for batch in dataloader:
+        input_ids = batch["input_ids"].to(accelerator.device)
+        logits = model(input_ids)  # (B, T, V)
+        targets = input_ids[:, 1:]
+        token_nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+        )  # (B, T-1)
+        seq_nll, seq_count = token_nll.sum(1).double(), (targets != -100).sum(1).double()
+        if prepared:
+            seq_nll, seq_count = accelerator.gather_for_metrics((seq_nll, seq_count))
+        nll += seq_nll.sum()
+        count += seq_count.sum()
+    if not prepared:
+        nll, count = accelerator.reduce(nll, "sum"), accelerator.reduce(count, "sum")
+    model.train()
+    loss = (nll / count.clamp(min=1)).item()
+    return loss, math.exp(min(loss, 700.0))
+
+
+def save_checkpoint(accelerator, args, step: int, position: dict, tokenizer) -> Path:
+    """accelerator.save_state into output_dir/step_N, then the tokenizer and training position, then
+    the completion marker, last; so an interrupted save is never mistaken for a checkpoint."""
+    path = training.checkpoint_dir(args.output_dir, step)
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        save_tokenizer(tokenizer, path)
+        training.write_training_state(path, {"step": step, **position})
+    accelerator.wait_for_everyone()
+    return path
+
+
+def save_final_model(accelerator, model, tokenizer, output_dir: str, block_size: int):
+    """save_pretrained (config.json + model.safetensors, HF GPT-2 format) and the tokenizer."""
+    unwrapped = accelerator.unwrap_model(model)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    state = accelerator.get_state_dict(model) if sharded else None  # gathers the full weights
+    if accelerator.is_main_process:
+        final = unwrapped
+        if sharded:
+            final = GPT2(unwrapped.config)
+            final.load_state_dict(state)
+        final.save_pretrained(output_dir)
+        save_tokenizer(tokenizer, output_dir, model_max_length=block_size)
+    accelerator.wait_for_everyone()
+    return unwrapped
+
+
+class MetricsLog:
+    """metrics.jsonl in the output directory (always), plus Accelerate's trackers when enabled."""
+
+    def __init__(self, accelerator, path: Path, tracking: bool):
+        self.accelerator, self.path, self.tracking = accelerator, path, tracking
+
+    def log(self, metrics: dict, step: int):
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tracking:
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (UsageError, gdata.DataError) as err:
+        print(f"pretrain.py: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def train(args) -> int:
+    accelerator = Accelerator(
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=args.gradient_accumulation_steps,
+            sync_with_dataloader=False,  # we take a whole step's micro-batches at once, see below
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
+        log_with=args.report_to if args.with_tracking else None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir),
+        dynamo_backend="inductor" if args.compile else None,
+    )
+    main_print = accelerator.print
+    output_dir = Path(args.output_dir)
+    resume_dir = None
+    if args.resume_from_checkpoint:
+        try:
+            resume_dir = training.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)  # before the model is built: its initial weights follow from the seed
+    _check_kernels_early(args)
+
+    # Data and tokenizer. One process reads / builds the caches first; the others then reuse them.
+    with accelerator.main_process_first():
+        raw = gdata.load_raw_datasets(
+            args.dataset_name, args.dataset_config_name, train_file=args.train_file,
+            validation_file=args.validation_file, validation_split_percentage=args.validation_split_percentage,
+            streaming=args.streaming,
+        )
+    if not args.streaming:
+        for split in ("train", "validation"):
+            gdata.resolve_text_column(raw[split].column_names, args.text_column)
+            if len(raw[split]) == 0:
+                raise gdata.DataError(f"the {split} split is empty")
+    tokenizer = build_tokenizer(args, raw, accelerator, resume_dir)
+    if eos_token_id(tokenizer) is None:
+        raise UsageError("the tokenizer has no end-of-text token (<|endoftext|> or </s>) to separate documents")
+
+    model = build_model(args, tokenizer.get_vocab_size())
+    config = model.config
+    block_size = args.block_size or config.n_positions
+    if block_size > config.n_positions:
+        raise UsageError(f"--block_size {block_size} is larger than the model's context (n_positions="
+                         f"{config.n_positions}); use --block_size {config.n_positions} or less, or "
+                         f"--config_overrides n_positions={block_size}")
+    if block_size < 2:
+        raise UsageError("--block_size must be at least 2 (one input and one target)")
+    train_loader, eval_loader, stats = build_dataloaders(args, raw, tokenizer, block_size, accelerator)
+
+    # Steps, optimizer, schedule.
+    ga, world = args.gradient_accumulation_steps, accelerator.num_processes
+    if args.num_train_epochs:
+        steps_per_epoch = len(train_loader) // world // ga
+        args.max_train_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+    warmup = args.num_warmup_steps if args.num_warmup_steps is not None else max(1, args.max_train_steps // 20)
+    optimizer = torch.optim.AdamW(
+        training.param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95),
+        fused=False if accelerator.device.type == "cpu" else None,
+    )
+    try:
+        scheduler = training.lr_scheduler(optimizer, args.lr_scheduler_type, warmup, args.max_train_steps,
+                                          args.learning_rate, args.min_lr)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.streaming:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader, scheduler
+        )
+
+    # Resume: weights, optimizer, scheduler and RNG from save_state; the data position from our file.
+    run_settings = {"world_size": world, "per_device_train_batch_size": args.per_device_train_batch_size,
+                    "gradient_accumulation_steps": ga, "block_size": block_size, "seed": args.seed,
+                    "streaming": args.streaming}
+    step, epoch, batches_done = 0, 0, 0
+    if resume_dir is not None:
+        saved = training.read_training_state(resume_dir)
+        try:
+            training.check_resume_compatible(saved, run_settings)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        accelerator.load_state(str(resume_dir))
+        step, epoch, batches_done = saved["step"], saved["epoch"], saved["batches_in_epoch"]
+        main_print(f"Resumed from {resume_dir}: step {step}, epoch {epoch}, {batches_done} batches into it")
+
+    if args.with_tracking:
+        accelerator.init_trackers("gpt2-pretrain", {k: v for k, v in vars(args).items()
+                                                   if isinstance(v, (int, float, str, bool))})
+    unwrapped = accelerator.unwrap_model(model)
+    tokens_per_step = args.per_device_train_batch_size * block_size * ga * world
+    flops_per_token = unwrapped.flops_per_token(block_size)
+    device_name = training.device_name(accelerator.device)
+    peak = training.peak_flops(device_name)
+    _banner(main_print, args, accelerator, unwrapped, tokenizer, stats, block_size, tokens_per_step, device_name,
+            peak)
+
+    metrics = MetricsLog(accelerator, output_dir / "metrics.jsonl", args.with_tracking)
+    if step == 0:
+        loss, ppl = evaluate(model, eval_loader, accelerator, prepared=not args.streaming)
+        main_print(f"step 0: val loss {loss:.4f}, val perplexity {ppl:.2f}")
+        metrics.log({"val_loss": loss, "val_perplexity": ppl}, step)
+
+    # The loop. Each optimizer step takes its ga micro-batches at once, so the loss can be divided by
+    # the step's token count across micro-batches and ranks before backward (token-weighted loss).
+    model.train()
+    start_time, last_log_time = time.perf_counter(), time.perf_counter()
+    window_nll, window_tokens, steps_run = 0.0, 0, 0
+    last_checkpoint = training.latest_checkpoint(output_dir)
+    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process,
+                    desc="training", dynamic_ncols=True)
+    batches = _batches(args, train_loader, accelerator, epoch, batches_done)
+    grad_norm = torch.tensor(0.0)
+    while step < args.max_train_steps:
+        micro, epoch, batches_done = next(batches)
+        n_tokens = sum((b["input_ids"][:, 1:] != -100).sum() for b in micro).to(accelerator.device)
+        step_tokens = accelerator.reduce(n_tokens.clone(), "sum")
+        step_nll = torch.zeros((), device=accelerator.device)
+        for batch in micro:
+            input_ids = batch["input_ids"].to(accelerator.device)
+            with accelerator.accumulate(model):
+                nll_sum = model(input_ids, labels=input_ids, reduction="sum")
+                # DDP averages gradients over ranks and accelerator.backward divides by ga; undo both
+                # so the gradient is that of (sum of NLL over the step's tokens) / (its token count).
+                accelerator.backward(nll_sum * (world * ga) / step_tokens)
+                step_nll += nll_sum.detach()
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    step_loss = accelerator.reduce(step_nll, "sum") / step_tokens
+                    finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
+                    if finite:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_run += 1
+        if not finite:
+            message = (f"non-finite {'loss' if not torch.isfinite(step_loss) else 'grad norm'} at step {step} "
+                       f"(loss {step_loss.item()}, grad norm {float(grad_norm)})")
+            if args.on_nonfinite == "stop":
+                where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+                main_print(f"\n{message}: stopping; {where}. Resume with --resume_from_checkpoint latest "
+                           f"(perhaps with a lower --learning_rate), or pass --on_nonfinite skip.")
+                metrics.log({"nonfinite": True, "train_loss": float(step_loss)}, step)
+                accelerator.end_training()
+                return 1
+            main_print(f"\n{message}: skipping this update (--on_nonfinite skip)")
+        else:
+            window_nll += float(step_loss) * int(step_tokens)
+            window_tokens += int(step_tokens)
+        scheduler.step()
+        progress.update(1)
+
+        if step % args.logging_steps == 0 or step == args.max_train_steps:
+            now = time.perf_counter()
+            tokens_per_s = tokens_per_step * args.logging_steps / max(now - last_log_time, 1e-9)
+            if step % args.logging_steps:
+                tokens_per_s = tokens_per_step * (step % args.logging_steps) / max(now - last_log_time, 1e-9)
+            utilisation = training.mfu(tokens_per_s / world, flops_per_token, peak)
+            record = {
+                "train_loss": window_nll / max(window_tokens, 1),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens_per_s,
+                "mfu": utilisation,
+                "peak_memory": peak_memory(accelerator.device),
+                "epoch": epoch,
+            }
+            mfu_text = f"{100 * utilisation:.1f}%" if utilisation is not None else "n/a"
+            progress.set_postfix(loss=f"{record['train_loss']:.3f}", refresh=False)
+            progress.write(
+                f"step {step}: loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
+                f"{record['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu_text} | peak mem "
+                f"{record['peak_memory']}"
+            ) if accelerator.is_local_main_process else None
+            metrics.log(record, step)
+            window_nll, window_tokens, last_log_time = 0.0, 0, now
+
+        if step % args.eval_steps == 0 or step == args.max_train_steps:
+            loss, ppl = evaluate(model, eval_loader, accelerator, prepared=not args.streaming)
+            if accelerator.is_local_main_process:
+                progress.write(f"step {step}: val loss {loss:.4f}, val perplexity {ppl:.2f}")
+            metrics.log({"val_loss": loss, "val_perplexity": ppl}, step)
+            last_log_time = time.perf_counter()  # eval time is not training throughput
+        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+            last_checkpoint = save_checkpoint(
+                accelerator, args, step, {"epoch": epoch, "batches_in_epoch": batches_done, **run_settings},
+                tokenizer,
+            )
+            last_log_time = time.perf_counter()
+    progress.close()
+    if steps_run == 0:  # resumed at the end: nothing trained, report the checkpoint as it is
+        loss, ppl = evaluate(model, eval_loader, accelerator, prepared=not args.streaming)
+    runtime = time.perf_counter() - start_time
+
+    unwrapped = save_final_model(accelerator, model, tokenizer, args.output_dir, block_size)
+    results = {"eval_loss": loss, "perplexity": ppl, "step": step, "train_tokens": step * tokens_per_step,
+               "train_runtime_s": round(runtime, 1)}
+    if accelerator.is_main_process:
+        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        _print_sample(args, unwrapped, tokenizer, accelerator.device)
+        print(f"\nDone in {runtime:.0f} s: val loss {loss:.4f}, val perplexity {ppl:.2f}. Model, config and "
+              f"tokenizer in {output_dir}/ (Hugging Face format).")
+        print(f"  evaluate: python scripts/evaluate_perplexity.py --model_name_or_path {output_dir}")
+        print(f"  sample:   python scripts/generate.py --model_name_or_path {output_dir} --prompt \"The\"")
+        print(f"  resume:   accelerate launch scripts/pretrain.py --output_dir {output_dir} "
+              f"--resume_from_checkpoint latest --max_train_steps {2 * step}")
+    accelerator.end_training()
+    return 0
+
+
+def _batches(args, loader, accelerator, epoch: int, batches_done: int):
+    """Yields (the next optimizer step's ga micro-batches, epoch, batches consumed in that epoch).
+
+    Map-style data: each epoch is a fresh permutation (seeded by seed + epoch through Accelerate's
+    seedable sampler); a resumed epoch skips the batches already consumed with skip_first_batches,
+    so the run continues with exactly the batches it would have seen. A trailing part of an epoch
+    too short for a whole optimizer step is left out. Streams repeat forever; a resume reads past the
+    consumed batches."""
+    ga = args.gradient_accumulation_steps
+    if args.streaming:
+        iterator = iter(loader)
+        for _ in range(batches_done):
+            next(iterator)
+        while True:
+            micro = list(itertools.islice(iterator, ga))
+            batches_done += ga
+            yield micro, 0, batches_done
+    while True:
+        current = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+        current.set_epoch(epoch)
+        iterator = iter(current)
+        while True:
+            micro = list(itertools.islice(iterator, ga))
+            if len(micro) < ga:
+                break
+            batches_done += ga
+            yield micro, epoch, batches_done
+        epoch, batches_done = epoch + 1, 0
+
+
+def _check_kernels_early(args):
+    """--kernels triton where Triton can't run: say so before any data is loaded."""
+    if args.kernels == "triton":
+        _kernels("triton")
+
+
+def _banner(print_, args, accelerator, model, tokenizer, stats, block_size, tokens_per_step, device_name, peak):
+    config = model.config
+    lines = [
+        "=" * 78,
+        f"GPT-2 pretraining: {args.model_name_or_path or args.config_name}"
+        + (f" + {args.config_overrides}" if args.config_overrides else ""),
+        f"  model      {model.num_parameters():,} parameters ({model.num_parameters(exclude_embeddings=True):,} "
+        f"without embeddings): {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, "
+        f"context {config.n_positions}",
+        f"  kernels    attention {config.attn_impl}, LayerNorm {config.norm_impl} (--kernels {args.kernels})",
+        f"  tokenizer  {tokenizer.get_vocab_size():,} tokens, end-of-text id {eos_token_id(tokenizer)}",
+        f"  data       {args.dataset_name or args.train_file or gdata.BUILTIN_CORPUS}"
+        + (" (streaming)" if args.streaming else ""),
+    ]
+    for split, s in (stats or {}).items():
+        lines.append(f"    {split:<10} {s.documents:,} documents, {s.tokens:,} tokens -> {s.blocks:,} blocks of "
+                     f"{block_size}; final partial block dropped: {s.dropped_tokens:,} tokens")
+    lines += [
+        f"  devices    {accelerator.num_processes} x {device_name} ({accelerator.distributed_type.value}, "
+        f"mixed precision {accelerator.mixed_precision}); MFU peak "
+        + (f"{peak / 1e12:,.0f} TFLOP/s dense bf16" if peak else "n/a (unknown device)"),
+        f"  batch      {args.per_device_train_batch_size} x {block_size} tokens x {args.gradient_accumulation_steps}"
+        f" accumulation x {accelerator.num_processes} processes = {tokens_per_step:,} tokens per optimizer step",
+        f"  plan       {args.max_train_steps:,} steps = {args.max_train_steps * tokens_per_step:,} tokens; lr "
+        f"{args.learning_rate:g} ({args.lr_scheduler_type} to {args.min_lr:g}); output {args.output_dir}",
+        "=" * 78,
+    ]
+    print_("\n".join(lines))
+
+
+def _print_sample(args, model, tokenizer, device):
+    prompt_ids = tokenizer.encode(args.sample_prompt).ids or [eos_token_id(tokenizer)]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=args.sample_tokens,
+                             temperature=0.8, top_k=50, eos_token_id=eos_token_id(tokenizer), generator=generator)
+    print("\nSample:\n" + tokenizer.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
