@@ -1,0 +1,277 @@
+"""Our flash_attention against PyTorch's scaled_dot_product_attention, one backend at a time
+(flash, efficient, cudnn, math, forced through torch.nn.attention.sdpa_kernel), and eager attention.
+
+    python -m benchmarks.attention                 # full sweep on a CUDA GPU -> benchmarks/results/<device>/
+    python -m benchmarks.attention --suite gpt2    # only GPT-2 shapes (H=12, D=64, 16k tokens per batch)
+    python -m benchmarks.attention --quick --output_dir /tmp/b   # tiny shapes, CPU interpreter (CI smoke)
+
+FLOPs (stated in every summary): forward = 4 * B * H * T^2 * D (two matmuls of 2 * T^2 * D per
+head), halved when causal since only the lower triangle is computed; backward = 2.5 x forward
+(five matmuls to the forward's two); forward+backward = 3.5 x forward. Grouped-query attention
+does the same work per query head, so H is the number of query heads.
+
+Every provider's output and gradients are first compared with a float64 reference (on the first
+batch element and the first K/V head group, to bound the reference's memory); a provider that
+disagrees is recorded as "mismatch" and not timed. Out-of-memory and unsupported points are
+recorded as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+SHAPE_FIELDS = ["suite", "B", "H", "H_kv", "T", "D", "causal"]
+# Relative L2 error allowed before a provider counts as wrong: a few times what bf16/fp16
+# rounding of the inputs and output alone gives (~2^-8 and ~2^-11 relative).
+MISMATCH_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+TOKENS = 16384  # B * T, as in the FlashAttention papers
+
+
+def suites(quick: bool) -> dict[str, list[dict]]:
+    """Named lists of shapes: dicts with B, H, H_kv, T, D."""
+    if quick:
+        return {"quick": [dict(B=1, H=2, H_kv=1, T=17, D=32), dict(B=1, H=2, H_kv=2, T=40, D=32)]}
+    seqlens = [512, 1024, 2048, 4096, 8192, 16384]
+    return {
+        "gpt2": [dict(B=TOKENS // t, H=12, H_kv=12, T=t, D=64) for t in seqlens],
+        "fa-d64": [dict(B=TOKENS // t, H=32, H_kv=32, T=t, D=64) for t in seqlens],  # hidden 2048
+        "fa-d128": [dict(B=TOKENS // t, H=16, H_kv=16, T=t, D=128) for t in seqlens],  # hidden 2048
+        "gqa": [dict(B=TOKENS // t, H=32, H_kv=8, T=t, D=128) for t in seqlens],
+    }
+
+
+def providers(quick: bool) -> dict:
+    """name -> (attention function (q, k, v, causal) -> out, context manager factory)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels import attention_ref, flash_attention
+
+    def sdpa(q, k, v, causal):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+
+    table = {"ours": (lambda q, k, v, causal: flash_attention(q, k, v, causal=causal), nullcontext)}
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    for name, backend in backends.items():
+        if quick and name != "math":
+            continue
+        table[f"sdpa-{name}"] = (sdpa, lambda backend=backend: sdpa_kernel(backend))
+    table["eager"] = (lambda q, k, v, causal: attention_ref(q, k, v, causal=causal, upcast=False), nullcontext)
+    return table
+
+
+def attention_flops(shape: dict, causal: bool, mode: str) -> float:
+    fwd = 4 * shape["B"] * shape["H"] * shape["T"] ** 2 * shape["D"]
+    return fwd * (0.5 if causal else 1.0) * FLOP_FACTOR[mode]
+
+
+def make_inputs(shape, dtype, device):
+    B, H, H_kv, T, D = (shape[k] for k in ("B", "H", "H_kv", "T", "D"))
+    q = torch.randn(B, H, T, D, dtype=dtype, device=device, requires_grad=True)
+    k = torch.randn(B, H_kv, T, D, dtype=dtype, device=device, requires_grad=True)
+    v = torch.randn(B, H_kv, T, D, dtype=dtype, device=device, requires_grad=True)
+    dout = torch.randn(B, H, T, D, dtype=dtype, device=device)
+    return q, k, v, dout
+
+
+def reference_slice(q, k, v, dout, causal):
+    """float64 output and gradients for batch 0 and the query heads of K/V head 0."""
+    from kernels import attention_ref
+
+    group = q.shape[1] // k.shape[1]
+    q0, k0, v0 = (x[:1, :n].detach().double().requires_grad_() for x, n in ((q, group), (k, 1), (v, 1)))
+    out = attention_ref(q0, k0, v0, causal=causal, upcast=True)
+    out.backward(dout[:1, :group].double())
+    return out.detach(), q0.grad, k0.grad, v0.grad
+
+
+def check(fn, ctx, q, k, v, dout, causal, ref) -> float:
+    """Largest relative error of out, dq, dk, dv against the float64 reference slice."""
+    group = q.shape[1] // k.shape[1]
+    q.grad = k.grad = v.grad = None
+    with ctx():
+        out = fn(q, k, v, causal)
+    out.backward(dout)
+    got = (out[:1, :group], q.grad[:1, :group], k.grad[:1, :1], v.grad[:1, :1])
+    q.grad = k.grad = v.grad = None
+    return max(common.relative_error(g, r) for g, r in zip(got, ref))
+
+
+def time_modes(fn, ctx, q, k, v, dout, causal, quick):
+    """{mode: (p50, p20, p80 ms, peak MB)}."""
+
+    def fwd():
+        with torch.no_grad(), ctx():
+            fn(q, k, v, causal)
+
+    with ctx():
+        out = fn(q, k, v, causal)
+
+    def bwd():
+        out.backward(dout, retain_graph=True)
+
+    def fwd_bwd():
+        with ctx():
+            fn(q, k, v, causal).backward(dout)
+
+    results = {}
+    for mode, run in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
+        p50, p20, p80 = common.measure(run, quick, grad_to_none=[q, k, v])
+        q.grad = k.grad = v.grad = None
+        results[mode] = (p50, p20, p80, common.peak_memory_mb(run))
+        q.grad = k.grad = v.grad = None
+    return results
+
+
+def run_point(suite, shape, dtype_name, causal, table, env, quick, device):
+    dtype = common.DTYPES[dtype_name]
+    base = dict(benchmark="attention", kernel="flash_attention", dtype=dtype_name, suite=suite,
+                causal=int(causal), **shape, **env)
+    rows = []
+    try:
+        q, k, v, dout = make_inputs(shape, dtype, device)
+        ref = reference_slice(q, k, v, dout, causal)
+    except RuntimeError as err:
+        status = "oom" if common.is_oom(err) else "error"
+        return [dict(base, provider="reference", mode="check", metric="rel_err", status=status, note=str(err)[:200])]
+    for name, (fn, ctx) in table.items():
+        row = dict(base, provider=name)
+        try:
+            err = check(fn, ctx, q, k, v, dout, causal, ref)
+        except RuntimeError as e:
+            status = "oom" if common.is_oom(e) else "unsupported"
+            rows += [dict(row, mode=m, metric="time", unit="ms", status=status, note=str(e).split("\n")[0][:200])
+                     for m in MODES]
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            continue
+        ok = math.isfinite(err) and err <= MISMATCH_TOL[dtype]
+        rows.append(dict(row, mode="check", metric="rel_err", unit="", p50=err, status="ok" if ok else "mismatch"))
+        if not ok:
+            rows += [dict(row, mode=m, metric="time", unit="ms", status="mismatch") for m in MODES]
+            continue
+        try:
+            timed = time_modes(fn, ctx, q, k, v, dout, causal, quick)
+        except RuntimeError as e:
+            status = "oom" if common.is_oom(e) else "error"
+            rows += [dict(row, mode=m, metric="time", unit="ms", status=status, note=str(e)[:200]) for m in MODES]
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            continue
+        for mode, (p50, p20, p80, peak) in timed.items():
+            flops = attention_flops(shape, causal, mode)
+            rows.append(dict(row, mode=mode, metric="time", unit="ms", p50=p50, p20=p20, p80=p80, status="ok"))
+            rows.append(dict(row, mode=mode, metric="throughput", unit="TFLOP/s", status="ok",
+                             p50=flops / p50 / 1e9, p20=flops / p80 / 1e9, p80=flops / p20 / 1e9))
+            rows.append(dict(row, mode=mode, metric="peak_memory", unit="MB", p50=peak, status="ok"))
+    return rows
+
+
+def summarize(rows, env, out_dir, table) -> str:
+    """Markdown: per suite/dtype/causal/mode, TFLOP/s per provider and our speedup over the best SDPA."""
+    names = list(table)
+    sdpa_names = [n for n in names if n.startswith("sdpa-")]
+    lines = [
+        f"# Attention benchmark — {env['device']}",
+        "",
+        f"{env['date']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}.",
+        "Command: `python -m benchmarks.attention`. Median TFLOP/s of triton.testing.do_bench; FLOPs = "
+        "4·B·H·T²·D forward, halved when causal; backward 2.5×, forward+backward 3.5×. "
+        "speedup = best SDPA backend's median time / ours. oom / unsupported / mismatch: not timed.",
+        "",
+    ]
+    keys = sorted({(r["suite"], r["dtype"], r["causal"], r["mode"]) for r in rows if r["metric"] == "time"},
+                  key=lambda key: (key[0], key[1], -key[2], MODES.index(key[3])))
+    for suite, dtype, causal, mode in keys:
+        key = (suite, dtype, causal, mode)
+        point_rows = [r for r in rows if (r["suite"], r["dtype"], r["causal"], r["mode"]) == key]
+        shapes = sorted({(r["T"], r["B"], r["H"], r["H_kv"], r["D"]) for r in point_rows})
+        lines.append(f"## {suite}, {dtype}, {'causal' if causal else 'non-causal'}, {mode} (TFLOP/s)")
+        lines.append("")
+        body = []
+        for T, B, H, H_kv, D in shapes:
+            cell, times = [], {}
+            for name in names:
+                match = [r for r in point_rows if r["provider"] == name and r["T"] == T and r["B"] == B
+                         and r["H_kv"] == H_kv and r["D"] == D]
+                tput = next((r for r in match if r["metric"] == "throughput"), None)
+                t = next((r for r in match if r["metric"] == "time"), None)
+                cell.append(tput["p50"] if tput else (t["status"] if t else "—"))
+                if t and t["status"] == "ok":
+                    times[name] = t["p50"]
+            best = min((times[n] for n in sdpa_names if n in times), default=None)
+            speedup = best / times["ours"] if best and "ours" in times else None
+            body.append([f"B={B} H={H}/{H_kv} T={T} D={D}", *cell, speedup])
+        lines.append(common.markdown_table(["shape", *names, "speedup"], body))
+        lines.append("")
+        if mode in ("fwd", "fwd+bwd") and (causal or suite == "quick"):
+            series = {n: [(r["T"], r["p50"]) for r in point_rows if r["provider"] == n and r["metric"] == "throughput"]
+                      for n in names}
+            png = f"attention_{suite}_{dtype}_{'causal' if causal else 'full'}_{mode.replace('+', '_')}.png"
+            title = f"attention {suite} {dtype} {'causal' if causal else ''} {mode} — {env['device']}"
+            if common.plot_lines(series, title, "sequence length T", "TFLOP/s", out_dir / png):
+                lines += [f"![{suite} {dtype} {mode}]({png})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def progress(point_rows) -> str:
+    """One line per point for the log: fwd+bwd TFLOP/s per provider, or why it has none."""
+    parts = []
+    for r in point_rows:
+        if r["metric"] == "throughput" and r["mode"] == "fwd+bwd":
+            parts.append(f"{r['provider']} {r['p50']:.1f}")
+        elif r["status"] not in ("ok", None) and r["mode"] in ("fwd+bwd", "check"):
+            parts.append(f"{r['provider']} {r['status']}")
+    return "fwd+bwd TFLOP/s: " + ", ".join(parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
+    parser.add_argument("--suite", nargs="*", help="subset of suites (gpt2 fa-d64 fa-d128 gqa)")
+    parser.add_argument("--dtype", nargs="*", default=None, choices=list(common.DTYPES))
+    parser.add_argument("--causal", choices=["both", "causal", "full"], default="both")
+    parser.add_argument("--provider", nargs="*", help="subset of providers (ours sdpa-flash ... eager)")
+    parser.add_argument("--max_seqlen", type=int, default=None)
+    parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/<device>/")
+    args = parser.parse_args(argv)
+    common.setup_quick_mode(args.quick)
+    if not common.require_cuda_or_quick(args.quick, "benchmarks.attention"):
+        return 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = common.environment()
+    out_dir = common.output_dir(args.output_dir, env, args.quick)
+    table = providers(args.quick)
+    if args.provider:
+        table = {k: v for k, v in table.items() if k in args.provider or k == "ours"}
+    dtypes = args.dtype or (["fp32"] if args.quick else ["bf16", "fp16"])
+    causals = {"both": [True, False], "causal": [True], "full": [False]}[args.causal]
+    rows = []
+    for suite, shapes in suites(args.quick).items():
+        if args.suite and suite not in args.suite:
+            continue
+        for shape in shapes:
+            if args.max_seqlen and shape["T"] > args.max_seqlen:
+                continue
+            for dtype_name in dtypes:
+                for causal in causals:
+                    point = run_point(suite, shape, dtype_name, causal, table, env, args.quick, device)
+                    rows += point
+                    print(f"{suite} {shape} {dtype_name} causal={causal}: " + progress(point), file=sys.stderr)
+    common.write_csv(rows, out_dir / "attention.csv", SHAPE_FIELDS)
+    summary = summarize(rows, env, out_dir, table)
+    (out_dir / "attention.md").write_text(summary)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

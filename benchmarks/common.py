@@ -1,0 +1,170 @@
+"""What every benchmark shares: the environment stamp, timing, the long-format CSV, the Markdown
+summary and the plots.
+
+Long format: one row per (point, provider, mode, metric), so anyone can re-plot with pandas.
+A point that could not be measured keeps its row with status "oom", "unsupported" or
+"mismatch" and empty numbers, never a zero.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+LEADING_FIELDS = ["benchmark", "kernel", "provider", "mode", "dtype"]
+TRAILING_FIELDS = [
+    "metric", "unit", "p50", "p20", "p80", "status", "note", "device", "torch", "triton", "commit", "date",
+]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def environment() -> dict:
+    """Device, library versions, git commit and date: stamped on every row."""
+    import triton
+
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (triton interpreter)"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def device_slug(device: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+
+
+def require_cuda_or_quick(quick: bool, name: str) -> bool:
+    """The full sweep needs a GPU; without one it says so and the caller exits 0."""
+    if quick or torch.cuda.is_available():
+        return True
+    print(f"{name}: the full benchmark needs a CUDA GPU (none here). Run with --quick for a CPU smoke run "
+          f"through the Triton interpreter.")
+    return False
+
+
+def setup_quick_mode(quick: bool) -> None:
+    """--quick runs tiny shapes through the Triton interpreter; it must be on before triton loads."""
+    if quick and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def measure(fn, quick: bool, grad_to_none=None) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentile milliseconds of fn().
+
+    On a GPU: triton.testing.do_bench (CUDA events, L2 flushed between runs). In --quick mode on
+    CPU the interpreter's times mean nothing; one wall-clock run just exercises the path.
+    """
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        p50, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
+        return p50, p20, p80
+    start = time.perf_counter()
+    fn()
+    elapsed = (time.perf_counter() - start) * 1e3
+    return elapsed, elapsed, elapsed
+
+
+def peak_memory_mb(fn) -> float | None:
+    """Peak device memory fn() allocates above what was already allocated, in MB (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def write_csv(rows: list[dict], path: Path, shape_fields: list[str]) -> None:
+    """Long format: the leading fields, the benchmark's shape fields, then metric, numbers, stamp."""
+    fields = LEADING_FIELDS + shape_fields + TRAILING_FIELDS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+
+
+def fmt(value, digits=3) -> str:
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown_table(header: list[str], lines: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(fmt(v) for v in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def plot_lines(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
+               path: Path, logx: bool = True) -> bool:
+    """One line per provider. Returns False (and draws nothing) when matplotlib isn't installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, points in series.items():
+        if points:
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def output_dir(arg: str | None, env: dict, quick: bool) -> Path:
+    """benchmarks/results/<device>/ for a full run; a quick run must name its own place (or gets
+    benchmarks/results/quick-<device>/, which is not committed)."""
+    if arg:
+        return Path(arg)
+    slug = device_slug(env["device"])
+    return ROOT / "benchmarks" / "results" / (f"quick-{slug}" if quick else slug)

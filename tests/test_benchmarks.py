@@ -1,0 +1,76 @@
+"""The benchmark code paths, through --quick (tiny shapes, Triton interpreter on CPU)."""
+
+import csv
+
+import pytest
+import torch
+
+from benchmarks import attention as attention_bench
+from benchmarks import layer_norm as layer_norm_bench
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_attention_quick(tmp_path):
+    assert attention_bench.main(["--quick", "--causal", "causal", "--output_dir", str(tmp_path)]) == 0
+    rows = read_rows(tmp_path / "attention.csv")
+    providers = {r["provider"] for r in rows}
+    assert {"ours", "sdpa-math", "eager"} <= providers
+    checks = [r for r in rows if r["metric"] == "rel_err"]
+    assert checks and all(r["status"] == "ok" for r in checks)
+    tput = [r for r in rows if r["metric"] == "throughput"]
+    assert {r["mode"] for r in tput} == {"fwd", "bwd", "fwd+bwd"}
+    assert all(float(r["p50"]) > 0 and r["device"] and r["commit"] and r["date"] for r in tput)
+    summary = (tmp_path / "attention.md").read_text()
+    assert "speedup" in summary and "4·B·H·T²·D" in summary
+
+
+def test_attention_records_mismatch_and_oom_without_timing(tmp_path, monkeypatch):
+    real = attention_bench.providers
+
+    def with_broken(quick):
+        table = real(quick)
+        ours, ctx = table["ours"]
+
+        def out_of_memory(q, k, v, causal):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64 GiB")
+
+        table = {"ours": table["ours"], "wrong": (lambda q, k, v, causal: ours(q, k, v, causal) * 1.1, ctx),
+                 "oom": (out_of_memory, ctx)}
+        return table
+
+    monkeypatch.setattr(attention_bench, "providers", with_broken)
+    monkeypatch.setattr(attention_bench, "suites", lambda quick: {"quick": [dict(B=1, H=2, H_kv=1, T=9, D=32)]})
+    attention_bench.main(["--quick", "--causal", "causal", "--output_dir", str(tmp_path)])
+    rows = read_rows(tmp_path / "attention.csv")
+    wrong = [r for r in rows if r["provider"] == "wrong"]
+    assert wrong and all(r["status"] == "mismatch" for r in wrong)
+    assert not any(r["metric"] == "throughput" for r in wrong)
+    oom = [r for r in rows if r["provider"] == "oom"]
+    assert oom and all(r["status"] == "oom" and r["p50"] == "" for r in oom)
+
+
+def test_attention_flops():
+    shape = dict(B=2, H=3, T=8, D=4)
+    assert attention_bench.attention_flops(shape, causal=False, mode="fwd") == 4 * 2 * 3 * 64 * 4
+    assert attention_bench.attention_flops(shape, causal=True, mode="fwd+bwd") == 4 * 2 * 3 * 64 * 4 * 0.5 * 3.5
+
+
+def test_layer_norm_quick(tmp_path):
+    assert layer_norm_bench.main(["--quick", "--hidden", "96", "--output_dir", str(tmp_path)]) == 0
+    rows = read_rows(tmp_path / "layer_norm.csv")
+    assert {r["kernel"] for r in rows} == {"layer_norm", "add_layer_norm"}
+    assert all(r["status"] == "ok" for r in rows if r["metric"] == "rel_err")
+    bandwidth = [r for r in rows if r["metric"] == "bandwidth"]
+    assert {(r["provider"], r["mode"]) for r in bandwidth} >= {("ours", "fwd"), ("torch", "fwd+bwd")}
+    assert (tmp_path / "layer_norm.md").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_full_mode_needs_cuda_and_exits_cleanly(capsys):
+    assert attention_bench.main([]) == 0
+    assert layer_norm_bench.main([]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
