@@ -171,6 +171,8 @@ def _load_files(train_file, validation_file, streaming, cache_dir):
         if file:
             if not Path(file).exists():
                 raise DataError(f"--{split}_file {file} does not exist")
+            if Path(file).is_file() and Path(file).stat().st_size == 0:
+                raise DataError(f"--{split}_file {file} is empty")
             data_files[split] = file
     if "train" not in data_files:
         raise DataError("--validation_file needs a --train_file too")

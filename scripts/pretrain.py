@@ -23,7 +23,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,9 +42,13 @@ from accelerate.utils import (  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from gpt2 import GPT2, GPT2Config, PRESETS  # noqa: E402
+from gpt2 import (  # noqa: E402
+    GPT2,
+    PRESETS,
+    GPT2Config,
+    training,  # noqa: E402
+)
 from gpt2 import data as gdata  # noqa: E402
-from gpt2 import training  # noqa: E402
 from gpt2.registry import triton_unavailable_reason  # noqa: E402
 from gpt2.tokenizer import (  # noqa: E402
     TokenizerNotFoundError,
@@ -315,6 +318,18 @@ def save_final_model(accelerator, model, tokenizer, output_dir: str, block_size:
     return unwrapped
 
 
+def weights_agree(accelerator, model) -> bool | None:
+    """Whether every rank ends with the same weights (a checksum per rank, gathered); None when
+    the weights are sharded (FSDP / DeepSpeed), where ranks hold different parts by design."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
+    with torch.no_grad():
+        params = list(accelerator.unwrap_model(model).parameters())
+        checksum = torch.stack([(p.double() * (i + 1)).sum() for i, p in enumerate(params)]).sum()
+    sums = accelerator.gather(checksum.reshape(1))
+    return bool((sums == sums[0]).all())
+
+
 class MetricsLog:
     """metrics.jsonl in the output directory (always), plus Accelerate's trackers when enabled."""
 
@@ -549,7 +564,7 @@ def train(args) -> int:
 
     unwrapped = save_final_model(accelerator, model, tokenizer, args.output_dir, block_size)
     results = {"eval_loss": loss, "perplexity": ppl, "step": step, "train_tokens": step * tokens_per_step,
-               "train_runtime_s": round(runtime, 1)}
+               "train_runtime_s": round(runtime, 1), "ranks_hold_identical_weights": weights_agree(accelerator, model)}
     if accelerator.is_main_process:
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
         _print_sample(args, unwrapped, tokenizer, accelerator.device)

@@ -1,0 +1,121 @@
+"""gpt2/data.py: the built-in corpus, loading local files, exact packing, streaming shards."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+datasets = pytest.importorskip("datasets")
+
+from gpt2 import data as gdata  # noqa: E402
+from gpt2.tokenizer import train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def hf_cache(tmp_path, monkeypatch):
+    """Every test gets its own datasets cache under tmp_path."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    return tmp_path / "hf_cache"
+
+
+def _documents(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    words = "the model reads tokens and predicts the next one while layers attend to earlier words".split()
+    return [" ".join(rng.choice(words, size=int(rng.integers(3, 60)))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(_documents(200), vocab_size=300)
+
+
+def test_builtin_corpus_is_offline_deterministic_and_split():
+    before = set(sys.modules)
+    raw = gdata.load_builtin_corpus()
+    assert set(raw) == {"train", "validation"}
+    assert len(raw["train"]) > 300 and len(raw["validation"]) > 10
+    train_sources, valid_sources = set(raw["train"]["source"]), set(raw["validation"]["source"])
+    assert not train_sources & valid_sources  # split by document
+    assert any(s.startswith("pydoc_data.topics:") for s in train_sources)
+    assert any(s.endswith(".py") for s in train_sources)
+    assert sum(len(t) for t in raw["train"]["text"]) > 1_000_000  # enough prose to learn from
+    # docstrings are read with ast: no standard-library module is imported (antigravity would open a browser)
+    assert not {"antigravity", "this", "tkinter", "turtle", "idlelib"} & (set(sys.modules) - before)
+    again = gdata.load_builtin_corpus()
+    assert again["validation"]["source"] == raw["validation"]["source"]
+    assert gdata.load_raw_datasets(gdata.BUILTIN_CORPUS)["validation"]["source"] == raw["validation"]["source"]
+
+
+@pytest.mark.parametrize("block_size", [1, 17, 64])
+def test_packing_is_the_exact_token_stream(tokenizer, block_size):
+    docs = _documents(50)
+    raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs})})
+    packed, stats = gdata.tokenize_and_pack(raw, tokenizer, block_size)
+    stream = np.concatenate([np.array(enc.ids + [0]) for enc in tokenizer.encode_batch(docs)])  # EOT = 0
+    rows = np.asarray(packed["train"][:]["input_ids"])
+    assert rows.shape == (len(stream) // block_size, block_size)
+    np.testing.assert_array_equal(rows.ravel(), stream[: rows.size])
+    s = stats["train"]
+    assert (s.documents, s.tokens, s.blocks) == (50, len(stream), rows.shape[0])
+    assert s.dropped_tokens == len(stream) - rows.size < block_size
+
+
+def test_files_carve_validation_and_cache(tokenizer, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(_documents(40))))
+    raw = gdata.load_raw_datasets(train_file=str(path), validation_split_percentage=10)
+    assert len(raw["validation"]) == 4 and len(raw["train"]) == 36
+    assert gdata.load_raw_datasets(train_file=str(path), validation_split_percentage=10)["validation"]["id"] == (
+        raw["validation"]["id"]
+    )  # carved deterministically
+    with pytest.raises(gdata.DataError, match="no 'text' column.*--text_column"):
+        gdata.tokenize_and_pack(raw, tokenizer, 16)
+    with pytest.raises(gdata.DataError, match="'content' not found"):
+        gdata.tokenize_and_pack(raw, tokenizer, 16, text_column="content")
+    packed, _ = gdata.tokenize_and_pack(raw, tokenizer, 16, text_column="body", num_proc=2)
+    again, _ = gdata.tokenize_and_pack(raw, tokenizer, 16, text_column="body", num_proc=2)
+    assert packed["train"].cache_files and packed["train"].cache_files == again["train"].cache_files
+
+
+def test_text_files_are_split_by_paragraph(tmp_path):
+    (tmp_path / "a.txt").write_text("First line\nsecond line.\n\nNext paragraph.\n\n\nLast one.\n")
+    raw = gdata.load_raw_datasets(train_file=str(tmp_path / "a.txt"), validation_file=str(tmp_path / "a.txt"))
+    assert len(raw["train"]) == 3
+    assert raw["train"][0]["text"].startswith("First line\nsecond line.")
+
+
+def test_bad_files_are_clear_errors(tmp_path, tokenizer):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(gdata.DataError, match="is empty"):
+        gdata.load_raw_datasets(train_file=str(tmp_path / "empty.txt"))
+    with pytest.raises(gdata.DataError, match="does not exist"):
+        gdata.load_raw_datasets(train_file=str(tmp_path / "missing.txt"))
+    (tmp_path / "data.xml").write_text("<a/>")
+    with pytest.raises(gdata.DataError, match="supported"):
+        gdata.load_raw_datasets(train_file=str(tmp_path / "data.xml"))
+    tiny = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["hi"]})})
+    with pytest.raises(gdata.DataError, match="fewer than one block"):
+        gdata.tokenize_and_pack(tiny, tokenizer, 64)
+
+
+def test_unreachable_hub_dataset_names_alternatives(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(gdata.DataError, match=r"can't be reached.*--train_file.*builtin:pydocs"):
+        gdata.load_raw_datasets("some-org/some-dataset")
+
+
+def test_stream_shards_are_disjoint_and_lossless(tokenizer):
+    docs = [f"document {i}: " + d for i, d in enumerate(_documents(64))]
+    stream = datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset(num_shards=4)
+    shards = [
+        [b["input_ids"] for b in gdata.PackedStream(stream, tokenizer, 8, rank=r, world_size=2, seed=1, buffer_size=16)]
+        for r in range(2)
+    ]
+    # each rank's documents, decoded back from its blocks: no document is on both ranks
+    seen = [set(tokenizer.decode(np.concatenate(s).tolist()).split("document ")) - {""} for s in shards]
+    ids = [{x.split(":")[0] for x in part} for part in seen]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    stream_tokens = sum(len(enc.ids) + 1 for enc in tokenizer.encode_batch(docs))
+    assert stream_tokens - 16 < 8 * (len(shards[0]) + len(shards[1])) <= stream_tokens  # one partial block per rank
