@@ -95,6 +95,8 @@ class GPT2Config:
     def with_overrides(self, overrides: str) -> GPT2Config:
         """Apply "n_layer=2,n_embd=64,bias=false" (the --config_overrides syntax) to a copy."""
         values = self.to_dict()
+        if values["n_kv_head"] == values["n_head"]:
+            values["n_kv_head"] = None  # plain multi-head attention follows an overridden n_head
         types = {f.name: f.type for f in dataclasses.fields(self)}
         for item in filter(None, (part.strip() for part in overrides.split(","))):
             key, sep, raw = item.partition("=")

@@ -140,6 +140,8 @@ def test_presets_and_overrides():
         GPT2Config.from_preset("gpt3")
     config = GPT2Config.from_preset("gpt2").with_overrides("n_layer=2, n_embd=96,bias=false,n_kv_head=3")
     assert (config.n_layer, config.n_embd, config.bias, config.n_kv_head) == (2, 96, False, 3)
+    assert GPT2Config.from_preset("gpt2").with_overrides("n_head=2").n_kv_head == 2
+    assert GPT2Config.from_preset("gpt2", n_kv_head=4).with_overrides("n_layer=2").n_kv_head == 4
     with pytest.raises(ValueError, match="key=value"):
         config.with_overrides("n_layers=2")
     with pytest.raises(ValueError, match="unknown GPT2Config field"):
