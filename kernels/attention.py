@@ -1,0 +1,763 @@
+"""Fused flash attention, forward and backward, in Triton.
+
+Contract
+--------
+``flash_attention(q, k, v, causal=True, softmax_scale=None) -> out``
+
+    S   = softmax_scale * Q K^T            (T x T per head; never materialised)
+    P   = softmax(S)  (row-wise; with ``causal``, S[i, j] = -inf for j > i)
+    out = P V
+
+* q: (B, H, T, D); k, v: (B, H_kv, T, D) with H_kv dividing H. Query head h reads K/V head
+  h // (H / H_kv) (grouped-query attention, K/V never repeated in memory). out: (B, H, T, D),
+  returned as a view of (B, T, H, D) storage so that ``out.transpose(1, 2).reshape(B, T, H * D)``
+  is free.
+* dtypes: float16, bfloat16, float32 (q, k, v alike). Accumulation, the softmax statistics and
+  the saved logsumexp are float32; values are rounded to the input dtype only when stored.
+  float32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32`` (IEEE fp32 unless TF32 is on).
+* D: any head size 1..256; tiles use the next power of two (at least 16) and mask the padding,
+  so 32, 64 and 128 run unpadded. T: any length >= 1 (no multiple-of-block requirement).
+  Causal masking is top-left aligned, which is the only alignment for equal query/key lengths;
+  cached decoding with fewer queries than keys belongs to SDPA.
+* Inputs may be strided (e.g. views of a fused qkv projection); only the last dimension must be
+  contiguous, and it is made so (copy) when it isn't.
+* CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, for tests).
+* No attention dropout, no attention mask other than causal, no Tq != Tk.
+
+Algorithm (FlashAttention-2, Dao 2023, arXiv:2307.08691; Triton tutorial 06)
+-------------------------------------------------------------------------
+Forward: one program per (BLOCK_M query rows, batch, head). It streams K/V in BLOCK_N blocks and
+keeps the online-softmax state per row: running max m, running sum l and the unnormalised output
+acc. Work is in base 2: scores are scaled by ``qk_scale = softmax_scale * log2(e)`` so exp() is a
+single exp2. Per block:  m' = max(m, rowmax(S)),  p = exp2(S - m'),  alpha = exp2(m - m'),
+l = alpha l + rowsum(p),  acc = alpha acc + p V.  At the end out = acc / l and
+``lse = (m + log2 l) * ln 2`` (natural-log logsumexp of the scaled scores, fp32, shape (B, H, T))
+is saved for the backward pass. With ``causal``, key blocks entirely above the diagonal are never
+visited, blocks entirely below it run without any mask, and only the diagonal blocks (BLOCK_M
+divides into BLOCK_N-sized pieces) pay for the mask. Without ``causal``, only the last, partial
+key block is masked.
+
+Backward derivation (same symbols as the code)
+----------------------------------------------
+With S = scale Q K^T, P = exp(S - lse) (lse recomputed from nothing else), O = P V:
+
+    dV = P^T dO
+    dP = dO V^T
+    dS = P * (dP - delta),   delta_i = sum_j P_ij dP_ij = sum_j P_ij (dO_i . V_j) = dO_i . O_i
+    dQ = scale dS K
+    dK = scale dS^T Q
+
+(the softmax Jacobian: dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik)). ``delta`` is computed once by a
+preprocess kernel as rowsum(dO * O), in fp32. Then two kernels recompute P block by block from
+q, k and lse:
+* ``_attn_bwd_dkdv_kernel``: one program per (BLOCK_N1 keys, batch, K/V head). It loops over the
+  query heads sharing that K/V head and over their query blocks, accumulating dK and dV in
+  registers, so the GQA sum happens inside one program in a fixed order.
+* ``_attn_bwd_dq_kernel``: one program per (BLOCK_M2 queries, batch, head), looping over keys.
+Every output element is written by exactly one program: no atomics, bitwise-deterministic.
+Cost: the dq kernel recomputes P and dP a second time (about 1.4x the FLOPs of a fused
+atomic-add backward), the price of determinism. With GQA the dkdv grid has H/H_kv times fewer
+programs, each doing H/H_kv times more work.
+
+Tuning: block sizes, warps and pipeline stages are autotuned from the module-level config lists
+below (chosen for H100/A100), keyed on head size, causality, dtype and the power-of-two bucket of T.
+Under the interpreter one small pinned config is used, so CPU tests are fast and repeatable and
+still cover the multi-block and diagonal-split logic (BLOCK_M = 2 BLOCK_N).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln 2: exp(x) = exp2(x * log2(e))
+_LN2 = tl.constexpr(0.6931471805599453)  # ln 2: back from base-2 to natural-log lse
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+# Debug switch for tests: allocate every kernel output (and the lse/delta buffers) filled with NaN
+# instead of uninitialised, so an element a kernel forgets to write shows up as NaN.
+POISON_OUTPUTS = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(configs: list[triton.Config], interpret_config: triton.Config) -> list[triton.Config]:
+    """The autotune list on a GPU; the single pinned config under the interpreter."""
+    return [interpret_config] if _interpreting() else configs
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N must divide BLOCK_M (causal diagonal split).
+FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (128, 64, 4, 3),
+        (128, 64, 8, 3),
+        (128, 128, 8, 3),
+        (128, 32, 4, 4),
+        (64, 64, 4, 3),
+        (64, 64, 4, 4),
+        (64, 32, 4, 3),
+        (64, 32, 4, 2),
+    ]
+]
+FWD_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+
+# (BLOCK_M1 queries per step, BLOCK_N1 keys per program). BLOCK_M1 must divide BLOCK_N1.
+BWD_DKDV_CONFIGS = [
+    triton.Config({"BLOCK_M1": bm, "BLOCK_N1": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (32, 128, 4, 3),
+        (32, 128, 8, 3),
+        (64, 128, 8, 3),
+        (32, 64, 4, 3),
+        (64, 64, 4, 3),
+        (16, 64, 4, 2),
+        (32, 32, 4, 2),
+    ]
+]
+BWD_DKDV_INTERPRET_CONFIG = triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 64}, num_warps=4, num_stages=1)
+
+# (BLOCK_M2 queries per program, BLOCK_N2 keys per step). BLOCK_N2 must divide BLOCK_M2.
+BWD_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M2": bm, "BLOCK_N2": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (128, 32, 4, 3),
+        (128, 32, 8, 3),
+        (128, 64, 8, 3),
+        (64, 32, 4, 3),
+        (64, 64, 4, 3),
+        (64, 16, 4, 2),
+        (32, 32, 4, 2),
+    ]
+]
+BWD_DQ_INTERPRET_CONFIG = triton.Config({"BLOCK_M2": 64, "BLOCK_N2": 32}, num_warps=4, num_stages=1)
+
+
+def _prune(block_names: tuple[str, str]):
+    """early_config_prune for a (outer, inner) tile pair: the inner tile must divide the outer one;
+    no tile larger than the (power-of-two) sequence needs; small tiles only for D > 128, whose
+    K/V tiles would not fit in shared memory at 128 rows."""
+    outer_name, inner_name = block_names
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        t_cap = max(32, args["T_BUCKET"])
+        head_dim = args["BLOCK_D"]
+        kept = []
+        for config in configs:
+            outer, inner = config.kwargs[outer_name], config.kwargs[inner_name]
+            if outer % inner or max(outer, inner) > t_cap:
+                continue
+            if head_dim > 128 and outer * inner > 64 * 64:
+                continue
+            kept.append(config)
+        return kept or [min(configs, key=lambda c: c.kwargs[outer_name] * c.kwargs[inner_name])]
+
+    return prune
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(base, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a (len(rows), BLOCK_D) tile of a (T, HEAD_DIM) matrix with unit column stride.
+    Row offsets are int64. Rows >= n_rows (when CHECK_ROWS) and padded columns read as zero."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
+    PAD_D: tl.constexpr = HEAD_DIM != cols.shape[0]
+    if CHECK_ROWS:
+        if PAD_D:
+            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if PAD_D:
+            tile = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """tl.dot(a, b, acc) with fp32 accumulation. DOT_PRECISION "ieee" or "tf32" matters only for
+    fp32 operands. "interp-bf16" is for Triton's interpreter only, whose tl.dot multiplies bfloat16
+    storage bits as integers: there the operands go through fp32, which computes the same thing as
+    the GPU's bf16 MMA (bf16 products are exact in fp32; the MMA accumulates in fp32)."""
+    if DOT_PRECISION == "interp-bf16":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _store_tile(base, rows, stride_row, cols, n_rows, value, HEAD_DIM: tl.constexpr):
+    """Store a tile, rounding to the destination dtype, skipping rows >= n_rows and padded columns."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over key blocks [lo, hi). MASK: 0 none (every key valid and visible),
+    1 causal diagonal (key <= query; also excludes keys >= T for every real query row),
+    2 sequence tail (key < T)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_base, offs_n, stride_kt, offs_d, T, HEAD_DIM, MASK > 0)
+        v = _load_tile(v_base, offs_n, stride_vt, offs_d, T, HEAD_DIM, MASK > 0)
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASK == 1:
+            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+        elif MASK == 2:
+            s = tl.where(offs_n[None, :] < T, s, float("-inf"))
+        # Every row has seen at least one visible key before (or in) its first masked block, so
+        # m_new is finite and no exp2(-inf - -inf) NaN can arise.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=_configs(FWD_CONFIGS, FWD_INTERPRET_CONFIG),
+    key=["T_BUCKET", "HEAD_DIM", "CAUSAL"],
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_M", "BLOCK_N"))},
+)
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, OUT, LSE,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    H, T, T_BUCKET, qk_scale,
+    N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "BLOCK_N must divide BLOCK_M (causal diagonal split)")
+    tl.static_assert(BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)  # b * H + h
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hkv = off_h // N_REP  # the K/V head this query head shares
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_hkv * stride_kh
+    v_base = V + off_b * stride_vb + off_hkv * stride_vh
+    o_base = OUT + off_b * stride_ob + off_h * stride_oh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_base, offs_m, stride_qt, offs_d, T, HEAD_DIM, True)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running unnormalised output
+    if CAUSAL:
+        # Key blocks strictly below the diagonal: all visible, no mask.
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, start_m, T,
+            qk_scale, HEAD_DIM, BLOCK_N, 0, DOT_PRECISION,
+        )
+        # The diagonal: keys [start_m, start_m + BLOCK_M), masked. Blocks above it are skipped.
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+            start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, 1, DOT_PRECISION,
+        )
+    else:
+        t_full = (T // BLOCK_N) * BLOCK_N  # whole key blocks, no mask; then the partial tail
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, t_full, T,
+            qk_scale, HEAD_DIM, BLOCK_N, 0, DOT_PRECISION,
+        )
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, t_full, T, T,
+            qk_scale, HEAD_DIM, BLOCK_N, 2, DOT_PRECISION,
+        )
+
+    acc = acc / l_i[:, None]
+    _store_tile(o_base, offs_m, stride_ot, offs_d, T, acc, HEAD_DIM)
+    lse = (m_i + tl.log2(l_i)) * _LN2
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    OUT, DO, DELTA,
+    stride_ob, stride_oh, stride_ot,
+    stride_dob, stride_doh, stride_dot,
+    H, T,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O) in fp32, shape (B, H, T)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(OUT + off_b * stride_ob + off_h * stride_oh, offs_m, stride_ot, offs_d, T, HEAD_DIM, True)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, offs_d, T, HEAD_DIM, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+    offs_n, offs_d, lo, hi, T, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi), working transposed
+    (keys on rows). MASK: 0 none, 1 causal diagonal (query >= key), 2 sequence tail (loads of
+    query rows >= T read zeros: q = dO = 0 and lse = delta = 0 there, so their P^T dO and
+    dS^T Q terms vanish without a score mask)."""
+    offs_m0 = tl.arange(0, BLOCK_M1)
+    for start_m in range(lo, hi, BLOCK_M1):
+        offs_m = start_m + offs_m0
+        q = _load_tile(q_base, offs_m, stride_qt, offs_d, T, HEAD_DIM, MASK > 0)
+        do = _load_tile(do_base, offs_m, stride_dot, offs_d, T, HEAD_DIM, MASK > 0)
+        if MASK > 0:
+            lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
+        else:
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        s_t = _dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale  # S^T, log2 units
+        p_t = tl.exp2(s_t - (lse * _LOG2E)[None, :])  # P^T = exp(S - lse)^T
+        if MASK == 1:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)  # dV += P^T dO
+        dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)  # dP^T = V dO^T
+        ds_t = p_t * (dp_t - delta[None, :])  # dS^T = P^T * (dP^T - delta)
+        dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)  # dK += dS^T Q (scaled later)
+    return dk, dv
+
+
+@triton.autotune(
+    configs=_configs(BWD_DKDV_CONFIGS, BWD_DKDV_INTERPRET_CONFIG),
+    key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "N_REP"],
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_N1", "BLOCK_M1"))},
+)
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    H, T, T_BUCKET, qk_scale, softmax_scale,
+    N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+):
+    tl.static_assert(BLOCK_N1 % BLOCK_M1 == 0, "BLOCK_M1 must divide BLOCK_N1 (causal diagonal split)")
+    tl.static_assert(BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
+    start_n = tl.program_id(0) * BLOCK_N1
+    pid_bhkv = tl.program_id(1)  # b * H_kv + h_kv
+    H_KV = H // N_REP
+    off_b = (pid_bhkv // H_KV).to(tl.int64)
+    off_hkv = (pid_bhkv % H_KV).to(tl.int64)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N1)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + off_b * stride_kb + off_hkv * stride_kh, offs_n, stride_kt, offs_d, T, HEAD_DIM, True)
+    v = _load_tile(V + off_b * stride_vb + off_hkv * stride_vh, offs_n, stride_vt, offs_d, T, HEAD_DIM, True)
+    dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+
+    # Query blocks: causal starts at the diagonal (earlier queries cannot see these keys).
+    if CAUSAL:
+        lo = start_n + BLOCK_N1
+    else:
+        lo = 0
+    t_full = lo + (tl.maximum(T - lo, 0) // BLOCK_M1) * BLOCK_M1  # whole query blocks after lo
+
+    # The query heads sharing this K/V head, in a fixed order: the GQA sum needs no atomics.
+    for rep in range(N_REP):
+        off_h = off_hkv * N_REP + rep
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        stats = (off_b * H + off_h) * T
+        if CAUSAL:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
+                offs_n, offs_d, start_n, tl.minimum(start_n + BLOCK_N1, T), T, qk_scale,
+                HEAD_DIM, BLOCK_M1, 1, DOT_PRECISION,
+            )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
+            offs_n, offs_d, lo, t_full, T, qk_scale, HEAD_DIM, BLOCK_M1, 0, DOT_PRECISION,
+        )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
+            offs_n, offs_d, t_full, T, T, qk_scale, HEAD_DIM, BLOCK_M1, 2, DOT_PRECISION,
+        )
+
+    dk = dk * softmax_scale  # dK = scale dS^T Q
+    _store_tile(DK + off_b * stride_dkb + off_hkv * stride_dkh, offs_n, stride_dkt, offs_d, T, dk, HEAD_DIM)
+    _store_tile(DV + off_b * stride_dvb + off_hkv * stride_dvh, offs_n, stride_dvt, offs_d, T, dv, HEAD_DIM)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N2: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate dQ of one query block over key blocks [lo, hi). MASK: 0 none, 1 causal
+    diagonal (key <= query), 2 sequence tail (key < T)."""
+    offs_n0 = tl.arange(0, BLOCK_N2)
+    for start_n in range(lo, hi, BLOCK_N2):
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_base, offs_n, stride_kt, offs_d, T, HEAD_DIM, MASK > 0)
+        v = _load_tile(v_base, offs_n, stride_vt, offs_d, T, HEAD_DIM, MASK > 0)
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # log2 units
+        p = tl.exp2(s - lse2[:, None])  # P = exp(S - lse)
+        if MASK == 1:
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        elif MASK == 2:
+            p = tl.where(offs_n[None, :] < T, p, 0.0)
+        dp = _dot(do, tl.trans(v), None, DOT_PRECISION)  # dP = dO V^T
+        ds = p * (dp - delta[:, None])  # dS = P * (dP - delta)
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)  # dQ += dS K (scaled later)
+    return dq
+
+
+@triton.autotune(
+    configs=_configs(BWD_DQ_CONFIGS, BWD_DQ_INTERPRET_CONFIG),
+    key=["T_BUCKET", "HEAD_DIM", "CAUSAL"],
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_M2", "BLOCK_N2"))},
+)
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    H, T, T_BUCKET, qk_scale, softmax_scale,
+    N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M2 % BLOCK_N2 == 0, "BLOCK_N2 must divide BLOCK_M2 (causal diagonal split)")
+    tl.static_assert(BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
+    start_m = tl.program_id(0) * BLOCK_M2
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hkv = off_h // N_REP
+    k_base = K + off_b * stride_kb + off_hkv * stride_kh
+    v_base = V + off_b * stride_vb + off_hkv * stride_vh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M2)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qt, offs_d, T, HEAD_DIM, True)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, offs_d, T, HEAD_DIM, True)
+    stats = pid_bh.to(tl.int64) * T
+    lse2 = tl.load(LSE + stats + offs_m, mask=offs_m < T, other=0.0) * _LOG2E
+    delta = tl.load(DELTA + stats + offs_m, mask=offs_m < T, other=0.0)
+    dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
+
+    if CAUSAL:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, start_m, T,
+            qk_scale, HEAD_DIM, BLOCK_N2, 0, DOT_PRECISION,
+        )
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+            start_m, tl.minimum(start_m + BLOCK_M2, T), T, qk_scale, HEAD_DIM, BLOCK_N2, 1, DOT_PRECISION,
+        )
+    else:
+        t_full = (T // BLOCK_N2) * BLOCK_N2
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, t_full, T,
+            qk_scale, HEAD_DIM, BLOCK_N2, 0, DOT_PRECISION,
+        )
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, t_full, T, T,
+            qk_scale, HEAD_DIM, BLOCK_N2, 2, DOT_PRECISION,
+        )
+
+    dq = dq * softmax_scale  # dQ = scale dS K
+    _store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqt, offs_d, T, dq, HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: validate, allocate, launch
+# ----------------------------------------------------------------------------------------------
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _empty_bhtd(b, h, t, d, dtype, device) -> torch.Tensor:
+    """(B, H, T, D) view of (B, T, H, D) storage: the layout the model reshapes back to (B, T, C)."""
+    return _empty((b, t, h, d), dtype, device).transpose(1, 2)
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_device(name: str, x: torch.Tensor) -> None:
+    if x.is_cuda:
+        return
+    if x.device.type == "cpu" and _interpreting():
+        return
+    raise ValueError(
+        f"flash_attention needs CUDA tensors, got {name} on {x.device}"
+        + (
+            " (CPU tensors run only under Triton's interpreter, TRITON_INTERPRET=1, meant for tests); "
+            "on CPU use torch.nn.functional.scaled_dot_product_attention"
+            if x.device.type == "cpu"
+            else ""
+        )
+    )
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError saying exactly what is unsupported."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"flash_attention: {name} must be 4-D (batch, heads, seq_len, head_dim), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"flash_attention supports float16, bfloat16 and float32, got {name}.dtype={x.dtype}"
+            )
+        _check_device(name, x)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"flash_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(
+            f"flash_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    b, h, t, d = q.shape
+    b_kv, h_kv, t_kv, d_kv = k.shape
+    if b_kv != b:
+        raise ValueError(f"flash_attention: batch size differs: q has {b}, k/v have {b_kv}")
+    if d_kv != d:
+        raise ValueError(f"flash_attention: head_dim differs: q has {d}, k/v have {d_kv}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention supports head_dim 1..{MAX_HEAD_DIM} (32, 64, 128 unpadded), got {d}")
+    if t_kv != t:
+        raise ValueError(
+            f"flash_attention needs equal query and key lengths, got q seq_len {t} and k/v seq_len {t_kv}; "
+            f"use scaled_dot_product_attention for cached decoding (seq_len_q < seq_len_k)"
+        )
+    if h_kv == 0 or h % h_kv:
+        raise ValueError(
+            f"flash_attention: the number of k/v heads ({h_kv}) must divide the number of query heads ({h})"
+        )
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: IEEE products unless PyTorch itself allows TF32 for matmuls; halves: native
+    (the value is then ignored), except bf16 under the interpreter (see _dot)."""
+    if dtype == torch.bfloat16 and _interpreting():
+        return "interp-bf16"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _t_bucket(t: int) -> int:
+    """The autotune key for the sequence length: its power-of-two ceiling (capped), so a new
+    length does not retune unless the best tiles could change."""
+    return min(triton.next_power_of_2(t), 16384)
+
+
+def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None):
+    """Validate and launch the forward kernel. Returns (out, lse): out (B, H, T, D) in q's dtype,
+    lse (B, H, T) fp32, the natural-log logsumexp of each row's scaled scores."""
+    _check_inputs(q, k, v)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    b, h, t, d = q.shape
+    h_kv = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    out = _empty_bhtd(b, h, t, d, q.dtype, q.device)
+    lse = _empty((b, h, t), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+
+    def grid(meta):
+        return (triton.cdiv(t, meta["BLOCK_M"]), b * h)
+
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        h, t, _t_bucket(t), scale * 1.4426950408889634,  # qk_scale = scale * log2(e)
+        N_REP=h // h_kv, HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=bool(causal),
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None):
+    """Launch the backward kernels (preprocess delta, dK/dV, dQ). Returns (dq, dk, dv) shaped and
+    typed like q, k, v."""
+    dout = _unit_last_stride(dout)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    b, h, t, d = q.shape
+    h_kv = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    qk_scale = scale * 1.4426950408889634  # log2(e)
+    block_d = _block_d(d)
+    dq = _empty_bhtd(b, h, t, d, q.dtype, q.device)
+    dk = _empty_bhtd(b, h_kv, t, d, k.dtype, k.device)
+    dv = _empty_bhtd(b, h_kv, t, d, v.dtype, v.device)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    delta = _empty((b, h, t), torch.float32, q.device)
+    statics = dict(
+        N_REP=h // h_kv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype)
+    )
+
+    preprocess_block = 64 if block_d <= 128 else 32
+    _attn_bwd_preprocess_kernel[(triton.cdiv(t, preprocess_block), b * h)](
+        out, dout, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        h, t,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=preprocess_block,
+    )
+
+    def dkdv_grid(meta):
+        return (triton.cdiv(t, meta["BLOCK_N1"]), b * h_kv)
+
+    _attn_bwd_dkdv_kernel[dkdv_grid](
+        q, k, v, dout, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        h, t, _t_bucket(t), qk_scale, scale,
+        **statics,
+    )
+
+    def dq_grid(meta):
+        return (triton.cdiv(t, meta["BLOCK_M2"]), b * h)
+
+    _attn_bwd_dq_kernel[dq_grid](
+        q, k, v, dout, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        h, t, _t_bucket(t), qk_scale, scale,
+        **statics,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale):
+        out, lse = attention_fwd(q, k, v, causal, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal = causal
+        ctx.softmax_scale = softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale)
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * softmax_scale [+ causal mask]) v without materialising the scores.
+
+    q: (B, H, T, D); k, v: (B, H_kv, T, D) with H_kv dividing H; float16/bfloat16/float32;
+    D <= 256; any T. softmax_scale defaults to 1/sqrt(D). Differentiable in q, k and v.
+    See the module docstring for the full contract.
+    """
+    return FlashAttentionFunction.apply(q, k, v, causal, softmax_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (tests and benchmarks use this one)
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_ref(q, k, v, causal: bool = True, softmax_scale: float | None = None, upcast: bool = True):
+    """Plain PyTorch attention with the same contract as flash_attention, materialising the scores.
+
+    upcast=True computes in float64 and returns float64: the ground truth for tests.
+    upcast=False computes in the inputs' dtype, step by step as eager PyTorch would (scores,
+    softmax and P V each rounded to that dtype): the "same-precision PyTorch" error baseline.
+    """
+    dtype = torch.float64 if upcast else q.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
+        v = v.repeat_interleave(n_rep, dim=1)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
+    if causal:
+        t_q, t_k = q.shape[2], k.shape[2]
+        visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v  # (B, H, T, D)

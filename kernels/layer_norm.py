@@ -1,0 +1,378 @@
+"""Fused LayerNorm, plain and with the residual add, forward and backward, in Triton.
+
+Contract
+--------
+``layer_norm(x, weight, bias, eps) -> y``
+``add_layer_norm(x, residual, weight, bias, eps) -> (y, z)`` with ``z = x + residual``, ``y = LN(z)``
+
+    mean = (1/N) sum_j z_j,   var = (1/N) sum_j (z_j - mean)^2,   rstd = 1 / sqrt(var + eps)
+    xhat = (z - mean) * rstd,  y = xhat * weight + bias
+
+over the last dimension (size N) of any leading shape. The fused variant reads x and the residual
+stream once, writes the new residual stream z and its normalisation y in the same pass, so a
+pre-LN block updates and normalises its residual stream in one kernel.
+
+* dtypes: x and residual float16, bfloat16 or float32 (they may differ; z then takes the promoted
+  dtype, as ``x + residual`` would); weight/bias any of those. y has z's dtype (x's for
+  ``layer_norm``). z is rounded to its dtype before it is normalised, exactly as
+  ``F.layer_norm(x + residual)`` does, so y is the normalisation of the z that is returned.
+  Statistics (mean, rstd, saved for backward) and all arithmetic are float32.
+* N up to 65536 bytes per row (16384 in float32, 32768 in half precision): the row lives in
+  registers, so each element is read and written once. Larger rows raise a ValueError.
+* bias=None is supported (no bias term, no dbias).
+* CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, for tests).
+
+Algorithm: one program per row in the forward pass (Triton tutorial 05; Ba et al. 2016,
+arXiv:1607.06450 for LayerNorm itself).
+
+Backward derivation (same symbols as the code)
+----------------------------------------------
+With g = dy * weight (gradient reaching xhat) and xhat = (z - mean) * rstd:
+
+    dz = rstd * (g - mean_j(g) - xhat * mean_j(g * xhat))      (row-wise; c2 = mean_j(g), c1 = mean_j(g xhat))
+    dweight = sum_rows dy * xhat,   dbias = sum_rows dy
+
+For ``add_layer_norm``, z is also an output, so its incoming gradient dz_out adds to dz, and both
+inputs receive it: dx = dresidual = dz + dz_out (cast to each input's dtype).
+dweight/dbias are reduced deterministically: each backward program owns a contiguous range of
+rows, accumulates fp32 partial sums in registers and writes one row of a (programs, N) fp32
+buffer; a final ``sum(0)`` over that buffer gives the result. No atomics, no locks.
+
+Tuning: num_warps is autotuned per row size from LN_CONFIGS (H100/A100); one pinned config under
+the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_FUSED_BYTES = 65536  # one row of x must fit in a program's registers
+
+# Debug switch for tests: allocate every kernel output filled with NaN instead of uninitialised,
+# so an element a kernel forgets to write shows up as NaN.
+POISON_OUTPUTS = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(configs: list[triton.Config], interpret_config: triton.Config) -> list[triton.Config]:
+    """The autotune list on a GPU; the single pinned config under the interpreter."""
+    return [interpret_config] if _interpreting() else configs
+
+
+LN_CONFIGS = [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16)]
+LN_INTERPRET_CONFIG = triton.Config({}, num_warps=4)
+
+
+def _prune_warps(configs, named_args, **kwargs):
+    """Between 2 and 64 elements of a row per thread: fewer idles threads, more spills registers."""
+    block_n = {**named_args, **kwargs}["BLOCK_N"]
+    kept = [c for c in configs if 2 * 32 * c.num_warps <= max(block_n, 64) and 64 * 32 * c.num_warps >= block_n]
+    return kept or [configs[-1]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
+    key=["N", "HAS_RESIDUAL"],
+    prune_configs_by={"early_config_prune": _prune_warps},
+)
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X, RESIDUAL, W, B, Y, RESIDUAL_OUT, MEAN, RSTD,
+    stride_x_row, stride_res_row, stride_y_row, stride_res_out_row,
+    N, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    z = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        z += tl.load(RESIDUAL + row * stride_res_row + cols, mask=mask, other=0.0).to(tl.float32)
+        # Round to the residual stream's dtype first: we normalise exactly the z we return.
+        z = z.to(RESIDUAL_OUT.dtype.element_ty)
+        tl.store(RESIDUAL_OUT + row * stride_res_out_row + cols, z, mask=mask)
+        z = z.to(tl.float32)
+    mean = tl.sum(z, axis=0) / N
+    zc = tl.where(mask, z - mean, 0.0)
+    var = tl.sum(zc * zc, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    y = zc * rstd * w
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(
+    configs=_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
+    key=["N", "HAS_DRESIDUAL"],
+    prune_configs_by={"early_config_prune": _prune_warps},
+)
+@triton.jit
+def _layer_norm_bwd_kernel(
+    Z, W, DY, DZ, DRESIDUAL_OUT, DW_PARTIAL, DB_PARTIAL, MEAN, RSTD,
+    stride_z_row, stride_dy_row, stride_dz_row, stride_dres_row,
+    M, N, rows_per_program,
+    HAS_DRESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Rows [pid * rows_per_program, ...) of dz, plus this program's fp32 dweight/dbias partials."""
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], tl.float32)
+    db = tl.zeros([BLOCK_N], tl.float32)
+    # Row pointers start at int64 offsets and advance one row per step.
+    first = row_start.to(tl.int64)
+    z_ptrs = Z + first * stride_z_row + cols
+    dy_ptrs = DY + first * stride_dy_row + cols
+    dz_ptrs = DZ + first * stride_dz_row + cols
+    dres_ptrs = DRESIDUAL_OUT + first * stride_dres_row + cols
+    for row in range(row_start, row_end):
+        z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(mask, (z - mean) * rstd, 0.0)
+        g = dy * w
+        c1 = tl.sum(xhat * g, axis=0) / N
+        c2 = tl.sum(g, axis=0) / N
+        dz = (g - (xhat * c1 + c2)) * rstd
+        if HAS_DRESIDUAL:
+            dz += tl.load(dres_ptrs, mask=mask, other=0.0).to(tl.float32)
+            dres_ptrs += stride_dres_row
+        tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        if HAS_BIAS:
+            db += dy
+        z_ptrs += stride_z_row
+        dy_ptrs += stride_dy_row
+        dz_ptrs += stride_dz_row
+    partial = pid.to(tl.int64) * N + cols
+    tl.store(DW_PARTIAL + partial, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB_PARTIAL + partial, db, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: validate, allocate, launch
+# ----------------------------------------------------------------------------------------------
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (M, N) with unit column stride, a view when possible."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _check_tensor(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"layer_norm: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"layer_norm supports float16, bfloat16 and float32, got {name}.dtype={x.dtype}")
+    if x.is_cuda or (x.device.type == "cpu" and _interpreting()):
+        return
+    raise ValueError(
+        f"layer_norm needs CUDA tensors, got {name} on {x.device}"
+        + (
+            " (CPU tensors run only under Triton's interpreter, TRITON_INTERPRET=1, meant for tests); "
+            "on CPU use torch.nn.functional.layer_norm"
+            if x.device.type == "cpu"
+            else ""
+        )
+    )
+
+
+def _check_inputs(x, residual, weight, bias) -> None:
+    _check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("layer_norm: x must have at least one dimension (the normalised one)")
+    n = x.shape[-1]
+    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
+        if t is None:
+            if name == "weight":
+                raise ValueError("layer_norm: weight is required (use torch.ones(N) for none)")
+            continue
+        _check_tensor(name, t)
+        if t.device != x.device:
+            raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(
+            f"add_layer_norm: residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"layer_norm: {name} must have shape ({n},) to match x's last dim, got {tuple(t.shape)}")
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    max_n = MAX_FUSED_BYTES // torch.empty((), dtype=out_dtype).element_size()
+    if n > max_n:
+        raise ValueError(
+            f"layer_norm supports a normalised size up to {max_n} for {out_dtype} "
+            f"(one row must fit in registers), got {n}"
+        )
+
+
+def layer_norm_fwd(x, weight, bias, eps: float, residual=None):
+    """Validate and launch the forward kernel. Returns (y, z, mean, rstd): y shaped like x, z the
+    new residual stream x + residual (None without residual), mean/rstd fp32 of shape (M,)."""
+    _check_inputs(x, residual, weight, bias)
+    n = x.shape[-1]
+    x2 = _rows(x)
+    m = x2.shape[0]
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = _empty((m, n), out_dtype, x.device)
+    mean = _empty((m,), torch.float32, x.device)
+    rstd = _empty((m,), torch.float32, x.device)
+    residual2 = z = None
+    if residual is not None:
+        residual2 = _rows(residual)
+        z = _empty((m, n), out_dtype, x.device)
+    if m > 0 and n > 0:
+        _layer_norm_fwd_kernel[(m,)](
+            x2, residual2 if residual2 is not None else x2, weight, bias if bias is not None else weight,
+            y, z if z is not None else y, mean, rstd,
+            x2.stride(0), residual2.stride(0) if residual2 is not None else 0,
+            y.stride(0), z.stride(0) if z is not None else 0,
+            n, eps,
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+            BLOCK_N=triton.next_power_of_2(n),
+        )
+    y = y.view(x.shape)
+    if z is not None:
+        z = z.view(x.shape)
+    return y, z, mean, rstd
+
+
+def _num_programs(m: int, device: torch.device) -> int:
+    """Backward programs: a few per SM on a GPU (each reduces a contiguous range of rows)."""
+    if device.type == "cuda":
+        return min(m, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(m, 4)
+
+
+def layer_norm_bwd(dy, z, weight, bias, mean, rstd, dz_out=None):
+    """Launch the backward kernel and the final partial sums. z is the normalised input (x, or the
+    new residual stream); dz_out the gradient reaching z directly (add_layer_norm's second output).
+    Returns (dz, dweight, dbias): dz shaped like z and in its dtype; dbias None without bias."""
+    n = z.shape[-1]
+    z2 = _rows(z)
+    dy2 = _rows(dy)
+    m = z2.shape[0]
+    dz = _empty((m, n), z.dtype, z.device)
+    dres2 = _rows(dz_out) if dz_out is not None else None
+    programs = max(_num_programs(m, z.device), 1)
+    rows_per_program = triton.cdiv(m, programs) if m else 1
+    programs = triton.cdiv(m, rows_per_program) if m else 1
+    dw_partial = _empty((programs, n), torch.float32, z.device)
+    db_partial = _empty((programs, n), torch.float32, z.device) if bias is not None else None
+    if m == 0 or n == 0:
+        dw_partial.zero_()
+        if db_partial is not None:
+            db_partial.zero_()
+    else:
+        _layer_norm_bwd_kernel[(programs,)](
+            z2, weight, dy2, dz, dres2 if dres2 is not None else dz,
+            dw_partial, db_partial if db_partial is not None else dw_partial, mean, rstd,
+            z2.stride(0), dy2.stride(0), dz.stride(0), dres2.stride(0) if dres2 is not None else 0,
+            m, n, rows_per_program,
+            HAS_DRESIDUAL=dres2 is not None, HAS_BIAS=bias is not None,
+            BLOCK_N=triton.next_power_of_2(n),
+        )
+    dweight = dw_partial.sum(0).to(weight.dtype)
+    dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None
+    return dz.view(z.shape), dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """y = LN(x) or, with a residual, (y, z) = (LN(x + residual), x + residual)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        y, z, mean, rstd = layer_norm_fwd(x, weight, bias, eps, residual)
+        ctx.has_residual = residual is not None
+        ctx.x_dtype = x.dtype
+        ctx.residual_dtype = residual.dtype if residual is not None else None
+        ctx.save_for_backward(z if z is not None else x, weight, bias, mean, rstd)
+        ctx.set_materialize_grads(False)
+        return (y, z) if z is not None else y
+
+    @staticmethod
+    def backward(ctx, dy, dz_out=None):
+        z, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only the residual stream was used downstream
+            dy = torch.zeros_like(z)
+        dz, dweight, dbias = layer_norm_bwd(dy, z, weight, bias, mean, rstd, dz_out)
+        if not ctx.has_residual:
+            return dz, None, dweight, dbias, None
+        # z = x + residual: both receive dz (the same tensor when dtypes agree, as for torch's add).
+        return dz.to(ctx.x_dtype), dz.to(ctx.residual_dtype), dweight, dbias, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dimension, like F.layer_norm(x, (N,), weight, bias, eps)."""
+    return LayerNormFunction.apply(x, None, weight, bias, eps)
+
+
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LN(x + residual), x + residual) in one pass over the residual stream."""
+    return LayerNormFunction.apply(x, residual, weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (tests and benchmarks use this one)
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_norm_ref(x, weight, bias, eps: float = 1e-5, residual=None, upcast: bool = True):
+    """Plain PyTorch LayerNorm with the same contract as layer_norm / add_layer_norm.
+
+    Returns y, or (y, z) with z = x + residual when a residual is given.
+    upcast=True computes everything, the residual add included, in float64 and returns float64:
+    the exact math, for tests. upcast=False computes as eager PyTorch would in the inputs' own
+    precision (z = x + residual in the promoted dtype, F.layer_norm in that dtype with weight and
+    bias cast to it): the same-precision error baseline.
+    """
+    if upcast:
+        x = x.double()
+        residual = residual.double() if residual is not None else None
+    z = x + residual if residual is not None else x
+    w = weight.to(z.dtype)
+    b = bias.to(z.dtype) if bias is not None else None
+    y = F.layer_norm(z, (z.shape[-1],), w, b, eps)
+    return (y, z) if residual is not None else y
