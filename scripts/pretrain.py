@@ -8,7 +8,7 @@ tokenizer trained on it, on whatever device is there (a few minutes on a 2-core 
     accelerate launch --config_file accelerate_config.yaml scripts/pretrain.py \\
         --dataset_name wikitext --dataset_config_name wikitext-103-raw-v1 \\
         --tokenizer_name gpt2 --config_name gpt2 --block_size 1024     # all local GPUs, bf16
-    accelerate launch --num_processes 2 --cpu scripts/pretrain.py     # two CPU processes (gloo)
+    accelerate launch --multi_gpu --num_processes 2 scripts/pretrain.py --cpu   # two CPU processes (gloo)
     python scripts/pretrain.py --train_file train.txt --validation_file val.txt
     python scripts/pretrain.py --output_dir out --resume_from_checkpoint latest
 
@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--block_size", type=int, default=None, help="tokens per sequence; default n_positions")
     m.add_argument("--kernels", choices=("auto", "triton", "sdpa", "eager"), default="auto",
                    help="auto = our Triton kernels on CUDA, PyTorch SDPA elsewhere")
+    m.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
     m.add_argument("--compile", action="store_true", help="torch.compile through Accelerate (inductor)")
     t = p.add_argument_group("training")
     t.add_argument("--per_device_train_batch_size", type=int, default=8)
@@ -172,19 +174,34 @@ def _text_sample(dataset, column: str):
                 yield text
 
 
-def build_model(args, vocab_size: int) -> GPT2:
+def build_config(args) -> GPT2Config | None:
+    """The new model's config from --config_name and --config_overrides (None with
+    --model_name_or_path); checked before any data is read, so a typo fails in a second."""
+    if args.model_name_or_path:
+        if args.config_overrides:
+            raise UsageError("--config_overrides applies to new models; drop it with --model_name_or_path")
+        return None
+    try:
+        config = _config_from_name(args.config_name)
+        if args.config_overrides:
+            overrides = args.config_overrides
+            keys = {item.partition("=")[0].strip() for item in overrides.split(",")}
+            if "n_kv_head" not in keys and config.n_kv_head == config.n_head:
+                overrides += ",n_kv_head=None"  # plain multi-head attention follows a new n_head
+            config = config.with_overrides(overrides)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return config
+
+
+def build_model(args, config: GPT2Config | None, vocab_size: int) -> GPT2:
     """The model on CPU, with the kernels picked by --kernels; ValueError/RuntimeError -> UsageError."""
     try:
-        if args.model_name_or_path:
+        if config is None:
             model = GPT2.from_pretrained(args.model_name_or_path)
-            if args.config_overrides:
-                raise UsageError("--config_overrides applies to new models; drop it with --model_name_or_path")
         else:
-            config = _config_from_name(args.config_name)
-            if args.config_overrides:
-                config = config.with_overrides(args.config_overrides)
             if "vocab_size" not in (args.config_overrides or ""):
-                config.vocab_size = vocab_size
+                config.vocab_size = vocab_size  # the tokenizer's size, trained or loaded
             config.validate()
             model = GPT2(config)
         if model.config.vocab_size < vocab_size:
@@ -365,7 +382,11 @@ def main(argv=None) -> int:
 
 
 def train(args) -> int:
+    # Several processes without a GPU (`accelerate launch --multi_gpu --num_processes 2 ... --cpu`, or
+    # torchrun on a CPU host) need cpu=True for Accelerate to set up gloo instead of running them apart.
+    cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     accelerator = Accelerator(
+        cpu=cpu,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=args.gradient_accumulation_steps,
             sync_with_dataloader=False,  # we take a whole step's micro-batches at once, see below
@@ -389,6 +410,9 @@ def train(args) -> int:
     accelerator.wait_for_everyone()
     set_seed(args.seed)  # before the model is built: its initial weights follow from the seed
     _check_kernels_early(args)
+    config = build_config(args)
+    if config is not None and args.block_size and args.block_size > config.n_positions:
+        raise UsageError(_block_size_message(args.block_size, config.n_positions))
 
     # Data and tokenizer. One process reads / builds the caches first; the others then reuse them.
     with accelerator.main_process_first():
@@ -406,13 +430,11 @@ def train(args) -> int:
     if eos_token_id(tokenizer) is None:
         raise UsageError("the tokenizer has no end-of-text token (<|endoftext|> or </s>) to separate documents")
 
-    model = build_model(args, tokenizer.get_vocab_size())
+    model = build_model(args, config, tokenizer.get_vocab_size())
     config = model.config
     block_size = args.block_size or config.n_positions
     if block_size > config.n_positions:
-        raise UsageError(f"--block_size {block_size} is larger than the model's context (n_positions="
-                         f"{config.n_positions}); use --block_size {config.n_positions} or less, or "
-                         f"--config_overrides n_positions={block_size}")
+        raise UsageError(_block_size_message(block_size, config.n_positions))
     if block_size < 2:
         raise UsageError("--block_size must be at least 2 (one input and one target)")
     train_loader, eval_loader, stats = build_dataloaders(args, raw, tokenizer, block_size, accelerator)
@@ -442,7 +464,7 @@ def train(args) -> int:
     # Resume: weights, optimizer, scheduler and RNG from save_state; the data position from our file.
     run_settings = {"world_size": world, "per_device_train_batch_size": args.per_device_train_batch_size,
                     "gradient_accumulation_steps": ga, "block_size": block_size, "seed": args.seed,
-                    "streaming": args.streaming}
+                    "streaming": args.streaming, "max_train_steps": args.max_train_steps}
     step, epoch, batches_done = 0, 0, 0
     if resume_dir is not None:
         saved = training.read_training_state(resume_dir)
@@ -453,6 +475,10 @@ def train(args) -> int:
         accelerator.load_state(str(resume_dir))
         step, epoch, batches_done = saved["step"], saved["epoch"], saved["batches_in_epoch"]
         main_print(f"Resumed from {resume_dir}: step {step}, epoch {epoch}, {batches_done} batches into it")
+        planned = saved.get("max_train_steps", args.max_train_steps)
+        if planned != args.max_train_steps:
+            main_print(f"note: the learning-rate schedule comes from the checkpoint, planned for {planned} steps "
+                       f"(after them it stays at --min_lr)")
 
     if args.with_tracking:
         accelerator.init_trackers("gpt2-pretrain", {k: v for k, v in vars(args).items()
@@ -572,8 +598,6 @@ def train(args) -> int:
               f"tokenizer in {output_dir}/ (Hugging Face format).")
         print(f"  evaluate: python scripts/evaluate_perplexity.py --model_name_or_path {output_dir}")
         print(f"  sample:   python scripts/generate.py --model_name_or_path {output_dir} --prompt \"The\"")
-        print(f"  resume:   accelerate launch scripts/pretrain.py --output_dir {output_dir} "
-              f"--resume_from_checkpoint latest --max_train_steps {2 * step}")
     accelerator.end_training()
     return 0
 
@@ -606,6 +630,11 @@ def _batches(args, loader, accelerator, epoch: int, batches_done: int):
             batches_done += ga
             yield micro, epoch, batches_done
         epoch, batches_done = epoch + 1, 0
+
+
+def _block_size_message(block_size: int, n_positions: int) -> str:
+    return (f"--block_size {block_size} is larger than the model's context (n_positions={n_positions}); use "
+            f"--block_size {n_positions} or less, or --config_overrides n_positions={block_size}")
 
 
 def _check_kernels_early(args):

@@ -1,0 +1,269 @@
+"""scripts/pretrain.py end to end on tiny models: outputs, exact resume, two CPU processes, NaN
+handling, and a clear one-line error for each kind of bad input."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+datasets = pytest.importorskip("datasets")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "pretrain.py"
+TINY = [
+    "--config_overrides", "n_layer=2,n_head=2,n_embd=32",
+    "--block_size", "32",
+    "--per_device_train_batch_size", "4",
+    "--vocab_size", "300",
+    "--logging_steps", "1",
+    "--learning_rate", "3e-3",
+    "--num_warmup_steps", "2",
+    "--sample_tokens", "5",
+]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pretrain = _load_script()
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """A datasets cache under tmp_path and a fresh Accelerate state for each in-process run."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    """~60k characters of synthetic prose, one paragraph per document."""
+    rng = np.random.default_rng(0)
+    words = "the model reads tokens and predicts the next one while its layers attend to earlier words".split()
+    docs = [" ".join(rng.choice(words, size=int(rng.integers(5, 80)))).capitalize() + "." for _ in range(400)]
+    path = tmp_path / "train.txt"
+    path.write_text("\n\n".join(docs) + "\n")
+    return str(path)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(argv):
+    return pretrain.main([str(a) for a in argv])
+
+
+def metrics(output_dir, key):
+    """{step: value} for one key of metrics.jsonl."""
+    rows = [json.loads(line) for line in Path(output_dir, "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def test_outputs_and_exact_resume(tmp_path, train_file, capsys, monkeypatch):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["--train_file", train_file, *TINY, "--eval_steps", "3", "--checkpointing_steps", "3"]
+    assert run([*common, "--output_dir", straight, "--max_train_steps", 6]) == 0
+    out = capsys.readouterr().out
+    assert "tokens per optimizer step" in out and "kernels    attention sdpa" in out
+    assert "Sample:" in out and f"evaluate_perplexity.py --model_name_or_path {straight}" in out
+
+    # what a finished run leaves behind
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "all_results.json", "metrics.jsonl"):
+        assert (straight / name).is_file(), name
+    for step in (3, 6):
+        assert (straight / f"step_{step}" / "checkpoint_complete").is_file()
+    results = json.loads((straight / "all_results.json").read_text())
+    assert results["step"] == 6 and results["perplexity"] == pytest.approx(np.exp(results["eval_loss"]))
+    record = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()][1]
+    assert {"train_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory"} <= set(record)
+    assert record["mfu"] is None  # CPU: no peak to divide by, so no number
+    val = metrics(straight, "val_perplexity")
+    assert set(val) == {0, 3, 6} and val[6] < val[0]
+
+    from gpt2 import GPT2
+
+    model = GPT2.from_pretrained(straight)
+    assert model.config.n_layer == 2 and model.config.vocab_size <= 300
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(straight))
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-4)
+
+    # killed right after the step-3 checkpoint, then resumed from the latest checkpoint: the same
+    # batches, learning rates and losses as the straight run
+    save_checkpoint = pretrain.save_checkpoint
+
+    def save_then_die(accelerator, args, step, *rest):
+        path = save_checkpoint(accelerator, args, step, *rest)
+        if step == 3:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run([*common, "--output_dir", split, "--max_train_steps", 6])
+    monkeypatch.setattr(pretrain, "save_checkpoint", save_checkpoint)
+    _reset_accelerate()
+    assert run([*common, "--output_dir", split, "--max_train_steps", 6, "--resume_from_checkpoint", "latest"]) == 0
+    assert "Resumed from" in capsys.readouterr().out
+    a, b = metrics(straight, "train_loss"), metrics(split, "train_loss")
+    assert list(b) == [1, 2, 3, 4, 5, 6]
+    assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]  # bit-identical on CPU
+    assert metrics(straight, "lr") == metrics(split, "lr")
+    assert metrics(straight, "val_loss")[6] == metrics(split, "val_loss")[6]
+
+    # resuming with another batch or block size is refused, saying what differs
+    with pytest.raises(SystemExit) as exit_info:
+        run([*common, "--output_dir", split, "--max_train_steps", 9, "--resume_from_checkpoint", "latest",
+             "--per_device_train_batch_size", 2])
+    assert exit_info.value.code == 2
+    assert "per_device_train_batch_size: checkpoint 4, now 2" in capsys.readouterr().err
+
+
+def test_latest_skips_incomplete_checkpoints(tmp_path):
+    from gpt2 import training
+
+    for step, complete in ((2, True), (4, False)):
+        path = training.checkpoint_dir(tmp_path, step)
+        path.mkdir()
+        if complete:
+            training.write_training_state(path, {"step": step})
+    assert training.latest_checkpoint(tmp_path) == tmp_path / "step_2"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        training.resolve_checkpoint(str(tmp_path / "step_4"), tmp_path)
+    with pytest.raises(ValueError, match="did you mean .*step_2"):
+        training.resolve_checkpoint(str(tmp_path), tmp_path)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, train_file, monkeypatch, capsys):
+    from gpt2 import GPT2
+
+    forward, calls = GPT2.forward, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] >= 3:  # the third training step goes bad
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT2, "forward", poisoned)
+    common = ["--train_file", train_file, *TINY, "--eval_steps", "2", "--max_train_steps", 5]
+    assert run([*common, "--output_dir", tmp_path / "stop"]) == 1
+    out = capsys.readouterr().out
+    assert "non-finite loss at step 3" in out and "step_2" in out and "--on_nonfinite skip" in out
+    assert (tmp_path / "stop" / "step_2" / "checkpoint_complete").is_file()
+    assert not (tmp_path / "stop" / "step_3").exists()
+
+    calls["n"] = 0  # steps 3-5 go bad again; "skip" leaves them out and finishes the run
+    assert run([*common, "--output_dir", tmp_path / "skip", "--on_nonfinite", "skip"]) == 0
+    assert "skipping this update" in capsys.readouterr().out
+    assert (tmp_path / "skip" / "model.safetensors").is_file()
+
+
+def _bad_input_cases(tmp_path, train_file):
+    rows = [json.dumps({"body": f"hello there, number {i}", "id": i}) for i in range(10)]
+    (tmp_path / "two_columns.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "not_a_checkpoint").mkdir()
+    return {
+        "unreachable": (["--dataset_name", "some-org/some-dataset"], "can't be reached"),
+        "column": (["--train_file", tmp_path / "two_columns.jsonl", "--text_column", "content"],
+                   "'content' not found"),
+        "empty": (["--train_file", tmp_path / "empty.txt"], "is empty"),
+        "block": (["--train_file", train_file, "--block_size", 512, "--vocab_size", 300],
+                  "larger than the model's context"),
+        "preset": (["--config_name", "gpt2-huge"], "neither a preset"),
+        "override": (["--config_overrides", "n_layers=2"], "bad override"),
+        "triton": (["--kernels", "triton"], "--kernels triton can't run here"),
+        "resume": (["--train_file", train_file, "--resume_from_checkpoint", tmp_path / "not_a_checkpoint"],
+                   "not a complete checkpoint"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["unreachable", "column", "empty", "block", "preset", "override", "triton", "resume"]
+)
+def test_bad_input_is_one_clear_line(case, tmp_path, train_file, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the hub can't be reached, quickly
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as on a machine without a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv, message = _bad_input_cases(tmp_path, train_file)[case]
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        run([*argv, "--output_dir", tmp_path / "out"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert time.perf_counter() - start < 20
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dataset_name", "openwebtext", "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "--train_file" in proc.stderr and "builtin:pydocs" in proc.stderr
+    assert time.perf_counter() - start < 60  # mostly interpreter start-up and imports
+
+
+def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, train_file):
+    """Two CPU processes (gloo) through accelerate launch: ranks read disjoint blocks, so together they
+    see exactly the one-process run's batches, and end with identical weights. (`accelerate launch
+    --cpu --num_processes 2` would start one process, as accelerate's CPU path wants mpirun; the
+    processes start as for GPUs and the script's --cpu picks gloo.)"""
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    common = ["--train_file", train_file, *TINY, "--max_train_steps", "4", "--eval_steps", "4",
+              "--gradient_accumulation_steps", "2"]
+    common[common.index("--per_device_train_batch_size") + 1] = "2"
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(_free_port()),
+         str(SCRIPT), *common, "--cpu", "--output_dir", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "2 x cpu" in two.stdout
+    one_argv = [*common, "--output_dir", tmp_path / "one"]
+    one_argv[one_argv.index("--per_device_train_batch_size") + 1] = "4"
+    assert run(one_argv) == 0
+    results = json.loads((tmp_path / "two" / "all_results.json").read_text())
+    assert results["ranks_hold_identical_weights"] is True
+    a, b = metrics(tmp_path / "one", "train_loss"), metrics(tmp_path / "two", "train_loss")
+    assert list(a) == list(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[s] for s in b], [a[s] for s in a], rtol=1e-5)
+    np.testing.assert_allclose(metrics(tmp_path / "two", "val_loss")[4], metrics(tmp_path / "one", "val_loss")[4],
+                               rtol=1e-5)
