@@ -1,0 +1,228 @@
+"""kernels/attention.py: the fused flash attention against float64 references, forward and every
+gradient, on CPU through Triton's interpreter (on a CUDA machine the same tests run compiled).
+
+Tolerance (the flash-attention rule): for each of out, dq, dk, dv the kernel's max abs error
+against a float64 reference must be at most twice the error of a same-precision PyTorch
+computation (attention_ref(upcast=False): scores, softmax and P V each in the input dtype) plus a
+floor. The floor covers tensors whose same-precision error is (near) zero, e.g. T = 1 where
+P = 1 exactly and dq = 0 in exact arithmetic: there the kernel still carries fp32 rounding from
+its internal reductions (lse round trip, dP - delta), a few fp32 ulps of the largest intermediate,
+and half-precision outputs carry up to one ulp of rounding at their largest element. Hence
+floor = max(eps(dtype), 8 eps(fp32)) * max(1, max|ref|).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from kernels import attention_ref, flash_attention
+
+attention = importlib.import_module("kernels.attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every buffer the kernels write starts as NaN: an element they skip fails the comparison."""
+    monkeypatch.setattr(attention, "POISON_OUTPUTS", True)
+
+
+def _floor(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    eps = max(torch.finfo(dtype).eps, 8 * torch.finfo(torch.float32).eps)
+    return eps * max(1.0, ref.abs().max().item())
+
+
+def _assert_flash_rule(name: str, got: torch.Tensor, ref64: torch.Tensor, same_precision: torch.Tensor):
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (an unwritten element stays NaN)"
+    err = (got.double() - ref64).abs().max().item()
+    baseline = (same_precision.double() - ref64).abs().max().item()
+    bound = 2 * baseline + _floor(got.dtype, ref64)
+    assert err <= bound, f"{name}: error {err:.3e} > 2 x same-precision error {baseline:.3e} + floor"
+
+
+def _inputs(b, h, h_kv, t, d, dtype):
+    q = torch.randn(b, h, t, d, dtype=dtype, device=DEVICE)
+    k = torch.randn(b, h_kv, t, d, dtype=dtype, device=DEVICE)
+    v = torch.randn(b, h_kv, t, d, dtype=dtype, device=DEVICE)
+    return q, k, v
+
+
+def _check_against_references(q, k, v, dout, causal, softmax_scale=None):
+    """Run the kernel forward and backward and compare everything with the references."""
+    qk, kk, vk = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = flash_attention(qk, kk, vk, causal=causal, softmax_scale=softmax_scale)
+    out.backward(dout)
+
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out64 = attention_ref(q64, k64, v64, causal=causal, softmax_scale=softmax_scale)
+    out64.backward(dout.double())
+
+    ql, kl, vl = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out_lp = attention_ref(ql, kl, vl, causal=causal, softmax_scale=softmax_scale, upcast=False)
+    out_lp.backward(dout)
+
+    assert out.shape == q.shape and out.dtype == q.dtype
+    _assert_flash_rule("out", out, out64, out_lp)
+    _assert_flash_rule("dq", qk.grad, q64.grad, ql.grad)
+    _assert_flash_rule("dk", kk.grad, k64.grad, kl.grad)
+    _assert_flash_rule("dv", vk.grad, v64.grad, vl.grad)
+    for x, grad in ((q, qk.grad), (k, kk.grad), (v, vk.grad)):
+        assert grad.shape == x.shape and grad.dtype == x.dtype
+
+
+# Each T in {1, 17, 129, 255}, D in {32, 64, 128} (plus 16, 40 and 256), H_kv in {H, H/2, 1}, causal
+# and not, and every dtype appear, in combinations rather than the full cross-product: the
+# interpreter is slow. With the interpreter's tiles (64 x 32 forward) T = 129 and 255 span several
+# query and key blocks, partial last blocks and the two-piece causal diagonal.
+CASES = [
+    # (B, H, H_kv, T, D, causal, dtype)
+    (1, 2, 2, 1, 32, True, torch.float32),
+    (1, 2, 2, 1, 64, False, torch.bfloat16),
+    (2, 2, 1, 17, 64, False, torch.float32),
+    (1, 2, 2, 17, 128, True, torch.float16),
+    (1, 4, 2, 129, 32, True, torch.float16),
+    (1, 2, 1, 129, 128, False, torch.bfloat16),
+    (1, 2, 2, 129, 64, True, torch.float32),
+    (1, 2, 2, 255, 64, True, torch.bfloat16),
+    (1, 2, 1, 255, 128, True, torch.float16),
+    (1, 2, 2, 255, 32, False, torch.float32),
+    (1, 2, 2, 64, 40, True, torch.float32),  # head size that is not a power of two (padded to 64)
+    (1, 1, 1, 33, 16, False, torch.float16),
+    (1, 1, 1, 40, 256, True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("b, h, h_kv, t, d, causal, dtype", CASES)
+def test_matches_float64_reference(b, h, h_kv, t, d, causal, dtype):
+    q, k, v = _inputs(b, h, h_kv, t, d, dtype)
+    dout = torch.randn_like(q)
+    _check_against_references(q, k, v, dout, causal)
+
+
+def test_custom_softmax_scale():
+    q, k, v = _inputs(1, 2, 1, 37, 32, torch.float32)
+    _check_against_references(q, k, v, torch.randn_like(q), causal=True, softmax_scale=0.3)
+
+
+def test_strided_inputs_as_the_model_makes_them():
+    """q, k, v as views of one fused projection (B, T, 3, H, D), a non-contiguous upstream gradient,
+    and a value tensor whose last dimension is strided (copied by the launcher)."""
+    b, t, h, d = 2, 45, 2, 32
+    qkv = torch.randn(b, t, 3, h, d, device=DEVICE)
+    q, k, _ = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D), strided
+    assert not q.is_contiguous()
+    v = torch.randn(b, h, t, 2 * d, device=DEVICE)[..., ::2]  # last-dim stride 2
+    dout = torch.randn(b, t, h, d, device=DEVICE).transpose(1, 2)
+    _check_against_references(q, k, v, dout, causal=True)
+
+
+def test_output_layout_and_saved_logsumexp():
+    """out is a (B, H, T, D) view of (B, T, H, D) storage; lse is the natural-log logsumexp."""
+    q, k, v = _inputs(1, 2, 2, 50, 32, torch.float32)
+    out, lse = attention.attention_fwd(q, k, v, causal=True, softmax_scale=None)
+    assert out.transpose(1, 2).is_contiguous()
+    scores = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(32)
+    scores = scores.masked_fill(~torch.ones(50, 50, dtype=torch.bool, device=DEVICE).tril(), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), rtol=0, atol=1e-5)
+
+
+def test_backward_is_deterministic():
+    """dK/dV of a shared K/V head sum over its query heads in a fixed order: bitwise repeatable."""
+    q, k, v = _inputs(1, 4, 1, 70, 32, torch.float16)
+    dout = torch.randn_like(q)
+    grads = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        flash_attention(*leaves, causal=True).backward(dout)
+        grads.append([x.grad for x in leaves])
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+def test_registry_routes_to_kernel():
+    """The model's registry entry "triton" calls this kernel (equal lengths) with the same result."""
+    registry = importlib.import_module("gpt2.registry")
+    q, k, v = _inputs(1, 2, 2, 20, 32, torch.float32)
+    got = registry.ATTENTION["triton"](q, k, v, causal=True)
+    torch.testing.assert_close(got, flash_attention(q, k, v, causal=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: _inputs(1, 2, 2, 8, 32, torch.float64), "float16, bfloat16 and float32"),
+        (lambda: _inputs(1, 2, 2, 8, 320, torch.float32), "head_dim 1..256"),
+        (lambda: _inputs(1, 3, 2, 8, 32, torch.float32), "must divide the number of query heads"),
+        (
+            lambda: (torch.randn(1, 2, 4, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)),
+            "equal query and key lengths",
+        ),
+        (lambda: (torch.randn(2, 8, 32),) * 3, "must be 4-D"),
+        (
+            lambda: (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)),
+            "head_dim differs",
+        ),
+        (
+            lambda: (torch.randn(2, 2, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)),
+            "batch size differs",
+        ),
+        (
+            lambda: (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32).half(), torch.randn(1, 2, 8, 32)),
+            "share a dtype",
+        ),
+        (
+            lambda: (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 1, 8, 32)),
+            "same shape",
+        ),
+    ],
+)
+def test_unsupported_inputs_say_what_is_wrong(make, message):
+    q, k, v = (x.to(DEVICE) for x in make())
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, k, v)
+
+
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    monkeypatch.setattr(attention, "_interpreting", lambda: False)
+    q, k, v = _inputs(1, 1, 1, 4, 32, torch.float32)
+    with pytest.raises(ValueError, match="needs CUDA tensors.*scaled_dot_product_attention"):
+        flash_attention(q.cpu(), k.cpu(), v.cpu())
+
+
+def test_interpreter_runs_one_pinned_config():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("only under the interpreter")
+    for kernel in (attention._attn_fwd_kernel, attention._attn_bwd_dkdv_kernel, attention._attn_bwd_dq_kernel):
+        assert len(kernel.configs) == 1
+    assert len(attention.FWD_CONFIGS) > 1
+
+
+def test_hub_kernels_package_is_not_detected():
+    """Our package is also importable as `kernels`, like the hub's; transformers must not take it
+    for that one (which it gates on kernels >= 0.18) and must still import its models."""
+    pytest.importorskip("transformers")
+    spec = importlib.util.find_spec("kernels")
+    ours = os.path.join(os.path.dirname(os.path.abspath(attention.__file__)), "__init__.py")
+    assert spec is not None and spec.origin == ours
+    from transformers.utils import import_utils
+
+    assert import_utils.is_kernels_available() is False
+    import transformers
+
+    assert transformers.GPT2LMHeadModel.__name__ == "GPT2LMHeadModel"
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("t, d", [(1024, 64), (4096, 128)])
+def test_gpt2_sizes_bf16_on_gpu(t, d):
+    """The issue's GPU check: GPT-2 sizes in bf16, compiled kernels, causal."""
+    b, h = (8, 12) if t == 1024 else (1, 8)
+    q, k, v = _inputs(b, h, h, t, d, torch.bfloat16)
+    _check_against_references(q, k, v, torch.randn_like(q), causal=True)

@@ -1,0 +1,215 @@
+"""kernels/layer_norm.py: layer_norm and add_layer_norm against float64 references, the output(s)
+and every gradient (dx, dresidual, dweight, dbias), on CPU through Triton's interpreter.
+
+Tolerance: the kernel's max abs error against float64 must be at most twice the error of the same
+computation done by eager PyTorch in the same precision (layer_norm_ref(upcast=False), i.e.
+F.layer_norm in the input dtype), plus a floor of max(eps(dtype), 8 eps(fp32)) * max(1, max|ref|):
+a few fp32 ulps for the kernel's fp32 row reductions over N elements, or one ulp of the output
+dtype at its largest element, for tensors where PyTorch happens to be (nearly) exact.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from kernels import add_layer_norm, layer_norm, layer_norm_ref
+
+ln_module = importlib.import_module("kernels.layer_norm")  # the package's `layer_norm` is the function
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every buffer the kernels write starts as NaN: an element they skip fails the comparison."""
+    monkeypatch.setattr(ln_module, "POISON_OUTPUTS", True)
+
+
+def _assert_rule(name, got, ref64, same_precision):
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (an unwritten element stays NaN)"
+    err = (got.double() - ref64).abs().max().item()
+    baseline = (same_precision.double() - ref64).abs().max().item()
+    eps = max(torch.finfo(got.dtype).eps, 8 * torch.finfo(torch.float32).eps)
+    bound = 2 * baseline + eps * max(1.0, ref64.abs().max().item())
+    assert err <= bound, f"{name}: error {err:.3e} > 2 x same-precision error {baseline:.3e} + floor"
+
+
+def _params(n, dtype, bias=True):
+    weight = (1 + 0.2 * torch.randn(n, device=DEVICE)).to(dtype)
+    b = (0.2 * torch.randn(n, device=DEVICE)).to(dtype) if bias else None
+    return weight, b
+
+
+def _leaves(tensors, dtype=None):
+    return [
+        None if t is None else (t.detach().to(dtype) if dtype else t.detach().clone()).requires_grad_()
+        for t in tensors
+    ]
+
+
+def _kernel(x, residual, weight, bias):
+    if residual is None:
+        return layer_norm(x, weight, bias, EPS)
+    return add_layer_norm(x, residual, weight, bias, EPS)
+
+
+def _reference(upcast):
+    def ref(x, residual, weight, bias):
+        return layer_norm_ref(x, weight, bias, EPS, residual=residual, upcast=upcast)
+
+    return ref
+
+
+def _run(fn, leaves, dy, dz):
+    """Forward + backward of fn (kernel or reference) on leaves; returns outputs and grads."""
+    outs = fn(*leaves)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    grads_out = [dy.to(outs[0].dtype)] + ([dz.to(outs[1].dtype)] if dz is not None else [])
+    torch.autograd.backward(outs[: len(grads_out)], grads_out)
+    return outs, [t.grad if t is not None else None for t in leaves]
+
+
+def _check(x, residual, weight, bias, dy, dz=None):
+    """Kernel vs float64 reference vs same-precision PyTorch: outputs and every gradient."""
+    inputs = [x, residual, weight, bias]
+    k_leaves = _leaves(inputs)
+    k_outs, k_grads = _run(_kernel, k_leaves, dy, dz)
+    r_outs, r_grads = _run(_reference(upcast=True), _leaves(inputs, torch.float64), dy, dz)
+    p_outs, p_grads = _run(_reference(upcast=False), _leaves(inputs), dy, dz)
+
+    for name, got, want, base in zip(["y", "z"], k_outs, r_outs, p_outs):
+        assert got.shape == x.shape
+        _assert_rule(name, got, want, base)
+    grad_names = ["dx", "dresidual", "dweight", "dbias"]
+    for name, leaf, got, want, base in zip(grad_names, k_leaves, k_grads, r_grads, p_grads):
+        if leaf is None:
+            continue
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape, name
+        _assert_rule(name, got, want, base)
+    return k_outs
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, bias",
+    [
+        ((2, 3, 17), torch.float32, True),  # odd hidden size, 3-D leading shape
+        ((4, 96), torch.bfloat16, False),  # no bias
+        ((5, 1, 768), torch.float16, True),  # GPT-2 width
+        ((3, 8192), torch.float32, True),  # the largest size the issue asks for
+        ((1, 1), torch.float32, True),  # a single element: xhat = 0
+    ],
+)
+def test_layer_norm_matches_float64(shape, dtype, bias):
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    weight, b = _params(shape[-1], dtype, bias)
+    dy = torch.randn(shape, device=DEVICE)
+    _check(x, None, weight, b, dy)
+
+
+@pytest.mark.parametrize(
+    "shape, x_dtype, residual_dtype, param_dtype, bias",
+    [
+        ((2, 5, 768), torch.bfloat16, torch.bfloat16, torch.bfloat16, True),
+        ((3, 7, 100), torch.float32, torch.float32, torch.float32, False),
+        # autocast-style: half block outputs into an fp32 residual stream with fp32 parameters
+        ((4, 7, 100), torch.float16, torch.float32, torch.float32, True),
+        ((2, 4096), torch.float16, torch.float16, torch.float32, True),
+    ],
+)
+def test_add_layer_norm_matches_float64(shape, x_dtype, residual_dtype, param_dtype, bias):
+    x = torch.randn(shape, device=DEVICE).to(x_dtype)
+    residual = (3 * torch.randn(shape, device=DEVICE)).to(residual_dtype)
+    weight, b = _params(shape[-1], param_dtype, bias)
+    dy = torch.randn(shape, device=DEVICE)
+    dz = torch.randn(shape, device=DEVICE)  # the residual stream's own downstream gradient
+    y, z = _check(x, residual, weight, b, dy, dz)
+    assert z.dtype == y.dtype == torch.promote_types(x_dtype, residual_dtype)
+    # z is exactly x + residual, except that Triton's interpreter truncates fp32 -> bfloat16 where
+    # the GPU (and PyTorch) round to nearest: there allow one bfloat16 ulp.
+    one_ulp = 2.0**-7 if z.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1" else 0.0
+    torch.testing.assert_close(z, x.to(z.dtype) + residual.to(z.dtype), rtol=one_ulp, atol=0)
+
+
+def test_add_layer_norm_with_only_the_normalised_output_used():
+    """The last block's residual stream may feed nothing else: dz_out is absent."""
+    shape = (3, 64)
+    x, residual = torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE)
+    weight, b = _params(64, torch.float32)
+    _check(x, residual, weight, b, torch.randn(shape, device=DEVICE), dz=None)
+
+
+def test_strided_rows():
+    """Rows of a wider buffer (a row stride that is not N) and a transposed leading layout."""
+    x = torch.randn(2, 3, 2 * 48, device=DEVICE)[..., :48]  # row stride 96
+    residual = torch.randn(3, 2, 48, device=DEVICE).transpose(0, 1)  # rows not evenly strided: copied
+    weight, b = _params(48, torch.float32)
+    _check(x, residual, weight, b, torch.randn(2, 3, 48, device=DEVICE), torch.randn(2, 3, 48, device=DEVICE))
+
+
+def test_parameter_gradients_are_deterministic():
+    x = torch.randn(37, 80, device=DEVICE, dtype=torch.float16)
+    weight, b = _params(80, torch.float32)
+    dy = torch.randn(37, 80, device=DEVICE, dtype=torch.float16)
+    grads = []
+    for _ in range(2):
+        w, bb = weight.clone().requires_grad_(), b.clone().requires_grad_()
+        layer_norm(x, w, bb, EPS).backward(dy)
+        grads.append((w.grad, bb.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_empty_batch():
+    x = torch.randn(0, 32, device=DEVICE, requires_grad=True)
+    weight, b = (t.requires_grad_() for t in _params(32, torch.float32))
+    y = layer_norm(x, weight, b, EPS)
+    y.sum().backward()
+    assert y.shape == (0, 32) and torch.equal(weight.grad, torch.zeros(32, device=DEVICE))
+
+
+def test_registry_pair_matches_torch_pair():
+    registry = importlib.import_module("gpt2.registry")
+    x, residual = torch.randn(2, 3, 64, device=DEVICE), torch.randn(2, 3, 64, device=DEVICE)
+    weight, b = _params(64, torch.float32)
+    (norm, add_norm), (torch_norm, torch_add_norm) = registry.NORM["triton"], registry.NORM["torch"]
+    torch.testing.assert_close(norm(x, weight, b, EPS), torch_norm(x, weight, b, EPS))
+    for got, want in zip(add_norm(x, residual, weight, b, EPS), torch_add_norm(x, residual, weight, b, EPS)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: (torch.randn(2, 8, dtype=torch.float64), torch.ones(8), None, None), "float16, bfloat16 and float32"),
+        (lambda: (torch.randn(2, 8), torch.ones(7), None, None), r"weight must have shape \(8,\)"),
+        (lambda: (torch.randn(2, 8), torch.ones(8), torch.ones(9), None), r"bias must have shape \(8,\)"),
+        (lambda: (torch.randn(2, 8), torch.ones(8), None, torch.randn(3, 8)), "residual shape"),
+        (lambda: (torch.randn(2, 16385), torch.ones(16385), None, None), "up to 16384"),
+    ],
+)
+def test_unsupported_inputs_say_what_is_wrong(make, message):
+    x, weight, bias, residual = (t.to(DEVICE) if t is not None else None for t in make())
+    with pytest.raises(ValueError, match=message):
+        if residual is None:
+            layer_norm(x, weight, bias, EPS)
+        else:
+            add_layer_norm(x, residual, weight, bias, EPS)
+
+
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    monkeypatch.setattr(ln_module, "_interpreting", lambda: False)
+    with pytest.raises(ValueError, match="needs CUDA tensors.*torch.nn.functional.layer_norm"):
+        layer_norm(torch.randn(2, 8), torch.ones(8), None, EPS)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("n", [768, 1600, 8192])
+def test_gpt2_sizes_bf16_on_gpu(n):
+    shape = (8, 1024, n)
+    x, residual = torch.randn(shape, device=DEVICE).bfloat16(), torch.randn(shape, device=DEVICE).bfloat16()
+    weight, b = _params(n, torch.float32)
+    _check(x, residual, weight, b, torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE))
