@@ -15,27 +15,36 @@ are sums of NLL, tokens and bytes over windows, gathered from every process.
         --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --dataset_split test \\
         --max_length 1024 --stride 512 --batch_size 8 --dtype bf16
 
-    # several processes (CPU with gloo, or GPUs): windows are split across them, each counted once
-    accelerate launch --num_processes 2 --cpu scripts/evaluate_perplexity.py --model_name_or_path out/gpt2-tiny \\
-        --validation_file ../shared/data/wikitext-2/test.txt
+    # several processes: windows are split across them and each is counted exactly once
     accelerate launch --multi_gpu --num_processes 8 scripts/evaluate_perplexity.py --model_name_or_path gpt2 \\
         --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --batch_size 8 --dtype bf16
+    # two CPU processes (gloo)
+    accelerate launch --multi_gpu --num_processes 2 scripts/evaluate_perplexity.py --cpu \\
+        --model_name_or_path out/gpt2-tiny --validation_file ../shared/data/wikitext-2/test.txt
+
+(`accelerate launch --cpu --num_processes 2` starts a single process: Accelerate's CPU launcher
+wants mpirun. Start the processes as for GPUs, or with torchrun, and pass --cpu.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+# Runnable as `python scripts/evaluate_perplexity.py` from a checkout without `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt2 import GPT2
-from gpt2.evaluation import (
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from gpt2 import GPT2  # noqa: E402
+from gpt2.evaluation import (  # noqa: E402
     JOIN_SEPARATOR,
     KERNEL_CHOICES,
     EvaluationInputError,
@@ -50,7 +59,7 @@ from gpt2.evaluation import (
     score_batch,
     tokenize_stream,
 )
-from gpt2.tokenizer import load_tokenizer
+from gpt2.tokenizer import load_tokenizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -87,6 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.dataset_name is None) == (args.validation_file is None):
         parser.error("give exactly one of --dataset_name or --validation_file")
     return args
+
+
+def use_cpu(args) -> bool:
+    """--cpu, or several processes on a host without CUDA (torchrun, `accelerate launch --multi_gpu`):
+    Accelerate sets up gloo only when told cpu=True; otherwise each process would run alone."""
+    return args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
 def fail(message: str):
@@ -183,7 +198,7 @@ def print_summary(report: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=args.cpu)
+    accelerator = Accelerator(cpu=use_cpu(args))
     model, tokenizer = load_model_and_tokenizer(args, accelerator.device)
     try:
         max_length, stride = window_lengths(args, model.config.n_positions)

@@ -1,0 +1,150 @@
+"""Sample text from a GPT-2 checkpoint with the KV-cache sampler (gpt2/generation.py).
+
+    # our checkpoint (a scripts/pretrain.py output directory), two prompts, three samples each
+    python scripts/generate.py --model_name_or_path out/gpt2-tiny \\
+        --prompt "ROMEO:" --prompt "The meaning of life is" --num_samples 3 \\
+        --max_new_tokens 100 --temperature 0.8 --top_k 50 --seed 0
+
+    # prompts from a file, one per line; greedy decoding; Hugging Face's GPT-2 (needs a network)
+    python scripts/generate.py --model_name_or_path gpt2 --prompt_file prompts.txt --temperature 0
+
+    # on a GPU with our Triton kernels (what --kernels auto picks there) in bf16
+    python scripts/generate.py --model_name_or_path gpt2 --prompt "Hello" --kernels triton --dtype bf16
+
+An empty prompt starts from <|endoftext|> (GPT-2's unconditional sampling). Each sample is
+printed under a "=== prompt i, sample j ===" header, prompt included; generation stops at the
+end-of-text token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Runnable as `python scripts/generate.py` from a checkout without `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+
+from gpt2 import GPT2  # noqa: E402
+from gpt2.evaluation import KERNEL_CHOICES, resolve_kernels  # noqa: E402
+from gpt2.tokenizer import eos_token_id, load_tokenizer  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_name_or_path", required=True, help="checkpoint directory or Hub name (gpt2)")
+    parser.add_argument("--tokenizer_name", default=None, help="default: the model's directory / name")
+    parser.add_argument("--prompt", action="append", default=None, help="repeat for several prompts")
+    parser.add_argument("--prompt_file", default=None, help="a UTF-8 file, one prompt per non-empty line")
+    parser.add_argument("--max_new_tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with mass p")
+    parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt (one batch)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--kernels", choices=["auto", *KERNEL_CHOICES], default="auto", help="auto: triton on CUDA")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        parser.error(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        parser.error(f"--top_k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    return args
+
+
+def use_cpu(args) -> bool:
+    """--cpu, or several processes on a host without CUDA (torchrun, `accelerate launch --multi_gpu`):
+    Accelerate sets up gloo only when told cpu=True; otherwise each process would run alone."""
+    return args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def fail(message: str):
+    """Exit with a one-line message and no traceback (the user's input was at fault)."""
+    raise SystemExit(f"generate.py: error: {message}")
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            fail(f"can't read --prompt_file: {error}")
+        prompts += [line for line in lines if line.strip()]
+    return prompts or [""]
+
+
+def load_model_and_tokenizer(args, device: torch.device):
+    try:
+        model = GPT2.from_pretrained(args.model_name_or_path)
+        model.set_kernels(*resolve_kernels(args.kernels, device.type))
+        tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path)
+    except (ValueError, OSError, RuntimeError) as error:
+        fail(str(error))
+    return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer
+
+
+def encode_prompt(tokenizer, prompt: str, eos_id: int | None) -> list[int]:
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        if eos_id is None:
+            fail("an empty prompt needs an end-of-text token to start from, and this tokenizer has none")
+        ids = [eos_id]
+    return ids
+
+
+def sample(model, prompt_ids: list[int], args, eos_id: int | None, generator: torch.Generator) -> list[list[int]]:
+    """num_samples continuations of one prompt, as one batch; each cut at its first end-of-text."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids] * args.num_samples, device=device)
+    try:
+        output = model.generate(
+            input_ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token_id=eos_id,
+            use_cache=True,
+            generator=generator,
+        )
+    except ValueError as error:  # e.g. prompt + max_new_tokens longer than the context
+        fail(str(error))
+    completions = []
+    for row in output[:, len(prompt_ids) :].tolist():
+        completions.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return completions
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=use_cpu(args))
+    model, tokenizer = load_model_and_tokenizer(args, accelerator.device)
+    eos_id = eos_token_id(tokenizer)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    samples = []
+    for i, prompt in enumerate(read_prompts(args), start=1):
+        prompt_ids = encode_prompt(tokenizer, prompt, eos_id)
+        for j, completion in enumerate(sample(model, prompt_ids, args, eos_id, generator), start=1):
+            text = tokenizer.decode(prompt_ids + completion)  # whole, so a character split at the seam joins
+            print(f"=== prompt {i}, sample {j} ===\n{text}\n", flush=True)
+            samples.append(dict(prompt=prompt, sample=j, token_ids=completion, text=text))
+    return samples
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""scripts/generate.py: prompts in, samples out through the KV-cache sampler; reproducible with a
+seed; greedy decoding equal to an argmax loop over plain logits; clear messages for bad input."""
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2 import GPT2, GPT2Config
+from gpt2.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate.py"
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 20
+
+
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate = load_script(SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random tiny GPT-2 and a small byte-level BPE, saved the way pretraining saves them."""
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = train_tokenizer([TEXT], vocab_size=300)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=tokenizer.get_vocab_size())
+    GPT2(config).save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
+    return directory
+
+
+def run(checkpoint, *extra) -> list[dict]:
+    return generate.main(["--model_name_or_path", str(checkpoint), *map(str, extra)])
+
+
+def test_prompts_and_samples_printed(checkpoint, capsys):
+    samples = run(checkpoint, "--prompt", "To be", "--prompt", "whether", "--num_samples", 3, "--max_new_tokens", 7)
+    out = capsys.readouterr().out
+    assert [(s["prompt"], s["sample"]) for s in samples] == [(p, j) for p in ("To be", "whether") for j in (1, 2, 3)]
+    for i, s in enumerate(samples):
+        assert s["text"].startswith(s["prompt"])
+        assert len(s["token_ids"]) <= 7
+        assert f"=== prompt {i // 3 + 1}, sample {s['sample']} ===\n{s['text']}\n" in out
+
+
+def test_seed_reproduces_and_changes(checkpoint):
+    args = ("--prompt", "To be", "--num_samples", 4, "--max_new_tokens", 12, "--top_k", 50, "--top_p", 0.95)
+    first, again = run(checkpoint, *args, "--seed", 1), run(checkpoint, *args, "--seed", 1)
+    other = run(checkpoint, *args, "--seed", 2)
+    assert [s["token_ids"] for s in first] == [s["token_ids"] for s in again]
+    assert [s["token_ids"] for s in first] != [s["token_ids"] for s in other]
+
+
+def test_greedy_matches_argmax_over_plain_logits(checkpoint):
+    """temperature 0 through the KV cache == an argmax loop recomputing the whole prefix."""
+    samples = run(checkpoint, "--prompt", "that is", "--temperature", 0, "--num_samples", 2, "--max_new_tokens", 10)
+    tokenizer = load_tokenizer(checkpoint)
+    model = GPT2.from_pretrained(checkpoint).eval()
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    ids = tokenizer.encode("that is").ids
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            if ids[-1] == eos:
+                ids.pop()
+                break
+    expected = ids[len(tokenizer.encode("that is").ids) :]
+    assert samples[0]["token_ids"] == samples[1]["token_ids"] == expected
+
+
+def test_prompt_file_and_empty_prompt(checkpoint, tmp_path):
+    (tmp_path / "prompts.txt").write_text("To be\n\n  \nthe question\n", encoding="utf-8")
+    samples = run(checkpoint, "--prompt_file", tmp_path / "prompts.txt", "--max_new_tokens", 3)
+    assert [s["prompt"] for s in samples] == ["To be", "the question"]
+    unconditional = run(checkpoint, "--max_new_tokens", 5, "--kernels", "eager")  # starts from <|endoftext|>
+    assert unconditional[0]["prompt"] == ""
+
+
+def expect_error(checkpoint, *extra, fragment):
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as caught:
+        run(checkpoint, *extra)
+    assert time.perf_counter() - start < 10
+    assert fragment in str(caught.value.code), caught.value.code
+
+
+def test_bad_input(checkpoint, tmp_path):
+    expect_error(tmp_path / "missing", "--prompt", "x", fragment="no such checkpoint")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    expect_error(tmp_path / "bert", "--prompt", "x", fragment="not a GPT-2 checkpoint")
+    expect_error(checkpoint, "--prompt", "x", "--max_new_tokens", 200, fragment="exceeds the model's context")
+    expect_error(checkpoint, "--prompt_file", tmp_path / "none.txt", fragment="can't read --prompt_file")
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--max_new_tokens", 0), ("--num_samples", 0), ("--temperature", -1), ("--top_k", 0), ("--top_p", 0)],
+)
+def test_bad_sampling_arguments(checkpoint, flag, value, capsys):
+    with pytest.raises(SystemExit) as caught:
+        run(checkpoint, flag, value)
+    assert caught.value.code == 2
+    assert flag in capsys.readouterr().err
