@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 BUILTIN_CORPUS = "builtin:pydocs"
 BUILTIN_VALIDATION_PERCENT = 5  # share of built-in documents (by a hash of their name) held out
@@ -335,8 +336,6 @@ def tokenize_and_pack(raw, tokenizer, block_size: int, *, text_column: str | Non
 def stream_packed_blocks(dataset, tokenizer, block_size: int, *, text_column: str | None = None):
     """Streaming: {"input_ids": LongTensor(block_size)} dicts from an IterableDataset. Leftover tokens
     carry into the next block, so only the stream's last partial block is lost."""
-    import torch
-
     from gpt2.tokenizer import eos_token_id
 
     eot_id = eos_token_id(tokenizer)
@@ -354,7 +353,7 @@ def stream_packed_blocks(dataset, tokenizer, block_size: int, *, text_column: st
             del buffer[:block_size]
 
 
-class PackedStream:
+class PackedStream(torch.utils.data.IterableDataset):
     """A torch-style iterable of packed blocks from a streaming dataset, for one rank.
 
     Each pass shuffles the documents through a buffer (reseeded per pass: seed + epoch) and keeps

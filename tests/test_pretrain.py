@@ -146,6 +146,31 @@ def test_outputs_and_exact_resume(tmp_path, train_file, capsys, monkeypatch):
     assert "per_device_train_batch_size: checkpoint 4, now 2" in capsys.readouterr().err
 
 
+def test_streaming_trains_and_resumes_exactly(tmp_path, train_file, monkeypatch):
+    valid = tmp_path / "valid.txt"
+    valid.write_text(Path(train_file).read_text()[:5000])
+    common = ["--train_file", train_file, "--validation_file", valid, *TINY, "--streaming", "--shuffle_buffer_size", 50,
+              "--eval_steps", 2, "--max_eval_samples", 8, "--max_train_steps", 4]
+    assert run([*common, "--output_dir", tmp_path / "straight"]) == 0
+    save_checkpoint = pretrain.save_checkpoint
+
+    def save_then_die(accelerator, args, step, *rest):
+        path = save_checkpoint(accelerator, args, step, *rest)
+        if step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run([*common, "--output_dir", tmp_path / "split"])
+    monkeypatch.setattr(pretrain, "save_checkpoint", save_checkpoint)
+    _reset_accelerate()
+    assert run([*common, "--output_dir", tmp_path / "split", "--resume_from_checkpoint", "latest"]) == 0
+    a, b = metrics(tmp_path / "straight", "train_loss"), metrics(tmp_path / "split", "train_loss")
+    assert list(a) == [1, 2, 3, 4] and a == b
+    assert metrics(tmp_path / "straight", "val_loss")[4] < metrics(tmp_path / "straight", "val_loss")[0]
+
+
 def test_latest_skips_incomplete_checkpoints(tmp_path):
     from gpt2 import training
 
