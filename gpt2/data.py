@@ -213,8 +213,9 @@ def _load_named(name, config_name, streaming, cache_dir):
         f"parquet), a local dataset directory, or the built-in offline corpus (--dataset_name "
         f"{BUILTIN_CORPUS}, the default)."
     )
-    reason = hub_unreachable_reason()
-    if reason and not os.environ.get("HF_HUB_OFFLINE"):
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    reason = None if offline else hub_unreachable_reason()  # offline mode: straight to the local cache
+    if reason:
         raise DataError(
             f"dataset {name!r} needs the Hugging Face Hub, which can't be reached ({reason}). {alternatives} "
             f"A dataset already in the local cache loads with HF_HUB_OFFLINE=1."

@@ -89,11 +89,10 @@ PEAK_FLOPS: list[tuple[str, float]] = [
     ("L40S", 362.05e12),
     ("L40", 181.05e12),
     ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165.2e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),  # fp16 only: V100 has no bf16
+    ("A10", 125e12),  # not the A10G, whose peak NVIDIA doesn't publish: that one reads n/a
+    ("RTX 4090", 165.2e12),  # with fp32 accumulation, as PyTorch runs it
+    ("V100-SXM2", 125e12),  # fp16 only: V100 has no bf16
+    ("V100-PCIE", 112e12),
     ("T4", 65e12),  # fp16 only
     ("MI300X", 1307.4e12),
     ("MI250X", 383e12),
@@ -105,7 +104,7 @@ def peak_flops(device_name: str | None) -> float | None:
     if not device_name:
         return None
     for name, flops in PEAK_FLOPS:
-        if re.search(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![0-9])", device_name):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![0-9A-Za-z])", device_name):
             return flops
     return None
 

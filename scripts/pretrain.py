@@ -598,7 +598,8 @@ def train(args) -> int:
         _print_sample(args, unwrapped, tokenizer, accelerator.device)
         print(f"\nDone in {runtime:.0f} s: val loss {loss:.4f}, val perplexity {ppl:.2f}. Model, config and "
               f"tokenizer in {output_dir}/ (Hugging Face format).")
-        print(f"  evaluate: python scripts/evaluate_perplexity.py --model_name_or_path {output_dir}")
+        print(f"  evaluate: python scripts/evaluate_perplexity.py --model_name_or_path {output_dir} "
+              f"{_evaluation_data_flags(args)}")
         print(f"  sample:   python scripts/generate.py --model_name_or_path {output_dir} --prompt \"The\"")
     accelerator.end_training()
     return 0
@@ -637,6 +638,18 @@ def _batches(args, loader, accelerator, epoch: int, batches_done: int):
 def _block_size_message(block_size: int, n_positions: int) -> str:
     return (f"--block_size {block_size} is larger than the model's context (n_positions={n_positions}); use "
             f"--block_size {n_positions} or less, or --config_overrides n_positions={block_size}")
+
+
+def _evaluation_data_flags(args) -> str:
+    """evaluate_perplexity.py's data flags for the validation text this run used."""
+    if args.validation_file:
+        return f"--validation_file {args.validation_file}"
+    if args.dataset_name and args.dataset_name != gdata.BUILTIN_CORPUS:
+        config = f" --dataset_config_name {args.dataset_config_name}" if args.dataset_config_name else ""
+        return f"--dataset_name {args.dataset_name}{config} --dataset_split validation"
+    if args.train_file:
+        return "--validation_file HELD_OUT.txt"  # the carved split lives only inside this run
+    return f"--dataset_name {gdata.BUILTIN_CORPUS} --dataset_split validation"
 
 
 def _check_kernels_early(args):

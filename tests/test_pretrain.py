@@ -171,6 +171,47 @@ def test_streaming_trains_and_resumes_exactly(tmp_path, train_file, monkeypatch)
     assert metrics(tmp_path / "straight", "val_loss")[4] < metrics(tmp_path / "straight", "val_loss")[0]
 
 
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989.4e12),
+        ("NVIDIA GH200 480GB", 989.4e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", 362.05e12),
+        ("NVIDIA A10G", None),
+        ("NVIDIA GeForce GTX 1080", None),
+        ("cpu", None),
+    ],
+)
+def test_peak_flops_by_gpu_name(name, peak):
+    from gpt2 import training
+
+    assert training.peak_flops(name) == peak
+    assert (training.mfu(1000.0, 1e9, training.peak_flops(name)) is None) == (peak is None)
+
+
+def test_optimizer_groups_and_schedule():
+    from gpt2 import GPT2, GPT2Config, training
+
+    model = GPT2(GPT2Config.from_preset("gpt2-tiny").with_overrides("n_layer=1,n_embd=32,vocab_size=64"))
+    decay, no_decay = training.param_groups(model, 0.1)
+    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_parameters()
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = training.lr_scheduler(optimizer, "cosine", warmup_steps=4, total_steps=14, lr=1.0, min_lr=0.1)
+    lrs = []
+    for _ in range(16):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[9] == pytest.approx(0.55)  # halfway through the decay: min_lr + (lr - min_lr) / 2
+    assert lrs[14:] == pytest.approx([0.1, 0.1])
+
+
 def test_latest_skips_incomplete_checkpoints(tmp_path):
     from gpt2 import training
 
