@@ -22,8 +22,8 @@ pre-LN block updates and normalises its residual stream in one kernel.
 * bias=None is supported (no bias term, no dbias).
 * CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, for tests).
 
-Algorithm: one program per row in the forward pass (Triton tutorial 05; Ba et al. 2016,
-arXiv:1607.06450 for LayerNorm itself).
+Algorithm: each forward program normalises a tile of ROWS whole rows held in registers (Triton
+tutorial 05; LayerNorm itself: Ba et al. 2016, arXiv:1607.06450).
 
 Backward derivation (same symbols as the code)
 ----------------------------------------------
@@ -38,8 +38,8 @@ dweight/dbias are reduced deterministically: each backward program owns a contig
 rows, accumulates fp32 partial sums in registers and writes one row of a (programs, N) fp32
 buffer; a final ``sum(0)`` over that buffer gives the result. No atomics, no locks.
 
-Tuning: num_warps is autotuned per row size from LN_CONFIGS (H100/A100); one pinned config under
-the interpreter.
+Tuning: ROWS and num_warps are autotuned per row size from LN_CONFIGS (H100/A100); one pinned
+config under the interpreter.
 """
 
 from __future__ import annotations
@@ -68,15 +68,26 @@ def _configs(configs: list[triton.Config], interpret_config: triton.Config) -> l
     return [interpret_config] if _interpreting() else configs
 
 
-LN_CONFIGS = [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16)]
-LN_INTERPRET_CONFIG = triton.Config({}, num_warps=4)
+# ROWS rows per program (forward) or per step (backward) x num_warps. Several rows per program
+# pay off for GPT-2-sized rows (768..1600); one row, many warps, for rows of several thousand.
+LN_CONFIGS = [
+    triton.Config({"ROWS": rows}, num_warps=w)
+    for rows, w in [(1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8)]
+]
+# Under the interpreter every program costs milliseconds of Python, whatever its size: many rows.
+LN_INTERPRET_CONFIG = triton.Config({"ROWS": 16}, num_warps=4)
 
 
-def _prune_warps(configs, named_args, **kwargs):
-    """Between 2 and 64 elements of a row per thread: fewer idles threads, more spills registers."""
+def _prune_tiles(configs, named_args, **kwargs):
+    """Keep tiles of at most 16384 elements (registers) with 2..64 elements per thread."""
     block_n = {**named_args, **kwargs}["BLOCK_N"]
-    kept = [c for c in configs if 2 * 32 * c.num_warps <= max(block_n, 64) and 64 * 32 * c.num_warps >= block_n]
-    return kept or [configs[-1]]
+    kept = []
+    for config in configs:
+        elements = config.kwargs["ROWS"] * block_n
+        threads = 32 * config.num_warps
+        if elements <= max(16384, block_n) and 2 * threads <= max(elements, 64) and 64 * threads >= elements:
+            kept.append(config)
+    return kept or [triton.Config({"ROWS": 1}, num_warps=16)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,89 +98,86 @@ def _prune_warps(configs, named_args, **kwargs):
 @triton.autotune(
     configs=_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
     key=["N", "HAS_RESIDUAL"],
-    prune_configs_by={"early_config_prune": _prune_warps},
+    prune_configs_by={"early_config_prune": _prune_tiles},
 )
 @triton.jit
 def _layer_norm_fwd_kernel(
     X, RESIDUAL, W, B, Y, RESIDUAL_OUT, MEAN, RSTD,
     stride_x_row, stride_res_row, stride_y_row, stride_res_out_row,
-    N, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    M, N, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    z = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    """Rows [pid * ROWS, pid * ROWS + ROWS): normalise, save mean and rstd."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)[:, None]  # row offsets in int64: M * stride may exceed 2^31
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    mask = row_mask[:, None] & (cols < N)
+    z = tl.load(X + rows64 * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        z += tl.load(RESIDUAL + row * stride_res_row + cols, mask=mask, other=0.0).to(tl.float32)
+        z += tl.load(RESIDUAL + rows64 * stride_res_row + cols, mask=mask, other=0.0).to(tl.float32)
         # Round to the residual stream's dtype first: we normalise exactly the z we return.
         z = z.to(RESIDUAL_OUT.dtype.element_ty)
-        tl.store(RESIDUAL_OUT + row * stride_res_out_row + cols, z, mask=mask)
+        tl.store(RESIDUAL_OUT + rows64 * stride_res_out_row + cols, z, mask=mask)
         z = z.to(tl.float32)
-    mean = tl.sum(z, axis=0) / N
-    zc = tl.where(mask, z - mean, 0.0)
-    var = tl.sum(zc * zc, axis=0) / N
+    mean = tl.sum(z, axis=1) / N
+    zc = tl.where(mask, z - mean[:, None], 0.0)
+    var = tl.sum(zc * zc, axis=1) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = zc * rstd * w
+    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = zc * rstd[:, None] * w
     if HAS_BIAS:
-        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+        y += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(Y + rows64 * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(
     configs=_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
     key=["N", "HAS_DRESIDUAL"],
-    prune_configs_by={"early_config_prune": _prune_warps},
+    prune_configs_by={"early_config_prune": _prune_tiles},
 )
 @triton.jit
 def _layer_norm_bwd_kernel(
     Z, W, DY, DZ, DRESIDUAL_OUT, DW_PARTIAL, DB_PARTIAL, MEAN, RSTD,
     stride_z_row, stride_dy_row, stride_dz_row, stride_dres_row,
     M, N, rows_per_program,
-    HAS_DRESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DRESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Rows [pid * rows_per_program, ...) of dz, plus this program's fp32 dweight/dbias partials."""
+    """Rows [pid * rows_per_program, ...) of dz, ROWS at a time, plus this program's fp32
+    dweight/dbias partial sums (one row of DW_PARTIAL / DB_PARTIAL)."""
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], tl.float32)
     db = tl.zeros([BLOCK_N], tl.float32)
-    # Row pointers start at int64 offsets and advance one row per step.
-    first = row_start.to(tl.int64)
-    z_ptrs = Z + first * stride_z_row + cols
-    dy_ptrs = DY + first * stride_dy_row + cols
-    dz_ptrs = DZ + first * stride_dz_row + cols
-    dres_ptrs = DRESIDUAL_OUT + first * stride_dres_row + cols
-    for row in range(row_start, row_end):
-        z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        xhat = tl.where(mask, (z - mean) * rstd, 0.0)
+    for block_start in range(row_start, row_end, ROWS):
+        rows = block_start + tl.arange(0, ROWS)
+        row_mask = rows < row_end
+        rows64 = rows.to(tl.int64)[:, None]
+        mask = row_mask[:, None] & (cols < N)
+        z = tl.load(Z + rows64 * stride_z_row + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * w
-        c1 = tl.sum(xhat * g, axis=0) / N
-        c2 = tl.sum(g, axis=0) / N
-        dz = (g - (xhat * c1 + c2)) * rstd
+        c1 = tl.sum(xhat * g, axis=1) / N  # mean_j(g * xhat)
+        c2 = tl.sum(g, axis=1) / N  # mean_j(g)
+        dz = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DRESIDUAL:
-            dz += tl.load(dres_ptrs, mask=mask, other=0.0).to(tl.float32)
-            dres_ptrs += stride_dres_row
-        tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=mask)
-        dw += dy * xhat
+            dz += tl.load(DRESIDUAL_OUT + rows64 * stride_dres_row + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DZ + rows64 * stride_dz_row + cols, dz.to(DZ.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
         if HAS_BIAS:
-            db += dy
-        z_ptrs += stride_z_row
-        dy_ptrs += stride_dy_row
-        dz_ptrs += stride_dz_row
-    partial = pid.to(tl.int64) * N + cols
-    tl.store(DW_PARTIAL + partial, dw, mask=mask)
+            db += tl.sum(dy, axis=0)
+    partial = pid.to(tl.int64) * N + tl.arange(0, BLOCK_N)
+    tl.store(DW_PARTIAL + partial, dw, mask=tl.arange(0, BLOCK_N) < N)
     if HAS_BIAS:
-        tl.store(DB_PARTIAL + partial, db, mask=mask)
+        tl.store(DB_PARTIAL + partial, db, mask=tl.arange(0, BLOCK_N) < N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,12 +260,12 @@ def layer_norm_fwd(x, weight, bias, eps: float, residual=None):
         residual2 = _rows(residual)
         z = _empty((m, n), out_dtype, x.device)
     if m > 0 and n > 0:
-        _layer_norm_fwd_kernel[(m,)](
+        _layer_norm_fwd_kernel[lambda meta: (triton.cdiv(m, meta["ROWS"]),)](
             x2, residual2 if residual2 is not None else x2, weight, bias if bias is not None else weight,
             y, z if z is not None else y, mean, rstd,
             x2.stride(0), residual2.stride(0) if residual2 is not None else 0,
             y.stride(0), z.stride(0) if z is not None else 0,
-            n, eps,
+            m, n, eps,
             HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
             BLOCK_N=triton.next_power_of_2(n),
         )
