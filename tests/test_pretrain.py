@@ -146,6 +146,17 @@ def test_outputs_and_exact_resume(tmp_path, train_file, capsys, monkeypatch):
     assert "per_device_train_batch_size: checkpoint 4, now 2" in capsys.readouterr().err
 
 
+def test_loss_falls_on_real_text(tmp_path, shared_data):
+    text = Path(shared_data, "tinyshakespeare", "input.txt").read_text()[:100_000]
+    (tmp_path / "shakespeare.txt").write_text(text)
+    argv = ["--train_file", tmp_path / "shakespeare.txt", *TINY, "--max_train_steps", 40, "--eval_steps", 40,
+            "--max_eval_samples", 64, "--output_dir", tmp_path / "out"]
+    argv[argv.index("--vocab_size") + 1] = 512
+    assert run(argv) == 0
+    val = metrics(tmp_path / "out", "val_loss")
+    assert val[40] < val[0] - 0.5, val  # from ~ln(512) = 6.2 nats: perplexity down by more than 40%
+
+
 def test_streaming_trains_and_resumes_exactly(tmp_path, train_file, monkeypatch):
     valid = tmp_path / "valid.txt"
     valid.write_text(Path(train_file).read_text()[:5000])
