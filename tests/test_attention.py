@@ -17,6 +17,9 @@ import importlib
 import importlib.util
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -217,6 +220,73 @@ def test_hub_kernels_package_is_not_detected():
     import transformers
 
     assert transformers.GPT2LMHeadModel.__name__ == "GPT2LMHeadModel"
+
+
+# Compiles (no launch) each kernel for sm_90 and sm_80 with the real Triton compiler and ptxas, in a
+# process without TRITON_INTERPRET: proof on a GPU-less machine that the kernels are GPU code, not
+# interpreter-only Python. One tile config each (the pinned interpreter ones, themselves valid GPU
+# tiles), D = 64 unpadded and D = 40 padded.
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import importlib, os, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    A = importlib.import_module("kernels.attention")
+    INTS = {"H", "T", "T_BUCKET"}
+    FLOATS = {"qk_scale", "softmax_scale"}
+    FP32_POINTERS = {"LSE", "DELTA"}
+
+    def compile_for(kernel, config, constexprs, dtype, cc):
+        fn = kernel.fn if hasattr(kernel, "configs") else kernel  # unwrap the autotuner
+        constexprs = {**constexprs, **(config.kwargs if config else {})}
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in INTS or name.startswith("stride"):
+                signature[name] = "i32"
+            elif name in FLOATS:
+                signature[name] = "fp32"
+            else:
+                signature[name] = "*fp32" if name in FP32_POINTERS else "*" + dtype
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n][0] == "*"}
+        options = dict(num_warps=config.num_warps if config else 4, num_stages=config.num_stages if config else 1)
+        source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+        return triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
+
+    for cc, dtype, d, causal in ((90, "bf16", 64, True), (80, "fp16", 40, False)):
+        common = dict(N_REP=2, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=causal,
+                      DOT_PRECISION="tf32")
+        for kernel, config in ((A._attn_fwd_kernel, A.FWD_INTERPRET_CONFIG),
+                               (A._attn_bwd_dkdv_kernel, A.BWD_DKDV_INTERPRET_CONFIG),
+                               (A._attn_bwd_dq_kernel, A.BWD_DQ_INTERPRET_CONFIG)):
+            compiled = compile_for(kernel, config, common, dtype, cc)
+            assert compiled.asm.get("cubin"), kernel
+        compile_for(A._attn_bwd_preprocess_kernel, None, dict(HEAD_DIM=d, BLOCK_D=common["BLOCK_D"], BLOCK_M=64),
+                    dtype, cc)
+    # fp32 with IEEE products
+    compile_for(A._attn_fwd_kernel, A.FWD_INTERPRET_CONFIG, dict(N_REP=1, HEAD_DIM=32, BLOCK_D=32, CAUSAL=True,
+                DOT_PRECISION="ieee"), "fp32", 90)
+    print("compiled")
+    """
+)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu():
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton build has no NVIDIA backend / ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(attention.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
 
 @pytest.mark.requires_cuda

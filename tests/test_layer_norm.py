@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -204,6 +207,60 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setattr(ln_module, "_interpreting", lambda: False)
     with pytest.raises(ValueError, match="needs CUDA tensors.*torch.nn.functional.layer_norm"):
         layer_norm(torch.randn(2, 8), torch.ones(8), None, EPS)
+
+
+# Compiles (no launch) both kernels for sm_90 and sm_80 with the real Triton compiler and ptxas, in
+# a process without TRITON_INTERPRET: proof on a GPU-less machine that they are GPU code.
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import importlib
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    L = importlib.import_module("kernels.layer_norm")
+    INTS = {"M", "N", "rows_per_program"}
+    FP32_POINTERS = {"MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL"}
+
+    def compile_for(kernel, constexprs, dtype, cc, num_warps):
+        fn = kernel.fn  # unwrap the autotuner
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in INTS or name.startswith("stride"):
+                signature[name] = "i32"
+            elif name == "eps":
+                signature[name] = "fp32"
+            else:
+                signature[name] = "*fp32" if name in FP32_POINTERS else "*" + dtype
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n][0] == "*"}
+        source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps))
+        assert compiled.asm.get("cubin")
+
+    for cc, dtype, n, rows, warps in ((90, "bf16", 768, 4, 4), (80, "fp16", 8192, 1, 16), (90, "fp32", 100, 16, 4)):
+        flags = dict(HAS_BIAS=True, BLOCK_N=triton.next_power_of_2(n), ROWS=rows)
+        compile_for(L._layer_norm_fwd_kernel, dict(HAS_RESIDUAL=True, **flags), dtype, cc, warps)
+        compile_for(L._layer_norm_bwd_kernel, dict(HAS_DRESIDUAL=True, **flags), dtype, cc, warps)
+    print("compiled")
+    """
+)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu():
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton build has no NVIDIA backend / ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ln_module.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
 
 @pytest.mark.requires_cuda
