@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import math
 import os
 import sys
@@ -60,6 +61,14 @@ from gpt2.tokenizer import (  # noqa: E402
 )
 
 TOKENIZER_TRAINING_CHARS = 200_000_000  # train the BPE on at most this much text (a sample of big corpora)
+
+
+class _TiedWeightsNotice(logging.Filter):
+    """save_state warns on every checkpoint that the LM head shares the embedding's tensor and was
+    saved once; that is by design here (load_state re-ties it), so that one line is left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
 
 
 class UsageError(Exception):
@@ -375,6 +384,7 @@ def peak_memory(device: torch.device) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
     try:
         return train(args)
     except (UsageError, gdata.DataError) as err:
