@@ -8,7 +8,8 @@
 The built-in corpus, BUILTIN_CORPUS = "builtin:pydocs", is English prose that every Python
 install carries: the reference-manual topics bundled as `pydoc_data.topics` plus the docstrings of
 the standard library's modules, classes and functions, read from the source files with `ast` (so
-no module is imported). About 2.2 MB of text, 9,000 documents, with a fixed train/validation split.
+no module is imported): one document per topic and per module, about 650 documents and 2.2 MB of
+text (on Python 3.11; 530k tokens with an 8k BPE), with a fixed train/validation split by name.
 
 Packing (non-streaming): every document is followed by the end-of-text token, the whole token
 stream is cut into block_size rows, and only the final partial block is dropped (PackingStats
