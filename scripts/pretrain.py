@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--min_lr", type=float, default=1e-4, help="the schedule decays to this")
     t.add_argument("--weight_decay", type=float, default=0.1)
     t.add_argument("--max_grad_norm", type=float, default=1.0)
-    t.add_argument("--max_train_steps", type=int, default=300,
+    t.add_argument("--max_train_steps", type=int, default=400,
                    help="optimizer steps (the default fits the no-flag run in ~10 minutes on 2 CPU cores)")
     t.add_argument("--num_train_epochs", type=float, default=None, help="overrides --max_train_steps")
     t.add_argument("--num_warmup_steps", type=int, default=None, help="default: 5%% of the steps")
