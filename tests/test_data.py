@@ -30,6 +30,7 @@ def tokenizer():
     return train_tokenizer(_documents(200), vocab_size=300)
 
 
+@pytest.mark.slow
 def test_builtin_corpus_is_offline_deterministic_and_split():
     before = set(sys.modules)
     raw = gdata.load_builtin_corpus()

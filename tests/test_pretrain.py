@@ -85,6 +85,7 @@ def metrics(output_dir, key):
     return {r["step"]: r[key] for r in rows if key in r}
 
 
+@pytest.mark.slow
 def test_outputs_and_exact_resume(tmp_path, train_file, capsys, monkeypatch):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ["--train_file", train_file, *TINY, "--eval_steps", "3", "--checkpointing_steps", "3"]
@@ -146,6 +147,7 @@ def test_outputs_and_exact_resume(tmp_path, train_file, capsys, monkeypatch):
     assert "per_device_train_batch_size: checkpoint 4, now 2" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_loss_falls_on_real_text(tmp_path, shared_data):
     text = Path(shared_data, "tinyshakespeare", "input.txt").read_text()[:100_000]
     (tmp_path / "shakespeare.txt").write_text(text)
@@ -157,6 +159,7 @@ def test_loss_falls_on_real_text(tmp_path, shared_data):
     assert val[40] < val[0] - 0.5, val  # from ~ln(512) = 6.2 nats: perplexity down by more than 40%
 
 
+@pytest.mark.slow
 def test_streaming_trains_and_resumes_exactly(tmp_path, train_file, monkeypatch):
     valid = tmp_path / "valid.txt"
     valid.write_text(Path(train_file).read_text()[:5000])
@@ -303,6 +306,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path, train_file, monkeypatch, ca
     assert time.perf_counter() - start < 20
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
     start = time.perf_counter()
@@ -316,6 +320,7 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     assert time.perf_counter() - start < 60  # mostly interpreter start-up and imports
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, train_file):
     """Two CPU processes (gloo) through accelerate launch: ranks read disjoint blocks, so together they
     see exactly the one-process run's batches, and end with identical weights. (`accelerate launch
