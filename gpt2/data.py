@@ -207,15 +207,14 @@ def _load_named(name, config_name, streaming, cache_dir):
             return DatasetDict({k: v.to_iterable_dataset() for k, v in data.items()}) if streaming else data
         return load_dataset(str(path), config_name, streaming=streaming, cache_dir=cache_dir)
 
-    from gpt2.tokenizer import hub_unreachable_reason
+    from gpt2.hub import hub_offline, hub_unreachable_reason
 
     alternatives = (
         "Use local files (--train_file data.txt [--validation_file val.txt]; txt, json, jsonl, csv or "
         f"parquet), a local dataset directory, or the built-in offline corpus (--dataset_name "
         f"{BUILTIN_CORPUS}, the default)."
     )
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    reason = None if offline else hub_unreachable_reason()  # offline mode: straight to the local cache
+    reason = None if hub_offline() else hub_unreachable_reason()  # offline mode: straight to the local cache
     if reason:
         raise DataError(
             f"dataset {name!r} needs the Hugging Face Hub, which can't be reached ({reason}). {alternatives} "

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from gpt2.data import BUILTIN_CORPUS, load_builtin_corpus
+
 IGNORE_INDEX = -100  # label value that is not scored (PyTorch's and Hugging Face's convention)
 JOIN_SEPARATOR = "\n\n"  # between texts of a split, as in the Hugging Face perplexity guide
-# --kernels choices: (attention, LayerNorm) implementations; "auto" picks triton on CUDA, else sdpa.
-KERNEL_CHOICES = {"triton": ("triton", "triton"), "sdpa": ("sdpa", "torch"), "eager": ("eager", "torch")}
 DATA_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -286,6 +286,11 @@ def load_texts(
             kwargs["sample_by"] = "document"
         source = f"--validation_file {validation_file!r}"
         load = lambda: datasets.load_dataset(builder, data_files=validation_file, split="train", **kwargs)
+    elif dataset_name == BUILTIN_CORPUS:
+        if dataset_split not in ("train", "validation"):
+            raise EvaluationInputError(f"{BUILTIN_CORPUS} has splits 'train' and 'validation', not {dataset_split!r}")
+        source = f"{BUILTIN_CORPUS} split {dataset_split!r}"
+        load = lambda: load_builtin_corpus()[dataset_split]
     else:
         _check_hub_reachable(dataset_name)
         source = f"dataset {dataset_name!r}" + (f" ({dataset_config_name})" if dataset_config_name else "")
@@ -310,11 +315,9 @@ def load_texts(
 def _check_hub_reachable(dataset_name: str) -> None:
     """Fail in seconds, not after the Hub client's ~25 s of retries, when a dataset that isn't a
     local path needs a Hub that can't be reached. Offline mode goes on to the local cache."""
-    from huggingface_hub import constants
+    from gpt2.hub import hub_offline, hub_unreachable_reason
 
-    from gpt2.hub import hub_unreachable_reason
-
-    if os.path.exists(dataset_name) or constants.HF_HUB_OFFLINE:
+    if os.path.exists(dataset_name) or hub_offline():
         return
     reason = hub_unreachable_reason()
     if reason:
@@ -322,17 +325,6 @@ def _check_hub_reachable(dataset_name: str) -> None:
             f"dataset {dataset_name!r} is not a local path and the Hugging Face Hub can't be reached "
             f"({reason}); pass --validation_file, or set HF_HUB_OFFLINE=1 to use the local cache"
         )
-
-
-def resolve_kernels(kernels: str, device_type: str) -> tuple[str, str]:
-    """(attn_impl, norm_impl) for a --kernels choice; "auto" is triton on CUDA, else sdpa + torch."""
-    from gpt2.registry import triton_unavailable_reason
-
-    if kernels == "auto":
-        kernels = "triton" if device_type == "cuda" and triton_unavailable_reason() is None else "sdpa"
-    if kernels not in KERNEL_CHOICES:
-        raise EvaluationInputError(f"--kernels must be one of {(*KERNEL_CHOICES, 'auto')}, got {kernels!r}")
-    return KERNEL_CHOICES[kernels]
 
 
 def _first_line(error: BaseException) -> str:

@@ -6,27 +6,30 @@ up; a user without a network should hear that within a second or two, with what 
 
 from __future__ import annotations
 
+import os
 import socket
-from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
 
-@lru_cache(maxsize=1)
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
     """None when a TCP connection to the Hub's endpoint opens within timeout seconds; else why not.
-    Offline mode (HF_HUB_OFFLINE=1) counts as unreachable: only the local cache is used."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
+    Offline mode (HF_HUB_OFFLINE=1) counts as unreachable: only the local cache is used. The
+    environment is read on every call, so HF_ENDPOINT / HF_HUB_OFFLINE set later still count."""
+    if hub_offline():
         return "HF_HUB_OFFLINE is set"
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
     except OSError as err:
-        return f"cannot connect to {url.hostname}:{port} ({err})"
-    return None
+        return f"cannot reach {host}:{port} ({err.strerror or err})"
 
 
 def download_files(repo_id: str, filenames: list[str], what: str) -> Path:

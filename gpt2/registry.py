@@ -125,6 +125,22 @@ def triton_unavailable_reason() -> str | None:
     return None
 
 
+KERNEL_CHOICES = {"triton": ("triton", "triton"), "sdpa": ("sdpa", "torch"), "eager": ("eager", "torch")}
+
+
+def resolve_kernels(choice: str, device_type: str | None = None) -> tuple[str, str]:
+    """(attn_impl, norm_impl) for the scripts' --kernels {auto, triton, sdpa, eager}. "auto" is
+    our Triton kernels on CUDA and SDPA + torch LayerNorm elsewhere; "triton" where Triton can't
+    run raises RuntimeError saying why."""
+    if choice == "auto":
+        on_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
+        choice = "triton" if on_cuda and triton_unavailable_reason() is None else "sdpa"
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"--kernels must be one of {['auto', *KERNEL_CHOICES]}, got {choice!r}")
+    check_available(*KERNEL_CHOICES[choice])
+    return KERNEL_CHOICES[choice]
+
+
 def check_available(attn_impl: str, norm_impl: str) -> None:
     """Raise RuntimeError, saying why and what to use, when a chosen implementation can't run here."""
     if "triton" in (attn_impl, norm_impl):

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from gpt2.hub import hub_unreachable_reason
 
 EOT = "<|endoftext|>"  # GPT-2's document separator; our trained tokenizers reserve it as a special token
 # Separator tokens of other tokenizer families, tried in order when <|endoftext|> is absent.
@@ -29,24 +29,6 @@ _EOS_CANDIDATES = (EOT, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
 class TokenizerNotFoundError(OSError):
     """A tokenizer path or hub name that can't be loaded; the message says what would work."""
-
-
-def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
-    """None when the Hugging Face Hub answers on its port; otherwise why not.
-
-    huggingface_hub retries a dead connection with back-off for about 25 seconds before failing;
-    a 3-second TCP probe first turns "no network" into an immediate, explainable error.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return "HF_HUB_OFFLINE is set"
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except OSError as err:
-        return f"cannot reach {host}:{port} ({err.strerror or err})"
 
 
 def load_tokenizer(path_or_name: str | os.PathLike) -> Tokenizer:

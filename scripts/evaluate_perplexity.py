@@ -46,7 +46,6 @@ from tqdm.auto import tqdm  # noqa: E402
 from gpt2 import GPT2  # noqa: E402
 from gpt2.evaluation import (  # noqa: E402
     JOIN_SEPARATOR,
-    KERNEL_CHOICES,
     EvaluationInputError,
     PerplexityTotals,
     WindowDataset,
@@ -55,10 +54,10 @@ from gpt2.evaluation import (  # noqa: E402
     join_texts,
     load_texts,
     plan_windows,
-    resolve_kernels,
     score_batch,
     tokenize_stream,
 )
+from gpt2.registry import KERNEL_CHOICES, resolve_kernels  # noqa: E402
 from gpt2.tokenizer import load_tokenizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
 from gpt2 import GPT2  # noqa: E402
-from gpt2.evaluation import KERNEL_CHOICES, resolve_kernels  # noqa: E402
+from gpt2.registry import KERNEL_CHOICES, resolve_kernels  # noqa: E402
 from gpt2.tokenizer import eos_token_id, load_tokenizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -51,7 +51,7 @@ from gpt2 import (  # noqa: E402
     training,  # noqa: E402
 )
 from gpt2 import data as gdata  # noqa: E402
-from gpt2.registry import triton_unavailable_reason  # noqa: E402
+from gpt2.registry import resolve_kernels  # noqa: E402
 from gpt2.tokenizer import (  # noqa: E402
     TokenizerNotFoundError,
     eos_token_id,
@@ -195,9 +195,6 @@ def build_config(args) -> GPT2Config | None:
         config = _config_from_name(args.config_name)
         if args.config_overrides:
             overrides = args.config_overrides
-            keys = {item.partition("=")[0].strip() for item in overrides.split(",")}
-            if "n_kv_head" not in keys and config.n_kv_head == config.n_head:
-                overrides += ",n_kv_head=None"  # plain multi-head attention follows a new n_head
             config = config.with_overrides(overrides)
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -219,7 +216,7 @@ def build_model(args, config: GPT2Config | None, vocab_size: int) -> GPT2:
                 f"the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's "
                 f"({vocab_size})"
             )
-        attn, norm = _kernels(args.kernels)
+        attn, norm = resolve_kernels(args.kernels, "cpu" if args.cpu else None)
         model.set_kernels(attn_impl=attn, norm_impl=norm)
     except (ValueError, RuntimeError, OSError) as err:
         raise UsageError(str(err)) from None
@@ -237,19 +234,6 @@ def _config_from_name(name: str) -> GPT2Config:
         known = set(GPT2Config().to_dict())  # a saved config.json also carries HF GPT-2 keys
         return GPT2Config.from_dict({k: v for k, v in values.items() if k in known})
     raise UsageError(f"--config_name {name!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
-
-
-def _kernels(choice: str) -> tuple[str, str]:
-    """(attn_impl, norm_impl) for --kernels."""
-    if choice == "auto":
-        use_triton = torch.cuda.is_available() and triton_unavailable_reason() is None
-        return ("triton", "triton") if use_triton else ("sdpa", "torch")
-    if choice == "triton":
-        reason = triton_unavailable_reason()
-        if reason:
-            raise UsageError(f"--kernels triton can't run here: {reason}")
-        return "triton", "triton"
-    return choice, "torch"
 
 
 def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
@@ -665,7 +649,10 @@ def _evaluation_data_flags(args) -> str:
 def _check_kernels_early(args):
     """--kernels triton where Triton can't run: say so before any data is loaded."""
     if args.kernels == "triton":
-        _kernels("triton")
+        try:
+            resolve_kernels("triton")
+        except RuntimeError as err:
+            raise UsageError(f"--kernels triton can't run here: {err}") from None
 
 
 def _banner(print_, args, accelerator, model, tokenizer, stats, block_size, tokens_per_step, device_name, peak):

@@ -239,6 +239,18 @@ def test_jsonl_rows_joined_and_capped(checkpoint, tmp_path):
     assert report["nll_sum"] == pytest.approx(joined["nll_sum"], rel=1e-9)
 
 
+def test_builtin_corpus_split(checkpoint):
+    """The command pretraining prints for its default data: the built-in corpus's validation split."""
+    from gpt2.data import BUILTIN_CORPUS, load_builtin_corpus
+
+    report = evaluate_perplexity.main(["--model_name_or_path", str(checkpoint), "--dataset_name", BUILTIN_CORPUS,
+                                       "--dataset_split", "validation", "--max_samples", "2", "--stride", "32"])
+    expected = "\n\n".join(t for t in load_builtin_corpus()["validation"]["text"][:2] if t)
+    assert report["stream_bytes"] == len(expected.encode("utf-8"))
+    with pytest.raises(SystemExit, match="has splits 'train' and 'validation'"):
+        evaluate_perplexity.main(["--model_name_or_path", str(checkpoint), "--dataset_name", BUILTIN_CORPUS])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gpt2 import GPT2, GPT2Config
 from gpt2.loss import linear_cross_entropy
-from gpt2.registry import ATTENTION
+from gpt2.registry import ATTENTION, resolve_kernels
 
 
 def tiny_config(**overrides):
@@ -157,6 +157,18 @@ def test_triton_unavailable_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="need a CUDA GPU"):
         model.set_kernels(norm_impl="triton")
     assert model.config.norm_impl == "torch"
+
+
+def test_resolve_kernels(monkeypatch):
+    assert resolve_kernels("sdpa") == ("sdpa", "torch")
+    assert resolve_kernels("eager", "cuda") == ("eager", "torch")
+    assert resolve_kernels("auto", "cpu") == ("sdpa", "torch")
+    with pytest.raises(ValueError, match="--kernels must be one of"):
+        resolve_kernels("flash")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="need a CUDA GPU"):
+        resolve_kernels("triton")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
