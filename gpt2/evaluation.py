@@ -330,3 +330,21 @@ def _check_hub_reachable(dataset_name: str) -> None:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def load_model_and_tokenizer(model_name_or_path, tokenizer_name, kernels: str, device, dtype):
+    """A checkpoint (ours or HF GPT-2) and its tokenizer, ready for inference on device in dtype.
+    Raises ValueError / OSError / RuntimeError with a message fit for the user."""
+    from gpt2.model import GPT2
+    from gpt2.registry import resolve_kernels
+    from gpt2.tokenizer import load_tokenizer
+
+    model = GPT2.from_pretrained(model_name_or_path)
+    model.set_kernels(*resolve_kernels(kernels, torch.device(device).type))
+    tokenizer = load_tokenizer(tokenizer_name or model_name_or_path)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+            f"{model.config.vocab_size}: they don't belong together (see --tokenizer_name)"
+        )
+    return model.to(device=device, dtype=dtype).eval(), tokenizer

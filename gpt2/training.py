@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -202,3 +203,10 @@ def check_resume_compatible(saved: dict, current: dict) -> None:
             "can't resume exactly with different settings (" + "; ".join(changed) + "). Run with the "
             "checkpoint's settings, or start a new run from its weights with --model_name_or_path."
         )
+
+
+def use_cpu(requested: bool) -> bool:
+    """Accelerator(cpu=...) for the scripts: --cpu, or several processes on a host without CUDA
+    (torchrun, `accelerate launch --multi_gpu --num_processes 2 ... --cpu`), where Accelerate sets up
+    gloo only when told cpu=True; otherwise each process would run alone."""
+    return requested or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)

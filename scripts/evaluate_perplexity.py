@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,6 @@ from accelerate import Accelerator  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from gpt2 import GPT2  # noqa: E402
 from gpt2.evaluation import (  # noqa: E402
     JOIN_SEPARATOR,
     EvaluationInputError,
@@ -52,13 +50,14 @@ from gpt2.evaluation import (  # noqa: E402
     check_window_arguments,
     collate_windows,
     join_texts,
+    load_model_and_tokenizer,
     load_texts,
     plan_windows,
     score_batch,
     tokenize_stream,
 )
-from gpt2.registry import KERNEL_CHOICES, resolve_kernels  # noqa: E402
-from gpt2.tokenizer import load_tokenizer  # noqa: E402
+from gpt2.registry import KERNEL_CHOICES  # noqa: E402
+from gpt2.training import use_cpu  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -97,30 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def use_cpu(args) -> bool:
-    """--cpu, or several processes on a host without CUDA (torchrun, `accelerate launch --multi_gpu`):
-    Accelerate sets up gloo only when told cpu=True; otherwise each process would run alone."""
-    return args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
-
-
 def fail(message: str):
     """Exit with a one-line message and no traceback (the user's input was at fault)."""
     raise SystemExit(f"evaluate_perplexity.py: error: {message}")
-
-
-def load_model_and_tokenizer(args, device: torch.device):
-    try:
-        model = GPT2.from_pretrained(args.model_name_or_path)
-        model.set_kernels(*resolve_kernels(args.kernels, device.type))
-        tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path)
-    except (ValueError, OSError, RuntimeError) as error:
-        fail(str(error))
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        fail(
-            f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
-            f"{model.config.vocab_size}: they don't belong together (see --tokenizer_name)"
-        )
-    return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer
 
 
 def window_lengths(args, n_positions: int) -> tuple[int, int]:
@@ -197,8 +175,13 @@ def print_summary(report: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=use_cpu(args))
-    model, tokenizer = load_model_and_tokenizer(args, accelerator.device)
+    accelerator = Accelerator(cpu=use_cpu(args.cpu))
+    try:
+        model, tokenizer = load_model_and_tokenizer(
+            args.model_name_or_path, args.tokenizer_name, args.kernels, accelerator.device, DTYPES[args.dtype]
+        )
+    except (ValueError, OSError, RuntimeError) as error:
+        fail(str(error))
     try:
         max_length, stride = window_lengths(args, model.config.n_positions)
         with accelerator.main_process_first():  # one process fills the datasets cache, the others read it

@@ -19,7 +19,6 @@ end-of-text token.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -29,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from gpt2 import GPT2  # noqa: E402
-from gpt2.registry import KERNEL_CHOICES, resolve_kernels  # noqa: E402
-from gpt2.tokenizer import eos_token_id, load_tokenizer  # noqa: E402
+from gpt2.evaluation import load_model_and_tokenizer  # noqa: E402
+from gpt2.registry import KERNEL_CHOICES  # noqa: E402
+from gpt2.tokenizer import eos_token_id  # noqa: E402
+from gpt2.training import use_cpu  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,12 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def use_cpu(args) -> bool:
-    """--cpu, or several processes on a host without CUDA (torchrun, `accelerate launch --multi_gpu`):
-    Accelerate sets up gloo only when told cpu=True; otherwise each process would run alone."""
-    return args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
-
-
 def fail(message: str):
     """Exit with a one-line message and no traceback (the user's input was at fault)."""
     raise SystemExit(f"generate.py: error: {message}")
@@ -85,16 +79,6 @@ def read_prompts(args) -> list[str]:
             fail(f"can't read --prompt_file: {error}")
         prompts += [line for line in lines if line.strip()]
     return prompts or [""]
-
-
-def load_model_and_tokenizer(args, device: torch.device):
-    try:
-        model = GPT2.from_pretrained(args.model_name_or_path)
-        model.set_kernels(*resolve_kernels(args.kernels, device.type))
-        tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path)
-    except (ValueError, OSError, RuntimeError) as error:
-        fail(str(error))
-    return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer
 
 
 def encode_prompt(tokenizer, prompt: str, eos_id: int | None) -> list[int]:
@@ -131,8 +115,13 @@ def sample(model, prompt_ids: list[int], args, eos_id: int | None, generator: to
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=use_cpu(args))
-    model, tokenizer = load_model_and_tokenizer(args, accelerator.device)
+    accelerator = Accelerator(cpu=use_cpu(args.cpu))
+    try:
+        model, tokenizer = load_model_and_tokenizer(
+            args.model_name_or_path, args.tokenizer_name, args.kernels, accelerator.device, DTYPES[args.dtype]
+        )
+    except (ValueError, OSError, RuntimeError) as error:
+        fail(str(error))
     eos_id = eos_token_id(tokenizer)
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)

@@ -24,7 +24,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -379,9 +378,8 @@ def main(argv=None) -> int:
 def train(args) -> int:
     # Several processes without a GPU (`accelerate launch --multi_gpu --num_processes 2 ... --cpu`, or
     # torchrun on a CPU host) need cpu=True for Accelerate to set up gloo instead of running them apart.
-    cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     accelerator = Accelerator(
-        cpu=cpu,
+        cpu=training.use_cpu(args.cpu),
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=args.gradient_accumulation_steps,
             sync_with_dataloader=False,  # we take a whole step's micro-batches at once, see below

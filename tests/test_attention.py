@@ -17,12 +17,11 @@ import importlib
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import compile_for_gpu_in_subprocess
 
 from kernels import attention_ref, flash_attention
 
@@ -276,17 +275,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_kernels_compile_for_gpu():
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this triton build has no NVIDIA backend / ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(attention.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    compile_for_gpu_in_subprocess(_COMPILE_SCRIPT)
 
 
 @pytest.mark.requires_cuda
