@@ -198,9 +198,12 @@ def main(argv=None) -> int:
     copy_gbps = copy_bandwidth(args.quick)
     results = []
     for kernel in ("layer_norm", "add_layer_norm"):
-        table = providers(kernel, args.quick)
         for hidden in hiddens:
             for dtype_name in dtypes:
+                # A fresh torch.compile per point: one compiled function across every shape, dtype and
+                # grad mode would pass Dynamo's recompile limit and silently fall back to eager.
+                torch._dynamo.reset()
+                table = providers(kernel, args.quick)
                 point = run_point(kernel, rows_n, hidden, dtype_name, table, env, args.quick, device, copy_gbps)
                 results += point
                 summary = ", ".join(f"{r['provider']} {r['mode']} {r['p50']:.0f}" for r in point

@@ -306,8 +306,9 @@ def load_texts(
         )
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
-    texts = [text for text in dataset[text_column] if text]
-    if not texts:
+    # Empty rows stay: the guide joins every row (wikitext's blank lines included) with "\n\n".
+    texts = [text for text in dataset[text_column] if text is not None]
+    if not any(texts):
         raise EvaluationInputError(f"{source} has no non-empty text in column {text_column!r}")
     return texts
 

@@ -29,8 +29,9 @@ def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
     """Set to -inf every logit outside the top_k largest and outside the smallest set whose
     probability reaches top_p (the most likely token is always kept). logits: (B, V) float."""
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep.scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)  # exactly k, even with ties
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         sorted_probs = sorted_logits.softmax(dim=-1)

@@ -85,6 +85,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -117,7 +120,6 @@ def save_pretrained(model, save_directory) -> None:
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
@@ -131,7 +133,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
             return tensors
         if (directory / "pytorch_model.bin").exists():
             return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, KeyError, json.JSONDecodeError) as err:
+    except Exception as err:  # noqa: BLE001 - a corrupt pickle raises almost anything (IndexError, UnpicklingError)
         raise ValueError(f"{directory}: the weights file is unreadable or corrupt ({err})") from None
     raise FileNotFoundError(f"{directory}: no weights file; expected one of {', '.join(WEIGHT_FILES)}")
 

@@ -2,8 +2,9 @@
 
 For N tokens and a vocabulary V, the logits are N x V: for a 16k-token GPT-2 batch that is 3.3 GB
 in fp32, and autograd would keep them alive until backward. Instead we compute them a chunk of
-rows at a time, in fp32, take the loss, and immediately turn them into the two gradients backward
-will need (the trick of Liger-Kernel's fused linear cross-entropy):
+rows at a time (the matmul in the inputs' dtype, or autocast's; the softmax and loss in fp32), take
+the loss, and immediately turn them into the two gradients backward will need (the trick of
+Liger-Kernel's fused linear cross-entropy):
 
     logits = h W^T                      (n, V), one chunk
     nll_i  = lse_i - logits[i, y_i]      lse = logsumexp over the vocabulary
@@ -23,13 +24,14 @@ _MAX_CHUNK_ELEMENTS = 2**26
 
 
 def _chunk_nll(h, weight, targets, ignore_index, want_grad):
-    """NLL sum for one chunk and, when asked, the gradient of that sum w.r.t. its logits."""
+    """Per-row NLL (0 for ignored rows) for one chunk and, when asked, the gradient of their sum
+    w.r.t. the chunk's logits."""
     logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # (n, V), fp32 or wider
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0)
     lse = torch.logsumexp(logits, dim=-1)  # (n,)
     target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1)
-    nll = ((lse - target_logits) * valid).sum()
+    nll = (lse - target_logits) * valid
     if not want_grad:
         return nll, None
     dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, reusing the logits' memory
@@ -50,7 +52,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, n_rows, chunk):
             h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
             nll, dlogits = _chunk_nll(h_c, weight, t_c, ignore_index, want_grad)
-            total += nll
+            total += nll.sum()
             if want_grad:
                 dh[start : start + chunk] = (dlogits.to(h.dtype) @ weight.to(h.dtype)).to(h.dtype)
                 dweight += (dlogits.T.to(h.dtype) @ h_c).to(acc_dtype)
@@ -70,8 +72,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction: str = "mean"):
     """Cross-entropy of softmax(h @ weight.T) against targets, with h (N, C), weight (V, C),
-    targets (N,). reduction "mean" averages over targets != ignore_index; "sum" adds them up."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    targets (N,). reduction "mean" averages over targets != ignore_index; "sum" adds them up;
+    "none" (evaluation only, no gradient) gives each target's NLL, 0 where ignored."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     want_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if reduction == "none":
+        if want_grad:
+            raise ValueError("reduction='none' is for evaluation: call it under torch.no_grad()")
+        chunk = max(1, _MAX_CHUNK_ELEMENTS // weight.shape[0])
+        return torch.cat([
+            _chunk_nll(h[i : i + chunk], weight, targets[i : i + chunk], ignore_index, False)[0]
+            for i in range(0, h.shape[0], chunk)
+        ])
     return LinearCrossEntropyFunction.apply(h, weight, targets, ignore_index, reduction, want_grad)

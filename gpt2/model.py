@@ -55,9 +55,10 @@ def rotary_tables(config: GPT2Config, positions: torch.Tensor, dtype):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate-half RoPE (GPT-NeoX / Llama layout) on x (B, nh, T, hs)."""
+    """Rotate-half RoPE (GPT-NeoX / Llama layout) on x (B, nh, T, hs), returned in x's dtype (under
+    autocast the tables are fp32 while q and k are bf16; attention needs q, k, v in one dtype)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -182,19 +183,21 @@ class GPT2(nn.Module):
     def forward(self, input_ids, labels=None, ignore_index: int = -100, reduction: str = "mean"):
         """Logits (B, T, vocab) without labels. With labels (aligned with input_ids; the shift to
         next-token targets happens here, as in Hugging Face), the next-token cross-entropy: the mean
-        over non-ignored targets, or their sum with reduction="sum" (for token-weighted averages).
+        over non-ignored targets, their sum with reduction="sum" (for token-weighted averages), or,
+        under torch.no_grad(), each target's NLL as (B, T - 1) with reduction="none".
 
         The loss never materialises the whole batch's logits: linear_cross_entropy computes them
-        chunk by chunk, in fp32, and keeps only the gradient it needs (gpt2/loss.py).
+        chunk by chunk (softmax and loss in fp32) and keeps only the gradient it needs (gpt2/loss.py).
         """
         h = self.hidden_states(input_ids)
         if labels is None:
             return self.lm_head(h)
         targets = labels[:, 1:]
         h = h[:, :-1]
-        return linear_cross_entropy(
+        loss = linear_cross_entropy(
             h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1), ignore_index, reduction
         )
+        return loss.view(targets.shape) if reduction == "none" else loss
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters, counting the tied LM head once. exclude_embeddings drops wte and wpe."""

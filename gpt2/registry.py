@@ -70,10 +70,8 @@ def triton_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None)
     through SDPA: one query row per step is memory-bound and gains nothing from a fused kernel."""
     if q.shape[2] != k.shape[2]:
         return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale)
-    if dropout_p > 0.0:
-        raise NotImplementedError(
-            "the triton attention kernel has no attention dropout; set dropout=0 or attn_impl='sdpa'"
-        )
+    if dropout_p > 0.0:  # GPT2Config refuses this combination; a direct caller gets the same answer
+        raise ValueError("the triton attention kernel has no attention dropout; set dropout=0 or attn_impl='sdpa'")
     from kernels import flash_attention
 
     return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
@@ -128,13 +126,16 @@ def triton_unavailable_reason() -> str | None:
 KERNEL_CHOICES = {"triton": ("triton", "triton"), "sdpa": ("sdpa", "torch"), "eager": ("eager", "torch")}
 
 
-def resolve_kernels(choice: str, device_type: str | None = None) -> tuple[str, str]:
+def resolve_kernels(choice: str, device_type: str | None = None, dropout: float = 0.0) -> tuple[str, str]:
     """(attn_impl, norm_impl) for the scripts' --kernels {auto, triton, sdpa, eager}. "auto" is
-    our Triton kernels on CUDA and SDPA + torch LayerNorm elsewhere; "triton" where Triton can't
-    run raises RuntimeError saying why."""
+    our Triton kernels on CUDA (attention through SDPA when the model uses dropout, which our
+    kernel lacks) and SDPA + torch LayerNorm elsewhere. "triton" where Triton can't run raises
+    RuntimeError saying why."""
     if choice == "auto":
         on_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
-        choice = "triton" if on_cuda and triton_unavailable_reason() is None else "sdpa"
+        if not (on_cuda and triton_unavailable_reason() is None):
+            return KERNEL_CHOICES["sdpa"]
+        return ("sdpa", "triton") if dropout > 0 else KERNEL_CHOICES["triton"]
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"--kernels must be one of {['auto', *KERNEL_CHOICES]}, got {choice!r}")
     check_available(*KERNEL_CHOICES[choice])

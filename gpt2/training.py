@@ -182,6 +182,10 @@ def write_training_state(path: str | Path, state: dict) -> None:
     (path / COMPLETE_MARKER).write_text("ok\n")
 
 
+def remove_completion_marker(path: str | Path) -> None:
+    (Path(path) / COMPLETE_MARKER).unlink(missing_ok=True)
+
+
 def read_training_state(path: str | Path) -> dict:
     return json.loads((Path(path) / TRAINING_STATE).read_text())
 

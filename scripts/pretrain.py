@@ -215,7 +215,7 @@ def build_model(args, config: GPT2Config | None, vocab_size: int) -> GPT2:
                 f"the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's "
                 f"({vocab_size})"
             )
-        attn, norm = resolve_kernels(args.kernels, "cpu" if args.cpu else None)
+        attn, norm = resolve_kernels(args.kernels, "cpu" if args.cpu else None, model.config.dropout)
         model.set_kernels(attn_impl=attn, norm_impl=norm)
     except (ValueError, RuntimeError, OSError) as err:
         raise UsageError(str(err)) from None
@@ -283,12 +283,8 @@ def evaluate(model, dataloader, accelerator: Accelerator, prepared: bool) -> tup
     nll, count = nll.to(accelerator.device), count.to(accelerator.device)
     for batch in dataloader:
         input_ids = batch["input_ids"].to(accelerator.device)
-        logits = model(input_ids)  # (B, T, V)
-        targets = input_ids[:, 1:]
-        token_nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
-        )  # (B, T-1)
-        seq_nll, seq_count = token_nll.sum(1).double(), (targets != -100).sum(1).double()
+        token_nll = model(input_ids, labels=input_ids, reduction="none")  # (B, T-1), chunked: no full logits
+        seq_nll, seq_count = token_nll.sum(1).double(), (input_ids[:, 1:] != -100).sum(1).double()
         if prepared:
             seq_nll, seq_count = accelerator.gather_for_metrics((seq_nll, seq_count))
         nll += seq_nll.sum()
@@ -304,7 +300,11 @@ def save_checkpoint(accelerator, args, step: int, position: dict, tokenizer) -> 
     """accelerator.save_state into output_dir/step_N, then the tokenizer and training position, then
     the completion marker, last; so an interrupted save is never mistaken for a checkpoint."""
     path = training.checkpoint_dir(args.output_dir, step)
+    if accelerator.is_main_process:
+        training.remove_completion_marker(path)  # overwriting step_N: it is incomplete until we finish
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()  # every rank's shards and RNG states are on disk
     if accelerator.is_main_process:
         save_tokenizer(tokenizer, path)
         training.write_training_state(path, {"step": step, **position})
@@ -493,8 +493,8 @@ def train(args) -> int:
     # The loop. Each optimizer step takes its ga micro-batches at once, so the loss can be divided by
     # the step's token count across micro-batches and ranks before backward (token-weighted loss).
     model.train()
-    start_time, last_log_time = time.perf_counter(), time.perf_counter()
-    window_nll, window_tokens, steps_run = 0.0, 0, 0
+    start_time = window_start = time.perf_counter()
+    window_nll, window_tokens, window_steps, window_paused, steps_run = 0.0, 0, 0, 0.0, 0
     last_checkpoint = training.latest_checkpoint(output_dir)
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc="training", dynamic_ncols=True)
@@ -516,12 +516,19 @@ def train(args) -> int:
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     step_loss = accelerator.reduce(step_nll, "sum") / step_tokens
-                    finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
-                    if finite:
+                    if accelerator.scaler is not None:
+                        # fp16: overflowing gradients are routine; the loss scaler skips that update
+                        # and lowers its scale inside optimizer.step(), so only the loss can be fatal.
                         optimizer.step()
+                        finite = bool(torch.isfinite(step_loss))
+                    else:
+                        finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
+                        if finite:
+                            optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
         step += 1
         steps_run += 1
+        window_steps += 1
         if not finite:
             message = (f"non-finite {'loss' if not torch.isfinite(step_loss) else 'grad norm'} at step {step} "
                        f"(loss {step_loss.item()}, grad norm {float(grad_norm)})")
@@ -540,10 +547,9 @@ def train(args) -> int:
         progress.update(1)
 
         if step % args.logging_steps == 0 or step == args.max_train_steps:
+            # Throughput over the steps since the last log, not counting evaluation and checkpointing.
             now = time.perf_counter()
-            tokens_per_s = tokens_per_step * args.logging_steps / max(now - last_log_time, 1e-9)
-            if step % args.logging_steps:
-                tokens_per_s = tokens_per_step * (step % args.logging_steps) / max(now - last_log_time, 1e-9)
+            tokens_per_s = tokens_per_step * window_steps / max(now - window_start - window_paused, 1e-9)
             utilisation = training.mfu(tokens_per_s / world, flops_per_token, peak)
             record = {
                 "train_loss": window_nll / max(window_tokens, 1),
@@ -563,20 +569,20 @@ def train(args) -> int:
                     f"{record['peak_memory']}"
                 )
             metrics.log(record, step)
-            window_nll, window_tokens, last_log_time = 0.0, 0, now
+            window_nll, window_tokens, window_steps, window_paused, window_start = 0.0, 0, 0, 0.0, now
 
+        pause_start = time.perf_counter()
         if step % args.eval_steps == 0 or step == args.max_train_steps:
             loss, ppl = evaluate(model, eval_loader, accelerator, prepared=not args.streaming)
             if accelerator.is_local_main_process:
                 progress.write(f"step {step}: val loss {loss:.4f}, val perplexity {ppl:.2f}")
             metrics.log({"val_loss": loss, "val_perplexity": ppl}, step)
-            last_log_time = time.perf_counter()  # eval time is not training throughput
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             last_checkpoint = save_checkpoint(
                 accelerator, args, step, {"epoch": epoch, "batches_in_epoch": batches_done, **run_settings},
                 tokenizer,
             )
-            last_log_time = time.perf_counter()
+        window_paused += time.perf_counter() - pause_start
     progress.close()
     if steps_run == 0:  # resumed at the end: nothing trained, report the checkpoint as it is
         loss, ppl = evaluate(model, eval_loader, accelerator, prepared=not args.streaming)

@@ -70,6 +70,11 @@ def test_top_k_and_top_p_only_allow_the_right_tokens():
         assert probs[row][kept[row]].sum() >= p
 
 
+def test_top_k_keeps_exactly_k_with_ties():
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.5]])
+    assert filter_logits(logits, top_k=2).isfinite().sum() == 2
+
+
 def test_sampling_only_draws_allowed_tokens():
     model = tiny_model()
     prompt = torch.randint(0, 53, (64, 1))

@@ -133,6 +133,27 @@ def test_corrupt_weights(tmp_path):
         GPT2.from_pretrained(tmp_path)
 
 
+def test_corrupt_pytorch_bin(tmp_path):
+    _saved(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="unreadable or corrupt"):
+        GPT2.from_pretrained(tmp_path)
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        GPT2(tiny_config()).save_pretrained(tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         GPT2.from_pretrained(tmp_path)

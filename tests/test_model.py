@@ -128,6 +128,7 @@ def test_small_preset_is_small():
         (dict(position_embedding="alibi"), "position_embedding must be one of"),
         (dict(n_layer=0), "positive integer"),
         (dict(dropout=1.0), "dropout"),
+        (dict(attn_impl="triton", dropout=0.1), "no attention dropout"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -163,6 +164,9 @@ def test_resolve_kernels(monkeypatch):
     assert resolve_kernels("sdpa") == ("sdpa", "torch")
     assert resolve_kernels("eager", "cuda") == ("eager", "torch")
     assert resolve_kernels("auto", "cpu") == ("sdpa", "torch")
+    # On CUDA (here: the interpreter stands in), auto is triton, with SDPA attention under dropout.
+    assert resolve_kernels("auto", "cuda") == ("triton", "triton")
+    assert resolve_kernels("auto", "cuda", dropout=0.1) == ("sdpa", "triton")
     with pytest.raises(ValueError, match="--kernels must be one of"):
         resolve_kernels("flash")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -191,6 +195,36 @@ def test_loss_matches_float64_cross_entropy(reduction, monkeypatch):
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     for name, param in model.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_per_token_loss_for_evaluation():
+    model = GPT2(tiny_config()).double().eval()
+    ids = torch.randint(0, 97, (2, 13))
+    labels = ids.clone()
+    labels[1, 4] = -100
+    with torch.no_grad():
+        per_token = model(ids, labels=labels, reduction="none")
+        ref = F.cross_entropy(model(ids)[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    assert per_token.shape == (2, 12) and per_token[1, 3] == 0
+    torch.testing.assert_close(per_token, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        model(ids, labels=labels, reduction="none")
+
+
+def test_rope_keeps_qkv_in_one_dtype_under_autocast(monkeypatch):
+    """Under bf16 autocast the rotary tables are fp32; q and k must still reach attention as bf16,
+    like v (our triton kernel requires one dtype)."""
+    seen = []
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return ATTENTION["sdpa"](q, k, v, **kwargs)
+
+    monkeypatch.setitem(ATTENTION, "eager", spy)
+    model = GPT2(tiny_config(position_embedding="rope", attn_impl="eager"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 97, (1, 8)))
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)
 
 
 def test_loss_without_grad_and_all_ignored():
