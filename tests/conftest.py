@@ -1,9 +1,11 @@
 """Shared fixtures. Triton runs in its interpreter here, on CPU tensors, unless a GPU is present:
 TRITON_INTERPRET must be set before triton is first imported, which is why it is set at the top."""
 
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +29,14 @@ def shared_data():
     if not os.path.isdir(SHARED_DATA):
         pytest.skip("../shared/data is not present beside this checkout")
     return os.path.abspath(SHARED_DATA)
+
+
+def load_script(path: Path):
+    """Import a file under scripts/ (not a package) as a module, so tests call its main(argv)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compile_for_gpu_in_subprocess(script: str) -> None:

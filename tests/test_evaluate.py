@@ -2,7 +2,6 @@
 total NLL against an independent per-token brute force, invariance to batch size, dtype and
 process count, and a clear message for every bad input."""
 
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from gpt2 import GPT2, GPT2Config
 from gpt2.evaluation import WindowDataset, collate_windows, plan_windows, tokenize_stream
@@ -23,13 +23,6 @@ from gpt2.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluate_perplexity.py"
 WORDS = "the a cat sat on mat naïve café 日本 😀 über rock roll and then of to is was ¿qué? 42 —".split()
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 evaluate_perplexity = load_script(SCRIPT)

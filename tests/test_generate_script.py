@@ -1,26 +1,19 @@
 """scripts/generate.py: prompts in, samples out through the KV-cache sampler; reproducible with a
 seed; greedy decoding equal to an argmax loop over plain logits; clear messages for bad input."""
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from gpt2 import GPT2, GPT2Config
 from gpt2.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate.py"
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 20
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 generate = load_script(SCRIPT)
