@@ -94,71 +94,67 @@ def _configs(configs: list[triton.Config], interpret_config: triton.Config) -> l
     return [interpret_config] if _interpreting() else configs
 
 
+def _tiles(names: tuple[str, str], by_head_dim: dict[int, list[tuple]]) -> dict[int, list[triton.Config]]:
+    """{largest head dim: [triton.Config]} from {largest head dim: [(tile, tile, warps, stages)]}."""
+    return {
+        max_d: [triton.Config(dict(zip(names, (a, b))), num_warps=w, num_stages=s) for a, b, w, s in rows]
+        for max_d, rows in by_head_dim.items()
+    }
+
+
+# Tile configs per head-dim class (D <= 64, <= 128, <= 256); the autotuner times only the class of
+# the call's head dim. Chosen for H100/A100 so that none spills registers or overflows shared
+# memory on sm_90 (`python -m benchmarks.resources` prints the compiler's report): a 128-row tile
+# needs 8 warps above D = 64, and D = 256 needs small tiles.
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N must divide BLOCK_M (causal diagonal split).
-FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),
-        (128, 32, 4, 4),
-        (64, 64, 4, 3),
-        (64, 64, 4, 4),
-        (64, 32, 4, 3),
-        (64, 32, 4, 2),
-    ]
-]
+FWD_CONFIGS = _tiles(("BLOCK_M", "BLOCK_N"), {
+    64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+         (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (64, 32, 4, 2)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (64, 32, 4, 2)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+})
 FWD_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
-# (BLOCK_M1 queries per step, BLOCK_N1 keys per program). BLOCK_M1 must divide BLOCK_N1.
-BWD_DKDV_CONFIGS = [
-    triton.Config({"BLOCK_M1": bm, "BLOCK_N1": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (32, 128, 4, 3),
-        (32, 128, 8, 3),
-        (64, 128, 8, 3),
-        (32, 64, 4, 3),
-        (32, 64, 8, 3),
-        (16, 64, 4, 2),
-        (32, 32, 4, 2),
-    ]
-]
+# (BLOCK_M1 queries per step, BLOCK_N1 keys per program, ...). BLOCK_M1 must divide BLOCK_N1.
+BWD_DKDV_CONFIGS = _tiles(("BLOCK_M1", "BLOCK_N1"), {
+    64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3), (16, 64, 4, 2), (32, 32, 4, 2)],
+    128: [(32, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3), (16, 64, 4, 2), (32, 32, 4, 2)],
+    256: [(16, 32, 4, 2)],
+})
 BWD_DKDV_INTERPRET_CONFIG = triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 64}, num_warps=4, num_stages=1)
 
-# (BLOCK_M2 queries per program, BLOCK_N2 keys per step). BLOCK_N2 must divide BLOCK_M2.
-BWD_DQ_CONFIGS = [
-    triton.Config({"BLOCK_M2": bm, "BLOCK_N2": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (128, 32, 4, 3),
-        (128, 32, 8, 3),
-        (128, 64, 8, 3),
-        (64, 32, 4, 3),
-        (64, 64, 4, 3),
-        (64, 16, 4, 2),
-        (32, 32, 4, 2),
-    ]
-]
+# (BLOCK_M2 queries per program, BLOCK_N2 keys per step, ...). BLOCK_N2 must divide BLOCK_M2.
+BWD_DQ_CONFIGS = _tiles(("BLOCK_M2", "BLOCK_N2"), {
+    64: [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 2),
+         (32, 32, 4, 2)],
+    128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 2), (32, 32, 4, 2)],
+    256: [(64, 16, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
+})
 BWD_DQ_INTERPRET_CONFIG = triton.Config({"BLOCK_M2": 64, "BLOCK_N2": 32}, num_warps=4, num_stages=1)
 
 
-def _prune(block_names: tuple[str, str]):
-    """early_config_prune for a (outer, inner) tile pair: the inner tile must divide the outer one;
-    no tile larger than the (power-of-two) sequence needs; small tiles only for D > 128, whose
-    K/V tiles would not fit in shared memory at 128 rows."""
+def _config_key(config: triton.Config) -> tuple:
+    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
+
+
+def _autotune_list(by_head_dim: dict[int, list[triton.Config]], interpret_config: triton.Config):
+    """Every class's configs, once each (the pruner picks a class), or the pinned interpreter config."""
+    unique = {_config_key(c): c for configs in by_head_dim.values() for c in configs}
+    return _configs(list(unique.values()), interpret_config)
+
+
+def _prune(block_names: tuple[str, str], by_head_dim: dict[int, list[triton.Config]]):
+    """early_config_prune for a (outer, inner) tile pair: the configs of the head dim's class,
+    with no tile larger than the (power-of-two) sequence needs."""
     outer_name, inner_name = block_names
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         t_cap = max(32, args["T_BUCKET"])
-        head_dim = args["BLOCK_D"]
-        kept = []
-        for config in configs:
-            outer, inner = config.kwargs[outer_name], config.kwargs[inner_name]
-            if outer % inner or max(outer, inner) > t_cap:
-                continue
-            if head_dim > 128 and outer * inner > 64 * 64:
-                continue
-            kept.append(config)
+        head_dim_class = min(d for d in by_head_dim if d >= args["BLOCK_D"])
+        in_class = {_config_key(c) for c in by_head_dim[head_dim_class]}
+        kept = [c for c in configs if _config_key(c) in in_class
+                and max(c.kwargs[outer_name], c.kwargs[inner_name]) <= t_cap]
         return kept or [min(configs, key=lambda c: c.kwargs[outer_name] * c.kwargs[inner_name])]
 
     return prune
@@ -240,9 +236,9 @@ def _attn_fwd_inner(
 
 
 @triton.autotune(
-    configs=_configs(FWD_CONFIGS, FWD_INTERPRET_CONFIG),
+    configs=_autotune_list(FWD_CONFIGS, FWD_INTERPRET_CONFIG),
     key=["T_BUCKET", "HEAD_DIM", "CAUSAL"],
-    prune_configs_by={"early_config_prune": _prune(("BLOCK_M", "BLOCK_N"))},
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_M", "BLOCK_N"), FWD_CONFIGS)},
 )
 @triton.jit
 def _attn_fwd_kernel(
@@ -356,9 +352,9 @@ def _attn_bwd_dkdv_inner(
 
 
 @triton.autotune(
-    configs=_configs(BWD_DKDV_CONFIGS, BWD_DKDV_INTERPRET_CONFIG),
+    configs=_autotune_list(BWD_DKDV_CONFIGS, BWD_DKDV_INTERPRET_CONFIG),
     key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "N_REP"],
-    prune_configs_by={"early_config_prune": _prune(("BLOCK_N1", "BLOCK_M1"))},
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_N1", "BLOCK_M1"), BWD_DKDV_CONFIGS)},
 )
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -446,9 +442,9 @@ def _attn_bwd_dq_inner(
 
 
 @triton.autotune(
-    configs=_configs(BWD_DQ_CONFIGS, BWD_DQ_INTERPRET_CONFIG),
+    configs=_autotune_list(BWD_DQ_CONFIGS, BWD_DQ_INTERPRET_CONFIG),
     key=["T_BUCKET", "HEAD_DIM", "CAUSAL"],
-    prune_configs_by={"early_config_prune": _prune(("BLOCK_M2", "BLOCK_N2"))},
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_M2", "BLOCK_N2"), BWD_DQ_CONFIGS)},
 )
 @triton.jit
 def _attn_bwd_dq_kernel(

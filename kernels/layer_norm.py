@@ -78,16 +78,24 @@ LN_CONFIGS = [
 LN_INTERPRET_CONFIG = triton.Config({"ROWS": 16}, num_warps=4)
 
 
-def _prune_tiles(configs, named_args, **kwargs):
-    """Keep tiles of at most 16384 elements (registers) with 2..64 elements per thread."""
-    block_n = {**named_args, **kwargs}["BLOCK_N"]
-    kept = []
-    for config in configs:
-        elements = config.kwargs["ROWS"] * block_n
-        threads = 32 * config.num_warps
-        if elements <= max(16384, block_n) and 2 * threads <= max(elements, 64) and 64 * threads >= elements:
-            kept.append(config)
-    return kept or [triton.Config({"ROWS": 1}, num_warps=16)]
+def _prune_tiles(max_per_thread: int):
+    """early_config_prune: tiles of at most 16384 elements with 2..max_per_thread elements per
+    thread. The backward keeps five row tiles live (z, dy, x-hat, g, dz) against the forward's
+    two, so it gets half the forward's 64: at 64, ptxas spills it on sm_90
+    (`python -m benchmarks.resources`)."""
+
+    def prune(configs, named_args, **kwargs):
+        block_n = {**named_args, **kwargs}["BLOCK_N"]
+        kept = []
+        for config in configs:
+            elements = config.kwargs["ROWS"] * block_n
+            threads = 32 * config.num_warps
+            per_thread = elements / threads
+            if elements <= max(16384, block_n) and 2 <= max(per_thread, 64 / threads) and per_thread <= max_per_thread:
+                kept.append(config)
+        return kept or [triton.Config({"ROWS": 1}, num_warps=16)]
+
+    return prune
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +106,7 @@ def _prune_tiles(configs, named_args, **kwargs):
 @triton.autotune(
     configs=_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
     key=["N", "HAS_RESIDUAL"],
-    prune_configs_by={"early_config_prune": _prune_tiles},
+    prune_configs_by={"early_config_prune": _prune_tiles(64)},
 )
 @triton.jit
 def _layer_norm_fwd_kernel(
@@ -136,7 +144,7 @@ def _layer_norm_fwd_kernel(
 @triton.autotune(
     configs=_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
     key=["N", "HAS_DRESIDUAL"],
-    prune_configs_by={"early_config_prune": _prune_tiles},
+    prune_configs_by={"early_config_prune": _prune_tiles(32)},
 )
 @triton.jit
 def _layer_norm_bwd_kernel(

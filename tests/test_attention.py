@@ -203,7 +203,29 @@ def test_interpreter_runs_one_pinned_config():
         pytest.skip("only under the interpreter")
     for kernel in (attention._attn_fwd_kernel, attention._attn_bwd_dkdv_kernel, attention._attn_bwd_dq_kernel):
         assert len(kernel.configs) == 1
-    assert len(attention.FWD_CONFIGS) > 1
+    assert len(attention._autotune_list(attention.FWD_CONFIGS, attention.FWD_INTERPRET_CONFIG)) == 1
+
+
+@pytest.mark.parametrize("by_head_dim, names", [
+    (attention.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N")),
+    (attention.BWD_DKDV_CONFIGS, ("BLOCK_N1", "BLOCK_M1")),
+    (attention.BWD_DQ_CONFIGS, ("BLOCK_M2", "BLOCK_N2")),
+], ids=["fwd", "dkdv", "dq"])
+def test_autotuner_times_only_the_head_dim_class(monkeypatch, by_head_dim, names):
+    """On a GPU the autotuner gets every class's configs; the pruner must leave exactly those of
+    the head dim's class, and no tile longer than a short sequence needs."""
+    monkeypatch.setattr(attention, "_interpreting", lambda: False)
+    every = attention._autotune_list(by_head_dim, attention.FWD_INTERPRET_CONFIG)
+    prune = attention._prune(names, by_head_dim)
+    outer, inner = names
+    assert all(c.kwargs[outer] % c.kwargs[inner] == 0 for c in every)
+    for block_d, head_dim_class in ((16, 64), (64, 64), (128, 128), (256, 256)):
+        kept = prune(every, {"T_BUCKET": 16384, "BLOCK_D": block_d})
+        expected = by_head_dim[head_dim_class]
+        assert sorted(map(attention._config_key, kept)) == sorted(map(attention._config_key, expected))
+    short = prune(every, {"T_BUCKET": 32, "BLOCK_D": 64})
+    # A short sequence keeps the tiles it fills, or else the single smallest.
+    assert len(short) == 1 or all(max(c.kwargs[outer], c.kwargs[inner]) <= 32 for c in short)
 
 
 def test_hub_kernels_package_is_not_detected():
@@ -224,50 +246,28 @@ def test_hub_kernels_package_is_not_detected():
 # Compiles (no launch) each kernel for sm_90 and sm_80 with the real Triton compiler and ptxas, in a
 # process without TRITON_INTERPRET: proof on a GPU-less machine that the kernels are GPU code, not
 # interpreter-only Python. One tile config each (the pinned interpreter ones, themselves valid GPU
-# tiles), D = 64 unpadded and D = 40 padded.
+# tiles), D = 64 unpadded and D = 40 padded. On sm_90 the bf16 products must become Hopper's wgmma.
 _COMPILE_SCRIPT = textwrap.dedent(
     """
-    import importlib, os, sys
+    import importlib
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from benchmarks.resources import compile_kernel, resource_usage
 
     A = importlib.import_module("kernels.attention")
-    INTS = {"H", "T", "T_BUCKET"}
-    FLOATS = {"qk_scale", "softmax_scale"}
-    FP32_POINTERS = {"LSE", "DELTA"}
-
-    def compile_for(kernel, config, constexprs, dtype, cc):
-        fn = kernel.fn if hasattr(kernel, "configs") else kernel  # unwrap the autotuner
-        constexprs = {**constexprs, **(config.kwargs if config else {})}
-        signature = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in INTS or name.startswith("stride"):
-                signature[name] = "i32"
-            elif name in FLOATS:
-                signature[name] = "fp32"
-            else:
-                signature[name] = "*fp32" if name in FP32_POINTERS else "*" + dtype
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n][0] == "*"}
-        options = dict(num_warps=config.num_warps if config else 4, num_stages=config.num_stages if config else 1)
-        source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-        return triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
-
     for cc, dtype, d, causal in ((90, "bf16", 64, True), (80, "fp16", 40, False)):
         common = dict(N_REP=2, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=causal,
                       DOT_PRECISION="tf32")
         for kernel, config in ((A._attn_fwd_kernel, A.FWD_INTERPRET_CONFIG),
                                (A._attn_bwd_dkdv_kernel, A.BWD_DKDV_INTERPRET_CONFIG),
                                (A._attn_bwd_dq_kernel, A.BWD_DQ_INTERPRET_CONFIG)):
-            compiled = compile_for(kernel, config, common, dtype, cc)
-            assert compiled.asm.get("cubin"), kernel
-        compile_for(A._attn_bwd_preprocess_kernel, None, dict(HEAD_DIM=d, BLOCK_D=common["BLOCK_D"], BLOCK_M=64),
-                    dtype, cc)
+            compiled = compile_kernel(kernel, {**common, **config.kwargs}, dtype, cc, config.num_warps, 2)
+            usage = resource_usage(compiled)
+            assert usage["registers"] > 0 and (usage["hgmma"] > 0) == (cc == 90), (kernel, usage)
+        compile_kernel(A._attn_bwd_preprocess_kernel, dict(HEAD_DIM=d, BLOCK_D=common["BLOCK_D"], BLOCK_M=64),
+                       dtype, cc)
     # fp32 with IEEE products
-    compile_for(A._attn_fwd_kernel, A.FWD_INTERPRET_CONFIG, dict(N_REP=1, HEAD_DIM=32, BLOCK_D=32, CAUSAL=True,
-                DOT_PRECISION="ieee"), "fp32", 90)
+    compile_kernel(A._attn_fwd_kernel, dict(N_REP=1, HEAD_DIM=32, BLOCK_D=32, CAUSAL=True, DOT_PRECISION="ieee",
+                                            **A.FWD_INTERPRET_CONFIG.kwargs), "fp32", 90)
     print("compiled")
     """
 )

@@ -213,35 +213,14 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
 _COMPILE_SCRIPT = textwrap.dedent(
     """
     import importlib
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from benchmarks.resources import compile_kernel
 
     L = importlib.import_module("kernels.layer_norm")
-    INTS = {"M", "N", "rows_per_program"}
-    FP32_POINTERS = {"MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL"}
-
-    def compile_for(kernel, constexprs, dtype, cc, num_warps):
-        fn = kernel.fn  # unwrap the autotuner
-        signature = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in INTS or name.startswith("stride"):
-                signature[name] = "i32"
-            elif name == "eps":
-                signature[name] = "fp32"
-            else:
-                signature[name] = "*fp32" if name in FP32_POINTERS else "*" + dtype
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n][0] == "*"}
-        source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps))
-        assert compiled.asm.get("cubin")
-
-    for cc, dtype, n, rows, warps in ((90, "bf16", 768, 4, 4), (80, "fp16", 8192, 1, 16), (90, "fp32", 100, 16, 4)):
-        flags = dict(HAS_BIAS=True, BLOCK_N=triton.next_power_of_2(n), ROWS=rows)
-        compile_for(L._layer_norm_fwd_kernel, dict(HAS_RESIDUAL=True, **flags), dtype, cc, warps)
-        compile_for(L._layer_norm_bwd_kernel, dict(HAS_DRESIDUAL=True, **flags), dtype, cc, warps)
+    for cc, dtype, block_n, rows, warps in ((90, "bf16", 1024, 4, 4), (80, "fp16", 8192, 1, 16),
+                                            (90, "fp32", 128, 16, 4)):
+        flags = dict(HAS_BIAS=True, BLOCK_N=block_n, ROWS=rows)
+        compile_kernel(L._layer_norm_fwd_kernel, dict(HAS_RESIDUAL=True, **flags), dtype, cc, warps)
+        compile_kernel(L._layer_norm_bwd_kernel, dict(HAS_DRESIDUAL=True, **flags), dtype, cc, warps)
     print("compiled")
     """
 )
