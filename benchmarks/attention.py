@@ -31,6 +31,7 @@ from benchmarks import common
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 SHAPE_FIELDS = ["suite", "B", "H", "H_kv", "T", "D", "causal"]
+POINT_FIELDS = ["dtype", *SHAPE_FIELDS]  # a point's rows are replaced together when it is measured again
 # Relative L2 error allowed before a provider counts as wrong: a few times what bf16/fp16
 # rounding of the inputs and output alone gives (~2^-8 and ~2^-11 relative).
 MISMATCH_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -68,6 +69,9 @@ def providers(quick: bool) -> dict:
         table[f"sdpa-{name}"] = (sdpa, lambda backend=backend: sdpa_kernel(backend))
     table["eager"] = (lambda q, k, v, causal: attention_ref(q, k, v, causal=causal, upcast=False), nullcontext)
     return table
+
+
+PROVIDER_ORDER = ["ours", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "eager"]
 
 
 def attention_flops(shape: dict, causal: bool, mode: str) -> float:
@@ -175,14 +179,16 @@ def run_point(suite, shape, dtype_name, causal, table, env, quick, device):
     return rows
 
 
-def summarize(rows, env, out_dir, table) -> str:
+def summarize(rows, out_dir) -> str:
     """Markdown: per suite/dtype/causal/mode, TFLOP/s per provider and our speedup over the best SDPA."""
-    names = list(table)
+    present = dict.fromkeys(r["provider"] for r in rows)
+    names = [n for n in PROVIDER_ORDER if n in present] + [n for n in present if n not in PROVIDER_ORDER]
     sdpa_names = [n for n in names if n.startswith("sdpa-")]
+    device = rows[0]["device"] if rows else "no rows"
     lines = [
-        f"# Attention benchmark — {env['device']}",
+        f"# Attention benchmark — {device}",
         "",
-        f"{env['date']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}.",
+        common.stamp(rows),
         "Command: `python -m benchmarks.attention`. Median TFLOP/s of triton.testing.do_bench; FLOPs = "
         "4·B·H·T²·D forward, halved when causal; backward 2.5×, forward+backward 3.5×. "
         "speedup = best SDPA backend's median time / ours. oom / unsupported / mismatch: not timed.",
@@ -216,7 +222,7 @@ def summarize(rows, env, out_dir, table) -> str:
             series = {n: [(r["T"], r["p50"]) for r in point_rows if r["provider"] == n and r["metric"] == "throughput"]
                       for n in names}
             png = f"attention_{suite}_{dtype}_{'causal' if causal else 'full'}_{mode.replace('+', '_')}.png"
-            title = f"attention {suite} {dtype} {'causal' if causal else ''} {mode} — {env['device']}"
+            title = f"attention {suite} {dtype} {'causal' if causal else ''} {mode} — {device}"
             if common.plot_lines(series, title, "sequence length T", "TFLOP/s", out_dir / png):
                 lines += [f"![{suite} {dtype} {mode}]({png})", ""]
     return "\n".join(lines) + "\n"
@@ -242,19 +248,24 @@ def main(argv=None) -> int:
     parser.add_argument("--provider", nargs="*", help="subset of providers (ours sdpa-flash ... eager)")
     parser.add_argument("--max_seqlen", type=int, default=None)
     parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/<device>/")
+    parser.add_argument("--replot", action="store_true",
+                        help="measure nothing: rewrite attention.md and the plots from --output_dir's CSV")
     args = parser.parse_args(argv)
+    if args.replot:
+        return common.replot(args.output_dir, "attention", SHAPE_FIELDS, summarize)
     common.setup_quick_mode(args.quick)
     if not common.require_cuda_or_quick(args.quick, "benchmarks.attention"):
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = common.environment()
     out_dir = common.output_dir(args.output_dir, env, args.quick)
+    csv_path = out_dir / "attention.csv"
     table = providers(args.quick)
     if args.provider:
         table = {k: v for k, v in table.items() if k in args.provider or k == "ours"}
     dtypes = args.dtype or (["fp32"] if args.quick else ["bf16", "fp16"])
     causals = {"both": [True, False], "causal": [True], "full": [False]}[args.causal]
-    rows = []
+    rows = common.read_csv(csv_path, SHAPE_FIELDS)
     for suite, shapes in suites(args.quick).items():
         if args.suite and suite not in args.suite:
             continue
@@ -264,10 +275,9 @@ def main(argv=None) -> int:
             for dtype_name in dtypes:
                 for causal in causals:
                     point = run_point(suite, shape, dtype_name, causal, table, env, args.quick, device)
-                    rows += point
+                    rows = common.save_rows(point, csv_path, SHAPE_FIELDS, POINT_FIELDS)
                     print(f"{suite} {shape} {dtype_name} causal={causal}: " + progress(point), file=sys.stderr)
-    common.write_csv(rows, out_dir / "attention.csv", SHAPE_FIELDS)
-    summary = summarize(rows, env, out_dir, table)
+    summary = summarize(rows, out_dir)
     (out_dir / "attention.md").write_text(summary)
     print(summary)
     return 0

@@ -13,6 +13,7 @@ import datetime
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,18 +28,20 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def environment() -> dict:
-    """Device, library versions, git commit and date: stamped on every row."""
+    """Device, library versions, git commit and date: stamped on every row. GIT_COMMIT, when set,
+    names the commit (for a copied tree without .git, as on a lent GPU machine)."""
     import triton
 
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        commit += "-dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = os.environ.get("GIT_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                    capture_output=True, text=True, check=True).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True).stdout.strip()
+            commit += "-dirty" if dirty else ""
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (triton interpreter)"
     return {
         "device": device,
@@ -108,14 +111,80 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def write_csv(rows: list[dict], path: Path, shape_fields: list[str]) -> None:
-    """Long format: the leading fields, the benchmark's shape fields, then metric, numbers, stamp."""
+    """Long format: the leading fields, the benchmark's shape fields, then metric, numbers, stamp.
+    Written to a temporary file and renamed, so a run killed mid-write leaves the previous file."""
     fields = LEADING_FIELDS + shape_fields + TRAILING_FIELDS
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+    os.replace(tmp, path)
+
+
+def read_csv(path: Path, shape_fields: list[str]) -> list[dict]:
+    """Rows as write_csv wrote them, with the shape fields and numbers back as int/float and
+    empty cells as None. A missing file reads as no rows."""
+    if not path.exists():
+        return []
+    numeric = set(shape_fields) | {"p50", "p20", "p80"}
+
+    def parse(key, value):
+        if value == "":
+            return None
+        if key not in numeric:
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return value
+
+    with open(path, newline="") as f:
+        return [{k: parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def save_rows(rows: list[dict], path: Path, shape_fields: list[str], point_fields: list[str]) -> list[dict]:
+    """Merge this run's rows into the CSV at `path` and return everything it now holds: rows of
+    an earlier run for points this run measured (same point_fields) are replaced, the others kept.
+    So a sweep can be split over several runs, each under a time limit, and saved after every
+    point: a run that is killed keeps what it measured. Delete the file to start afresh."""
+
+    def point(row):
+        return tuple("" if row.get(f) is None else str(row[f]) for f in point_fields)
+
+    measured = {point(r) for r in rows}
+    merged = [r for r in read_csv(path, shape_fields) if point(r) not in measured] + rows
+    write_csv(merged, path, shape_fields)
+    return merged
+
+
+def replot(output_dir: str | None, name: str, shape_fields: list[str], summarize) -> int:
+    """--replot: rebuild <name>.md and the plots from <name>.csv in output_dir, measuring nothing
+    (e.g. after a GPU run whose time limit cut it short, or on a machine without a GPU)."""
+    if not output_dir:
+        print(f"--replot needs --output_dir, the folder holding {name}.csv", file=sys.stderr)
+        return 2
+    out_dir = Path(output_dir)
+    rows = read_csv(out_dir / f"{name}.csv", shape_fields)
+    if not rows:
+        print(f"no rows in {out_dir / f'{name}.csv'}", file=sys.stderr)
+        return 2
+    summary = summarize(rows, out_dir)
+    (out_dir / f"{name}.md").write_text(summary)
+    print(summary)
+    return 0
+
+
+def stamp(rows: list[dict]) -> str:
+    """Device, date, versions and commit of the rows, one clause per distinct run."""
+    runs = dict.fromkeys((r.get("date"), r.get("torch"), r.get("triton"), r.get("commit")) for r in rows
+                         if r.get("date"))
+    return "; ".join(f"{d}, torch {t}, triton {tr}, commit {c}" for d, t, tr, c in runs) + "."
 
 
 def fmt(value, digits=3) -> str:

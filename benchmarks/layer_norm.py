@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from benchmarks import common
 
 SHAPE_FIELDS = ["rows", "hidden"]
+POINT_FIELDS = ["kernel", "dtype", *SHAPE_FIELDS]  # a point's rows are replaced together when re-measured
 BYTES_PER_ELEMENT_PASS = {("layer_norm", "fwd"): 2, ("layer_norm", "fwd+bwd"): 5,
                           ("add_layer_norm", "fwd"): 4, ("add_layer_norm", "fwd+bwd"): 8}
 MISMATCH_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -136,18 +137,21 @@ def run_point(kernel, rows_n, hidden, dtype_name, table, env, quick, device, cop
     return rows
 
 
-def summarize(rows, env, copy_gbps, out_dir) -> str:
+def summarize(rows, out_dir) -> str:
+    device = rows[0]["device"] if rows else "no rows"
+    copy_gbps = next((r["p50"] for r in rows if r["kernel"] == "copy"), None)
     lines = [
-        f"# LayerNorm benchmark — {env['device']}",
+        f"# LayerNorm benchmark — {device}",
         "",
-        f"{env['date']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}.",
+        common.stamp(rows),
         "Command: `python -m benchmarks.layer_norm`. Median GB/s of triton.testing.do_bench over the bytes "
         "stated in benchmarks/layer_norm.py (layer_norm fwd 2·N·C·s, fwd+bwd 5·N·C·s; add_layer_norm fwd "
         "4·N·C·s, fwd+bwd 8·N·C·s). speedup = torch eager time / ours.",
         f"Measured device-to-device copy bandwidth: {common.fmt(copy_gbps)} GB/s.",
         "",
     ]
-    groups = sorted({(r["kernel"], r["dtype"], r["mode"]) for r in rows if r["metric"] == "time"})
+    groups = sorted({(r["kernel"], r["dtype"], r["mode"]) for r in rows if r["metric"] == "time"},
+                    key=lambda g: (g[0], list(common.DTYPES).index(g[1]) if g[1] in common.DTYPES else 9, g[2]))
     names = list(dict.fromkeys(r["provider"] for r in rows))
     for kernel, dtype, mode in groups:
         group = [r for r in rows if (r["kernel"], r["dtype"], r["mode"]) == (kernel, dtype, mode)]
@@ -172,7 +176,7 @@ def summarize(rows, env, copy_gbps, out_dir) -> str:
                   for n in names}
         png = f"{kernel}_{dtype}_{mode.replace('+', '_')}.png"
         if dtype in ("bf16", "fp32") and common.plot_lines(
-            series, f"{kernel} {dtype} {mode} — {env['device']}", "hidden size", "GB/s", out_dir / png
+            series, f"{kernel} {dtype} {mode} — {device}", "hidden size", "GB/s", out_dir / png
         ):
             lines += [f"![{kernel} {dtype} {mode}]({png})", ""]
     return "\n".join(lines) + "\n"
@@ -185,7 +189,11 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", nargs="*", type=int, default=None)
     parser.add_argument("--rows", type=int, default=None, help="rows (tokens); default 16384")
     parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/<device>/")
+    parser.add_argument("--replot", action="store_true",
+                        help="measure nothing: rewrite layer_norm.md and the plots from --output_dir's CSV")
     args = parser.parse_args(argv)
+    if args.replot:
+        return common.replot(args.output_dir, "layer_norm", SHAPE_FIELDS, summarize)
     common.setup_quick_mode(args.quick)
     if not common.require_cuda_or_quick(args.quick, "benchmarks.layer_norm"):
         return 0
@@ -195,8 +203,13 @@ def main(argv=None) -> int:
     hiddens = args.hidden or ([64, 200] if args.quick else [768, 1024, 1280, 1600, 4096, 8192])
     rows_n = args.rows or (33 if args.quick else 16384)
     dtypes = args.dtype or (["fp32", "bf16"] if args.quick else ["bf16", "fp16", "fp32"])
+    csv_path = out_dir / "layer_norm.csv"
     copy_gbps = copy_bandwidth(args.quick)
-    results = []
+    results = common.read_csv(csv_path, SHAPE_FIELDS)
+    if copy_gbps:
+        copy_row = dict(benchmark="layer_norm", kernel="copy", provider="torch", mode="copy", dtype="fp32",
+                        metric="bandwidth", unit="GB/s", p50=copy_gbps, status="ok", **env)
+        results = common.save_rows([copy_row], csv_path, SHAPE_FIELDS, POINT_FIELDS)
     for kernel in ("layer_norm", "add_layer_norm"):
         for hidden in hiddens:
             for dtype_name in dtypes:
@@ -205,15 +218,11 @@ def main(argv=None) -> int:
                 torch._dynamo.reset()
                 table = providers(kernel, args.quick)
                 point = run_point(kernel, rows_n, hidden, dtype_name, table, env, args.quick, device, copy_gbps)
-                results += point
+                results = common.save_rows(point, csv_path, SHAPE_FIELDS, POINT_FIELDS)
                 summary = ", ".join(f"{r['provider']} {r['mode']} {r['p50']:.0f}" for r in point
                                     if r["metric"] == "bandwidth")
                 print(f"{kernel} {rows_n}x{hidden} {dtype_name}: GB/s {summary}", file=sys.stderr)
-    if copy_gbps:
-        results.append(dict(benchmark="layer_norm", kernel="copy", provider="torch", mode="copy", dtype="fp32",
-                            metric="bandwidth", unit="GB/s", p50=copy_gbps, status="ok", **env))
-    common.write_csv(results, out_dir / "layer_norm.csv", SHAPE_FIELDS)
-    summary = summarize(results, env, copy_gbps, out_dir)
+    summary = summarize(results, out_dir)
     (out_dir / "layer_norm.md").write_text(summary)
     print(summary)
     return 0

@@ -26,6 +26,7 @@ from pathlib import Path
 from benchmarks import common
 
 SHAPE_FIELDS = ["preset", "block_size", "batch_size", "step"]
+POINT_FIELDS = ["preset", "block_size", "batch_size", "dtype", "provider"]  # one run's rows, replaced together
 WARMUP_STEPS = 5  # excluded from the throughput medians
 
 
@@ -72,7 +73,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab_size", type=int, default=None, help="BPE trained on the built-in corpus")
     parser.add_argument("--config_overrides", default=None)
     parser.add_argument("--output_dir", default=None)
+    parser.add_argument("--replot", action="store_true", help="measure nothing: rewrite training.md from the CSV")
     args = parser.parse_args(argv)
+    if args.replot:
+        return common.replot(args.output_dir, "training", SHAPE_FIELDS, summarize)
     common.setup_quick_mode(args.quick)
     if not common.require_cuda_or_quick(args.quick, "benchmarks.training"):
         return 0
@@ -90,9 +94,10 @@ def main(argv=None) -> int:
     work = out_dir / "training_runs"
     work.mkdir(parents=True, exist_ok=True)
 
-    rows, summary = [], []
+    csv_path = out_dir / "training.csv"
+    rows = common.read_csv(csv_path, SHAPE_FIELDS)
     for preset in args.presets:
-        tokenizer, losses, stats = None, {}, {}
+        tokenizer = None
         for kernels in ("sdpa", "triton"):
             run_dir = work / f"{preset}_{kernels}"
             code, records, log = run_one(args, preset, kernels, run_dir, tokenizer, work)
@@ -102,52 +107,69 @@ def main(argv=None) -> int:
             if code != 0 or not records:
                 tail = log.read_text()[-300:].replace("\n", " ")
                 status = "oom" if "out of memory" in tail.lower() else "error"
-                rows.append(dict(base, metric="tokens_per_s", unit="tok/s", status=status, note=tail))
+                rows = common.save_rows([dict(base, metric="tokens_per_s", unit="tok/s", status=status, note=tail)],
+                                        csv_path, SHAPE_FIELDS, POINT_FIELDS)
                 print(f"{preset} {kernels}: {status} (log {log})", file=sys.stderr)
                 continue
             tokenizer = tokenizer or run_dir  # the second run reuses the first one's tokenizer
             steady = records[WARMUP_STEPS:] if len(records) > WARMUP_STEPS else records
             tps = sorted(r["tokens_per_s"] for r in steady)
             mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
-            stats[kernels] = dict(
-                tokens_per_s=statistics.median(tps),
-                mfu=statistics.median(mfu) if mfu else None,
-                peak=records[-1].get("peak_memory"),
-            )
-            rows.append(dict(base, metric="tokens_per_s", unit="tok/s", status="ok", p50=statistics.median(tps),
-                             p20=tps[int(0.2 * (len(tps) - 1))], p80=tps[int(0.8 * (len(tps) - 1))]))
-            rows.append(dict(base, metric="mfu", unit="", status="ok" if mfu else "n/a",
-                             p50=stats[kernels]["mfu"]))
-            rows.append(dict(base, metric="peak_memory", unit="", status="ok", note=stats[kernels]["peak"]))
-            losses[kernels] = {r["step"]: r["train_loss"] for r in records}
-            rows += [dict(base, step=s, metric="train_loss", unit="nats", p50=v, status="ok")
-                     for s, v in sorted(losses[kernels].items())]
-        if len(losses) == 2:
-            common_steps = sorted(set(losses["sdpa"]) & set(losses["triton"]))
-            diff = max(abs(losses["sdpa"][s] - losses["triton"][s]) for s in common_steps)
-            stats["max_loss_diff"] = diff
-        summary.append((preset, stats))
+            run_rows = [
+                dict(base, metric="tokens_per_s", unit="tok/s", status="ok", p50=statistics.median(tps),
+                     p20=tps[int(0.2 * (len(tps) - 1))], p80=tps[int(0.8 * (len(tps) - 1))]),
+                dict(base, metric="mfu", unit="", status="ok" if mfu else "n/a",
+                     p50=statistics.median(mfu) if mfu else None),
+                dict(base, metric="peak_memory", unit="", status="ok", note=records[-1].get("peak_memory")),
+            ]
+            run_rows += [dict(base, step=r["step"], metric="train_loss", unit="nats", p50=r["train_loss"], status="ok")
+                         for r in records]
+            rows = common.save_rows(run_rows, csv_path, SHAPE_FIELDS, POINT_FIELDS)
 
-    common.write_csv(rows, out_dir / "training.csv", SHAPE_FIELDS)
-    lines = [f"# End-to-end training — {env['device']}", "",
-             f"{env['date']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}.",
-             f"Command: `python -m benchmarks.training`; {args.steps} steps of {args.batch_size} x {args.block_size} "
-             f"tokens per device, {'fp32 (quick)' if args.quick else 'bf16 mixed precision'}; medians over steps "
-             f"after the first {WARMUP_STEPS}.", ""]
-    body = []
-    for preset, stats in summary:
-        for kernels in ("sdpa", "triton"):
-            s = stats.get(kernels)
-            if s:
-                body.append([preset, kernels, s["tokens_per_s"], s["mfu"], s["peak"]])
-        if "sdpa" in stats and "triton" in stats:
-            body.append([preset, "triton / sdpa", stats["triton"]["tokens_per_s"] / stats["sdpa"]["tokens_per_s"],
-                         None, f"max loss difference {stats['max_loss_diff']:.4f}"])
-    lines += [common.markdown_table(["preset", "kernels", "tokens/s", "MFU", "peak memory"], body), ""]
-    text = "\n".join(lines) + "\n"
+    text = summarize(rows, out_dir)
     (out_dir / "training.md").write_text(text)
     print(text)
     return 0
+
+
+def summarize(rows, out_dir) -> str:
+    """Markdown: tokens/s, MFU and peak memory per preset and kernels, triton / sdpa, and the largest
+    difference between the two runs' losses at the same step."""
+    device = rows[0]["device"] if rows else "no rows"
+    lines = [f"# End-to-end training — {device}", "", common.stamp(rows)]
+    body = []
+    for preset, block_size, batch_size, dtype in dict.fromkeys(
+        (r["preset"], r["block_size"], r["batch_size"], r["dtype"]) for r in rows
+    ):
+        at = [r for r in rows if (r["preset"], r["block_size"], r["batch_size"], r["dtype"])
+              == (preset, block_size, batch_size, dtype)]
+
+        def get(provider, metric, at=at):
+            return next((r for r in at if r["provider"] == provider and r["metric"] == metric), None)
+
+        losses = {k: {r["step"]: r["p50"] for r in at if r["provider"] == k and r["metric"] == "train_loss"}
+                  for k in ("sdpa", "triton")}
+        steps = max((max(v) for v in losses.values() if v), default=0)
+        for kernels in ("sdpa", "triton"):
+            tps = get(kernels, "tokens_per_s")
+            if tps and tps["status"] != "ok":
+                body.append([f"{preset} ({batch_size}×{block_size}, {dtype})", kernels, tps["status"], None, None])
+            elif tps:
+                mfu, peak = get(kernels, "mfu"), get(kernels, "peak_memory")
+                body.append([f"{preset} ({batch_size}×{block_size}, {dtype}, {steps} steps)", kernels, tps["p50"],
+                             mfu["p50"] if mfu else None, peak["note"] if peak else None])
+        sdpa, triton = get("sdpa", "tokens_per_s"), get("triton", "tokens_per_s")
+        if sdpa and triton and sdpa["status"] == triton["status"] == "ok":
+            both = sorted(set(losses["sdpa"]) & set(losses["triton"]))
+            diff = max((abs(losses["sdpa"][s] - losses["triton"][s]) for s in both), default=float("nan"))
+            body.append([preset, "triton / sdpa", triton["p50"] / sdpa["p50"], None,
+                         f"max loss difference {diff:.4f} over {len(both)} steps"])
+    lines += [
+        f"Command: `python -m benchmarks.training`: scripts/pretrain.py, --kernels sdpa then triton, same data, "
+        f"seed and tokenizer; medians over the steps after the first {WARMUP_STEPS}.", "",
+        common.markdown_table(["run", "kernels", "tokens/s", "MFU", "peak memory"], body), "",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -28,6 +28,28 @@ def test_attention_quick(tmp_path):
     assert "speedup" in summary and "4·B·H·T²·D" in summary
 
 
+def test_runs_merge_into_one_csv_and_replot_needs_no_measuring(tmp_path, monkeypatch):
+    """A sweep split over several runs (each under a device time limit) ends in one CSV: a later run
+    replaces the rows of the points it measured again and keeps the rest. --replot rebuilds the
+    summary from the CSV alone."""
+    monkeypatch.setattr(attention_bench, "suites", lambda quick: {"quick": [dict(B=1, H=2, H_kv=1, T=9, D=32)]})
+    out = ["--quick", "--output_dir", str(tmp_path)]
+    assert attention_bench.main([*out, "--causal", "causal"]) == 0
+    first = read_rows(tmp_path / "attention.csv")
+    assert attention_bench.main([*out, "--causal", "full"]) == 0
+    assert attention_bench.main([*out, "--causal", "causal"]) == 0
+    rows = read_rows(tmp_path / "attention.csv")
+    causal = [r for r in rows if r["causal"] == "1"]
+    assert len(causal) == len(first) and {r["causal"] for r in rows} == {"0", "1"}
+    assert len(rows) == 2 * len(first)
+
+    (tmp_path / "attention.md").unlink()
+    monkeypatch.setattr(attention_bench, "run_point", None)  # replot must not measure
+    assert attention_bench.main(["--replot", "--output_dir", str(tmp_path)]) == 0
+    summary = (tmp_path / "attention.md").read_text()
+    assert "non-causal" in summary and "## quick, fp32, causal, fwd " in summary
+
+
 def test_attention_records_mismatch_and_oom_without_timing(tmp_path, monkeypatch):
     real = attention_bench.providers
 
@@ -67,6 +89,7 @@ def test_layer_norm_quick(tmp_path):
     bandwidth = [r for r in rows if r["metric"] == "bandwidth"]
     assert {(r["provider"], r["mode"]) for r in bandwidth} >= {("ours", "fwd"), ("torch", "fwd+bwd")}
     assert (tmp_path / "layer_norm.md").exists()
+    assert layer_norm_bench.main(["--replot", "--output_dir", str(tmp_path)]) == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -94,3 +117,5 @@ def test_training_quick(tmp_path):
     for step, loss in losses["sdpa"].items():
         # fp32 on both paths: the kernels differ from SDPA by float32 rounding only.
         assert abs(loss - losses["triton"][step]) < 1e-4 * loss
+    assert training_bench.main(["--replot", "--output_dir", str(tmp_path)]) == 0
+    assert "triton / sdpa" in (tmp_path / "training.md").read_text()
