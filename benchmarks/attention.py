@@ -31,7 +31,7 @@ from benchmarks import common
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 SHAPE_FIELDS = ["suite", "B", "H", "H_kv", "T", "D", "causal"]
-POINT_FIELDS = ["dtype", *SHAPE_FIELDS]  # a point's rows are replaced together when it is measured again
+POINT_FIELDS = ["kernel", "dtype", *SHAPE_FIELDS]  # a point's rows are replaced together when measured again
 # Relative L2 error allowed before a provider counts as wrong: a few times what bf16/fp16
 # rounding of the inputs and output alone gives (~2^-8 and ~2^-11 relative).
 MISMATCH_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -72,6 +72,14 @@ def providers(quick: bool) -> dict:
 
 
 PROVIDER_ORDER = ["ours", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "eager"]
+
+
+def matmul_tflops() -> float:
+    """TFLOP/s of an 8192^3 bf16 matrix product through torch on random data: the device's
+    practical ceiling for the matrix units, measured in the same run."""
+    a, b = (torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    p50, _, _ = common.measure(lambda: a @ b, quick=False)
+    return 2 * 8192**3 / p50 / 1e9
 
 
 def attention_flops(shape: dict, causal: bool, mode: str) -> float:
@@ -181,7 +189,8 @@ def run_point(suite, shape, dtype_name, causal, table, env, quick, device):
 
 def summarize(rows, out_dir) -> str:
     """Markdown: per suite/dtype/causal/mode, TFLOP/s per provider and our speedup over the best SDPA."""
-    present = dict.fromkeys(r["provider"] for r in rows)
+    present = dict.fromkeys(r["provider"] for r in rows if r["kernel"] == "flash_attention")
+    ceiling = next((r["p50"] for r in rows if r["kernel"] == "matmul"), None)
     names = [n for n in PROVIDER_ORDER if n in present] + [n for n in present if n not in PROVIDER_ORDER]
     sdpa_names = [n for n in names if n.startswith("sdpa-")]
     device = rows[0]["device"] if rows else "no rows"
@@ -192,6 +201,7 @@ def summarize(rows, out_dir) -> str:
         "Command: `python -m benchmarks.attention`. Median TFLOP/s of triton.testing.do_bench; FLOPs = "
         "4·B·H·T²·D forward, halved when causal; backward 2.5×, forward+backward 3.5×. "
         "speedup = best SDPA backend's median time / ours. oom / unsupported / mismatch: not timed.",
+        f"Measured bf16 matrix product (8192³, torch): {common.fmt(ceiling)} TFLOP/s.",
         "",
     ]
     keys = sorted({(r["suite"], r["dtype"], r["causal"], r["mode"]) for r in rows if r["metric"] == "time"},
@@ -266,6 +276,10 @@ def main(argv=None) -> int:
     dtypes = args.dtype or (["fp32"] if args.quick else ["bf16", "fp16"])
     causals = {"both": [True, False], "causal": [True], "full": [False]}[args.causal]
     rows = common.read_csv(csv_path, SHAPE_FIELDS)
+    if not args.quick:
+        ceiling = dict(benchmark="attention", kernel="matmul", provider="torch", mode="fwd", dtype="bf16",
+                       metric="throughput", unit="TFLOP/s", p50=matmul_tflops(), status="ok", **env)
+        rows = common.save_rows([ceiling], csv_path, SHAPE_FIELDS, POINT_FIELDS)
     for suite, shapes in suites(args.quick).items():
         if args.suite and suite not in args.suite:
             continue
