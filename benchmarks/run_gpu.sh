@@ -117,3 +117,4 @@ cp "$out/phases.txt" "$out/device.txt" "$logs/"
 for f in benchmarks/results/*/training_runs/*.log; do [[ -f $f ]] && cp "$f" "$logs/"; done
 tar -czf "$out/results.tar.gz" --exclude training_runs benchmarks/results
 cat "$out/phases.txt"
+python3 -m benchmarks.targets  # the short table last: the device tool returns the output's tail

@@ -119,3 +119,31 @@ def test_training_quick(tmp_path):
         assert abs(loss - losses["triton"][step]) < 1e-4 * loss
     assert training_bench.main(["--replot", "--output_dir", str(tmp_path)]) == 0
     assert "triton / sdpa" in (tmp_path / "training.md").read_text()
+
+
+def test_targets_compare_the_right_points(tmp_path):
+    """benchmarks.targets picks the target point out of each CSV, compares ours with the fastest
+    SDPA backend, and says "not measured" where a point is missing or failed."""
+    from benchmarks import common, targets
+
+    stamp = dict(device="GPU X", date="2026-01-01", commit="abc1234", status="ok", metric="time")
+    point = dict(benchmark="attention", kernel="flash_attention", suite="gpt2", B=16, H=12, H_kv=12, T=1024, D=64,
+                 causal=1, dtype="bf16", **stamp)
+    times = {"fwd": {"ours": 0.050, "sdpa-flash": 0.060, "sdpa-cudnn": 0.055, "sdpa-math": 0.030},
+             "fwd+bwd": {"ours": 0.300, "sdpa-flash": 0.200, "sdpa-cudnn": 0.250}}
+    rows = [dict(point, provider=p, mode=m, p50=t) for m, by in times.items() for p, t in by.items()]
+    rows[3]["status"] = "mismatch"  # a failed provider is never the one to beat
+    rows.append(dict(point, provider="ours", mode="fwd", T=2048, p50=0.001))  # another point
+    common.write_csv(rows, tmp_path / "attention.csv", attention_bench.SHAPE_FIELDS)
+    training = [dict(benchmark="training", preset="gpt2", dtype="bf16", provider=p, p50=v,
+                     **dict(stamp, metric="tokens_per_s")) for p, v in (("sdpa", 100.0), ("triton", 110.0))]
+    common.write_csv(training, tmp_path / "training.csv", ["preset", "block_size", "batch_size", "step"])
+
+    fwd, fwd_bwd, ln_speed, ln_copy, train = targets.check(tmp_path)
+    assert fwd["value"] == pytest.approx(0.055 / 0.050) and "sdpa-cudnn" in fwd["measured"]
+    assert fwd_bwd["value"] == pytest.approx(0.200 / 0.300)
+    assert ln_speed["value"] is None and ln_copy["value"] is None
+    assert train["value"] == pytest.approx(1.1)
+    table = targets.render("GPU X", [fwd, fwd_bwd, ln_speed, ln_copy, train])
+    statuses = [line.split(" | ")[3] for line in table.splitlines()[4:]]
+    assert statuses == ["met", "missed", "not measured", "not measured", "met"]
