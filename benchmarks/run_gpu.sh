@@ -3,7 +3,7 @@
 # command (10 minutes at most there) always ends with its results packed:
 #
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/run_gpu.sh first      # the target points
-#   GIT_COMMIT=... bash benchmarks/run_gpu.sh attention layer_norm training          # the rest
+#   GIT_COMMIT=... bash benchmarks/run_gpu.sh second                                 # then the rest
 #
 # Phases, in the order given (default: all of them):
 #   tests            the CUDA correctness tests at real sizes (pytest -m requires_cuda)
@@ -13,12 +13,16 @@
 #   attention        every attention suite and dtype
 #   layer_norm       the whole LayerNorm sweep
 #   training         GPT-2 124M and 355M
-#   first            = tests attention-gpt2 layer_norm-768 training-gpt2
+#   first            = tests attention-gpt2 layer_norm-768
+#   second           = training-gpt2 layer_norm attention
 #
 # Results merge into benchmarks/results/<device>/ (a point measured again replaces its old rows;
 # the summaries are rebuilt from everything there) and are packed with the logs into
 # $OUT/results.tar.gz: untar it in the repository root, commit, and the next call carries them.
-# BUDGET_SECONDS (default 540) bounds the whole command; each phase also has its own cap below.
+# BUDGET_SECONDS (default 540) bounds the whole command; each phase also has its own cap below,
+# and a phase with under a minute left is skipped (phases.txt says so). Two calls made back to
+# back without carrying each other's results each pack only their own points: merge them here
+# with `python -m benchmarks.merge_results DIR...`.
 #
 # The device image has no `datasets`: benchmarks/fetch_gpu_wheels.sh puts the wheels in .whl/
 # here; name .whl in the call's carry and they are installed below when missing.
@@ -71,7 +75,7 @@ run_phase() {
     local name=$1 cap=$2 left=$((deadline - SECONDS))
     shift 2
     ((left < cap)) && cap=$left
-    if ((cap < 20)); then
+    if ((cap < 60)); then
         echo "== $name: skipped, ${left}s left" | tee -a "$out/phases.txt"
         return
     fi
@@ -88,7 +92,9 @@ phases=("$@")
 expanded=()
 for phase in "${phases[@]}"; do
     if [[ $phase == first ]]; then
-        expanded+=(tests attention-gpt2 layer_norm-768 training-gpt2)
+        expanded+=(tests attention-gpt2 layer_norm-768)
+    elif [[ $phase == second ]]; then
+        expanded+=(training-gpt2 layer_norm attention)
     else
         expanded+=("$phase")
     fi
@@ -96,7 +102,7 @@ done
 
 for phase in "${expanded[@]}"; do
     case $phase in
-        tests) run_phase tests 150 python3 -m pytest -q -m requires_cuda tests -p no:cacheprovider ;;
+        tests) run_phase tests 210 python3 -m pytest -q -m requires_cuda tests -p no:cacheprovider ;;
         attention-gpt2) run_phase attention-gpt2 180 python3 -m benchmarks.attention --suite gpt2 --dtype bf16 ;;
         layer_norm-768) run_phase layer_norm-768 120 python3 -m benchmarks.layer_norm --hidden 768 --dtype bf16 ;;
         training-gpt2) run_phase training-gpt2 240 python3 -m benchmarks.training --presets gpt2 ;;

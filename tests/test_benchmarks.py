@@ -147,3 +147,22 @@ def test_targets_compare_the_right_points(tmp_path):
     table = targets.render("GPU X", [fwd, fwd_bwd, ln_speed, ln_copy, train])
     statuses = [line.split(" | ")[3] for line in table.splitlines()[4:]]
     assert statuses == ["met", "missed", "not measured", "not measured", "met"]
+
+
+def test_merge_results_from_two_calls(tmp_path, monkeypatch):
+    """Two GPU calls that did not carry each other's results merge into one folder: points from
+    both, the later call's rows where both measured a point, summaries rebuilt."""
+    from benchmarks import merge_results
+
+    monkeypatch.setattr(attention_bench, "suites", lambda quick: {"quick": [dict(B=1, H=2, H_kv=1, T=9, D=32)]})
+    first, second, dest = (tmp_path / n / "dev" for n in ("a", "b", "dest"))
+    assert attention_bench.main(["--quick", "--causal", "causal", "--output_dir", str(first)]) == 0
+    assert attention_bench.main(["--quick", "--output_dir", str(second)]) == 0  # causal again, and non-causal
+    merge_results.merge(first.parent, dest.parent)
+    merge_results.merge(second.parent, dest.parent)
+    rows = read_rows(dest / "attention.csv")
+    assert len(rows) == len(read_rows(second / "attention.csv"))
+    checks = {(r["causal"], r["p50"]) for r in rows if r["metric"] == "rel_err" and r["provider"] == "ours"}
+    assert checks == {(r["causal"], r["p50"]) for r in read_rows(second / "attention.csv")
+                      if r["metric"] == "rel_err" and r["provider"] == "ours"}
+    assert "non-causal" in (dest / "attention.md").read_text()
