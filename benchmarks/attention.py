@@ -31,7 +31,9 @@ from benchmarks import common
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 SHAPE_FIELDS = ["suite", "B", "H", "H_kv", "T", "D", "causal"]
-POINT_FIELDS = ["kernel", "dtype", *SHAPE_FIELDS]  # a point's rows are replaced together when measured again
+# One provider at one point: its rows are replaced together when it is measured again, so a
+# re-run of one provider (say ours, after a change) keeps the others' rows.
+POINT_FIELDS = ["kernel", "provider", "dtype", *SHAPE_FIELDS]
 # Relative L2 error allowed before a provider counts as wrong: a few times what bf16/fp16
 # rounding of the inputs and output alone gives (~2^-8 and ~2^-11 relative).
 MISMATCH_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -149,13 +151,13 @@ def run_point(suite, shape, dtype_name, causal, table, env, quick, device):
     dtype = common.DTYPES[dtype_name]
     base = dict(benchmark="attention", kernel="flash_attention", dtype=dtype_name, suite=suite,
                 causal=int(causal), **shape, **env)
-    rows = []
     try:
         q, k, v, dout = make_inputs(shape, dtype, device)
         ref = reference_slice(q, k, v, dout, causal)
     except RuntimeError as err:
         status = "oom" if common.is_oom(err) else "error"
-        return [dict(base, provider="reference", mode="check", metric="rel_err", status=status, note=str(err)[:200])]
+        return [dict(base, provider="reference", mode="check", metric="status", status=status, note=str(err)[:200])]
+    rows = [dict(base, provider="reference", mode="check", metric="status", status="ok")]  # replaces a failure
     for name, (fn, ctx) in table.items():
         row = dict(base, provider=name)
         try:
@@ -189,7 +191,8 @@ def run_point(suite, shape, dtype_name, causal, table, env, quick, device):
 
 def summarize(rows, out_dir) -> str:
     """Markdown: per suite/dtype/causal/mode, TFLOP/s per provider and our speedup over the best SDPA."""
-    present = dict.fromkeys(r["provider"] for r in rows if r["kernel"] == "flash_attention")
+    present = dict.fromkeys(r["provider"] for r in rows if r["kernel"] == "flash_attention"
+                            and r["provider"] != "reference")
     ceiling = next((r["p50"] for r in rows if r["kernel"] == "matmul"), None)
     names = [n for n in PROVIDER_ORDER if n in present] + [n for n in present if n not in PROVIDER_ORDER]
     sdpa_names = [n for n in names if n.startswith("sdpa-")]
@@ -257,6 +260,7 @@ def main(argv=None) -> int:
     parser.add_argument("--causal", choices=["both", "causal", "full"], default="both")
     parser.add_argument("--provider", nargs="*", help="subset of providers (ours sdpa-flash ... eager)")
     parser.add_argument("--max_seqlen", type=int, default=None)
+    parser.add_argument("--seqlens", type=int, nargs="*", help="only these sequence lengths")
     parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/<device>/")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: rewrite attention.md and the plots from --output_dir's CSV")
@@ -284,7 +288,7 @@ def main(argv=None) -> int:
         if args.suite and suite not in args.suite:
             continue
         for shape in shapes:
-            if args.max_seqlen and shape["T"] > args.max_seqlen:
+            if (args.max_seqlen and shape["T"] > args.max_seqlen) or (args.seqlens and shape["T"] not in args.seqlens):
                 continue
             for dtype_name in dtypes:
                 for causal in causals:

@@ -181,7 +181,7 @@ def replot(output_dir: str | None, name: str, shape_fields: list[str], summarize
 
 
 def stamp(rows: list[dict]) -> str:
-    """Device, date, versions and commit of the rows, one clause per distinct run."""
+    """Date, versions and commit of the rows, one clause per distinct run."""
     runs = dict.fromkeys((r.get("date"), r.get("torch"), r.get("triton"), r.get("commit")) for r in rows
                          if r.get("date"))
     return "; ".join(f"{d}, torch {t}, triton {tr}, commit {c}" for d, t, tr, c in runs) + "."

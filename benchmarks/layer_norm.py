@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from benchmarks import common
 
 SHAPE_FIELDS = ["rows", "hidden"]
-POINT_FIELDS = ["kernel", "dtype", *SHAPE_FIELDS]  # a point's rows are replaced together when re-measured
+POINT_FIELDS = ["kernel", "provider", "dtype", *SHAPE_FIELDS]  # one provider's rows at a point, replaced together
 BYTES_PER_ELEMENT_PASS = {("layer_norm", "fwd"): 2, ("layer_norm", "fwd+bwd"): 5,
                           ("add_layer_norm", "fwd"): 4, ("add_layer_norm", "fwd+bwd"): 8}
 MISMATCH_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}

@@ -46,7 +46,12 @@ def main(argv=None) -> int:
     parser.add_argument("--into", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     for source in args.sources:
-        for folder in merge(source, args.into):
+        folders = merge(source, args.into)
+        if not folders:
+            print(f"no benchmark CSVs in {source}/<device>/: give the unpacked benchmarks/results folder",
+                  file=sys.stderr)
+            return 2
+        for folder in folders:
             print(f"merged {source} into {folder}")
     return 0
 

@@ -7,7 +7,7 @@ Hopper's warpgroup MMA (HGMMA in the SASS) or the older HMMA. A config that spil
 shared memory than an SM has costs autotuning time and is unlikely to win: it is the first to cut,
 before any timing. Registers are not speed: only the benchmarks say which config is fastest.
 
-    python -m benchmarks.resources                 # attention at D=64 and 128, LayerNorm at GPT-2 widths
+    python -m benchmarks.resources                 # attention at D=64, 128, 256; LayerNorm at 768, 1600, 8192
     python -m benchmarks.resources --out benchmarks/results/compiler
 
 Needs a Triton build with the NVIDIA backend (the Linux wheels) and must run without
@@ -45,8 +45,9 @@ def _nvidia_tool(name: str) -> str:
 def compile_kernel(kernel, constexprs: dict, dtype: str, cc: int = 90, num_warps: int = 4, num_stages: int = 3):
     """Compile a (possibly autotuned) @triton.jit kernel for compute capability `cc` without a GPU.
     `dtype` ("bf16", "fp16", "fp32") types every tensor argument except FP32_POINTERS. Pointers
-    and i32 arguments are marked 16-divisible, as the launcher specialises them for contiguous
-    inputs with T and D multiples of 16."""
+    and i32 arguments are marked 16-divisible, as Triton's launch-time specialisation would mark
+    them for contiguous inputs whose sizes are multiples of 16 (real launches differ where an
+    argument is not, e.g. H=12: close enough for a resource report)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -133,6 +134,8 @@ def jobs(family: str | None, dtype: str = "bf16"):
         for width, shape, prune_args in shapes:
             for config in _tried_configs(kernel, **prune_args):
                 tile = "x".join(str(v) for v in config.kwargs.values())
+                if module == "layer_norm":
+                    tile = f"rows={tile}"
                 label = dict(kernel=name.strip("_").removesuffix("_kernel"), width=width,
                              causal=shape.get("CAUSAL", ""), dtype=dtype, tile=tile,
                              warps=config.num_warps, stages=config.num_stages)

@@ -144,8 +144,8 @@ def _autotune_list(by_head_dim: dict[int, list[triton.Config]], interpret_config
 
 
 def _prune(block_names: tuple[str, str], by_head_dim: dict[int, list[triton.Config]]):
-    """early_config_prune for a (outer, inner) tile pair: the configs of the head dim's class,
-    with no tile larger than the (power-of-two) sequence needs."""
+    """early_config_prune for a (outer, inner) tile pair: the configs of the head dim's class
+    with no tile longer than the (power-of-two) sequence needs, or else the class's smallest."""
     outer_name, inner_name = block_names
 
     def prune(configs, named_args, **kwargs):
@@ -153,9 +153,9 @@ def _prune(block_names: tuple[str, str], by_head_dim: dict[int, list[triton.Conf
         t_cap = max(32, args["T_BUCKET"])
         head_dim_class = min(d for d in by_head_dim if d >= args["BLOCK_D"])
         in_class = {_config_key(c) for c in by_head_dim[head_dim_class]}
-        kept = [c for c in configs if _config_key(c) in in_class
-                and max(c.kwargs[outer_name], c.kwargs[inner_name]) <= t_cap]
-        return kept or [min(configs, key=lambda c: c.kwargs[outer_name] * c.kwargs[inner_name])]
+        candidates = [c for c in configs if _config_key(c) in in_class]
+        kept = [c for c in candidates if max(c.kwargs[outer_name], c.kwargs[inner_name]) <= t_cap]
+        return kept or [min(candidates, key=lambda c: c.kwargs[outer_name] * c.kwargs[inner_name])]
 
     return prune
 

@@ -79,19 +79,20 @@ LN_INTERPRET_CONFIG = triton.Config({"ROWS": 16}, num_warps=4)
 
 
 def _prune_tiles(max_per_thread: int):
-    """early_config_prune: tiles of at most 16384 elements with 2..max_per_thread elements per
-    thread. The backward keeps five row tiles live (z, dy, x-hat, g, dz) against the forward's
-    two, so it gets half the forward's 64: at 64, ptxas spills it on sm_90
-    (`python -m benchmarks.resources`)."""
+    """early_config_prune: tiles of at most 16384 elements (or one row, if longer) with at most
+    max_per_thread elements per thread, and at least 2 unless the program is a single warp.
+    The backward keeps five row tiles live (z, dy, x-hat, g, dz) against the forward's two, so it
+    gets half the forward's 64: at 64, ptxas spills it on sm_90 (`python -m benchmarks.resources`).
+    Rows too long for any config (beyond 16384 elements in the backward) get one row on 16 warps."""
 
     def prune(configs, named_args, **kwargs):
         block_n = {**named_args, **kwargs}["BLOCK_N"]
         kept = []
         for config in configs:
             elements = config.kwargs["ROWS"] * block_n
-            threads = 32 * config.num_warps
-            per_thread = elements / threads
-            if elements <= max(16384, block_n) and 2 <= max(per_thread, 64 / threads) and per_thread <= max_per_thread:
+            per_thread = elements / (32 * config.num_warps)
+            if (elements <= max(16384, block_n) and per_thread <= max_per_thread
+                    and (per_thread >= 2 or config.num_warps == 1)):
                 kept.append(config)
         return kept or [triton.Config({"ROWS": 1}, num_warps=16)]
 

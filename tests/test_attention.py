@@ -203,29 +203,31 @@ def test_interpreter_runs_one_pinned_config():
         pytest.skip("only under the interpreter")
     for kernel in (attention._attn_fwd_kernel, attention._attn_bwd_dkdv_kernel, attention._attn_bwd_dq_kernel):
         assert len(kernel.configs) == 1
-    assert len(attention._autotune_list(attention.FWD_CONFIGS, attention.FWD_INTERPRET_CONFIG)) == 1
 
 
-@pytest.mark.parametrize("by_head_dim, names", [
-    (attention.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N")),
-    (attention.BWD_DKDV_CONFIGS, ("BLOCK_N1", "BLOCK_M1")),
-    (attention.BWD_DQ_CONFIGS, ("BLOCK_M2", "BLOCK_N2")),
+@pytest.mark.parametrize("by_head_dim, interpret_config, names", [
+    (attention.FWD_CONFIGS, attention.FWD_INTERPRET_CONFIG, ("BLOCK_M", "BLOCK_N")),
+    (attention.BWD_DKDV_CONFIGS, attention.BWD_DKDV_INTERPRET_CONFIG, ("BLOCK_N1", "BLOCK_M1")),
+    (attention.BWD_DQ_CONFIGS, attention.BWD_DQ_INTERPRET_CONFIG, ("BLOCK_M2", "BLOCK_N2")),
 ], ids=["fwd", "dkdv", "dq"])
-def test_autotuner_times_only_the_head_dim_class(monkeypatch, by_head_dim, names):
-    """On a GPU the autotuner gets every class's configs; the pruner must leave exactly those of
-    the head dim's class, and no tile longer than a short sequence needs."""
+def test_autotuner_times_only_the_head_dim_class(monkeypatch, by_head_dim, interpret_config, names):
+    """On a GPU the autotuner gets every class's configs; the pruner must leave only those of the
+    head dim's class: all of them for long sequences, those no longer than a short sequence
+    needs (or the class's smallest) otherwise. Every config keeps the kernels' divisibility."""
     monkeypatch.setattr(attention, "_interpreting", lambda: False)
-    every = attention._autotune_list(by_head_dim, attention.FWD_INTERPRET_CONFIG)
+    every = attention._autotune_list(by_head_dim, interpret_config)
     prune = attention._prune(names, by_head_dim)
     outer, inner = names
     assert all(c.kwargs[outer] % c.kwargs[inner] == 0 for c in every)
     for block_d, head_dim_class in ((16, 64), (64, 64), (128, 128), (256, 256)):
+        in_class = set(map(attention._config_key, by_head_dim[head_dim_class]))
         kept = prune(every, {"T_BUCKET": 16384, "BLOCK_D": block_d})
-        expected = by_head_dim[head_dim_class]
-        assert sorted(map(attention._config_key, kept)) == sorted(map(attention._config_key, expected))
-    short = prune(every, {"T_BUCKET": 32, "BLOCK_D": 64})
-    # A short sequence keeps the tiles it fills, or else the single smallest.
-    assert len(short) == 1 or all(max(c.kwargs[outer], c.kwargs[inner]) <= 32 for c in short)
+        assert set(map(attention._config_key, kept)) == in_class and len(kept) == len(in_class)
+        for t_bucket in (16, 32, 64, 128):
+            kept = prune(every, {"T_BUCKET": t_bucket, "BLOCK_D": block_d})
+            assert kept and set(map(attention._config_key, kept)) <= in_class
+            fits = [c for c in kept if max(c.kwargs[outer], c.kwargs[inner]) <= max(32, t_bucket)]
+            assert fits == kept or len(kept) == 1
 
 
 def test_hub_kernels_package_is_not_detected():

@@ -208,6 +208,21 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
         layer_norm(torch.randn(2, 8), torch.ones(8), None, EPS)
 
 
+@pytest.mark.parametrize("max_per_thread", [64, 32], ids=["fwd", "bwd"])
+def test_autotune_prune_keeps_tiles_within_limits(max_per_thread):
+    """For every row length up to 32768 the pruner leaves configs, all within the per-thread
+    limit, except the documented one-row fallback for rows no config can hold."""
+    prune = ln_module._prune_tiles(max_per_thread)
+    for block_n in (2**i for i in range(4, 16)):
+        kept = prune(ln_module.LN_CONFIGS, {"BLOCK_N": block_n})
+        assert kept
+        fallback = [(c.kwargs["ROWS"], c.num_warps) for c in kept] == [(1, 16)]
+        for c in kept:
+            per_thread = c.kwargs["ROWS"] * block_n / (32 * c.num_warps)
+            assert per_thread <= max_per_thread or fallback
+            assert per_thread >= 2 or c.num_warps == 1 or fallback
+
+
 # Compiles (no launch) both kernels for sm_90 and sm_80 with the real Triton compiler and ptxas, in
 # a process without TRITON_INTERPRET: proof on a GPU-less machine that they are GPU code.
 _COMPILE_SCRIPT = textwrap.dedent(
