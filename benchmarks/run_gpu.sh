@@ -129,7 +129,7 @@ for phase in "${expanded[@]}"; do
     case $phase in
         tests) run_phase tests 210 python3 -m pytest -q -m requires_cuda tests -p no:cacheprovider ;;
         attention-target) run_phase attention-target 150 "${attention[@]}" --suite gpt2 --dtype bf16 --seqlens 1024 --causal causal ;;
-        layer_norm-768) run_phase layer_norm-768 120 python3 -m benchmarks.layer_norm --hidden 768 --dtype bf16 ;;
+        layer_norm-768) run_phase layer_norm-768 150 python3 -m benchmarks.layer_norm --hidden 768 --dtype bf16 ;;
         training-gpt2) run_phase training-gpt2 240 python3 -m benchmarks.training --presets gpt2 ;;
         attention-gpt2) run_phase attention-gpt2 240 "${attention[@]}" --suite gpt2 --dtype bf16 ;;
         attention) run_phase attention 500 "${attention[@]}" ;;
