@@ -153,7 +153,8 @@ def _prune(block_names: tuple[str, str], by_head_dim: dict[int, list[triton.Conf
         t_cap = max(32, args["T_BUCKET"])
         head_dim_class = min(d for d in by_head_dim if d >= args["BLOCK_D"])
         in_class = {_config_key(c) for c in by_head_dim[head_dim_class]}
-        candidates = [c for c in configs if _config_key(c) in in_class]
+        # (The interpreter's single pinned config belongs to no class: keep it.)
+        candidates = [c for c in configs if _config_key(c) in in_class] or configs
         kept = [c for c in candidates if max(c.kwargs[outer_name], c.kwargs[inner_name]) <= t_cap]
         return kept or [min(candidates, key=lambda c: c.kwargs[outer_name] * c.kwargs[inner_name])]
 

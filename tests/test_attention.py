@@ -228,6 +228,7 @@ def test_autotuner_times_only_the_head_dim_class(monkeypatch, by_head_dim, inter
             assert kept and set(map(attention._config_key, kept)) <= in_class
             fits = [c for c in kept if max(c.kwargs[outer], c.kwargs[inner]) <= max(32, t_bucket)]
             assert fits == kept or len(kept) == 1
+    assert prune([interpret_config], {"T_BUCKET": 16, "BLOCK_D": 64}) == [interpret_config]
 
 
 def test_hub_kernels_package_is_not_detected():
