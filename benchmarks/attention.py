@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
+from gpt2.errors import ArgumentParser, exit_on_input_error
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -253,7 +254,12 @@ def progress(point_rows) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    with exit_on_input_error("benchmarks.attention"):
+        return run(parse_args(argv))
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     parser.add_argument("--suite", nargs="*", help="subset of suites (gpt2 fa-d64 fa-d128 gqa)")
     parser.add_argument("--dtype", nargs="*", default=None, choices=list(common.DTYPES))
@@ -264,7 +270,10 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/<device>/")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: rewrite attention.md and the plots from --output_dir's CSV")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(args) -> int:
     if args.replot:
         return common.replot(args.output_dir, "attention", SHAPE_FIELDS, summarize)
     common.setup_quick_mode(args.quick)

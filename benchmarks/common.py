@@ -13,11 +13,12 @@ import datetime
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from gpt2.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 LEADING_FIELDS = ["benchmark", "kernel", "provider", "mode", "dtype"]
@@ -167,13 +168,11 @@ def replot(output_dir: str | None, name: str, shape_fields: list[str], summarize
     """--replot: rebuild <name>.md and the plots from <name>.csv in output_dir, measuring nothing
     (e.g. after a GPU run whose time limit cut it short, or on a machine without a GPU)."""
     if not output_dir:
-        print(f"--replot needs --output_dir, the folder holding {name}.csv", file=sys.stderr)
-        return 2
+        raise InputError(f"--replot needs --output_dir, the folder holding {name}.csv")
     out_dir = Path(output_dir)
     rows = read_csv(out_dir / f"{name}.csv", shape_fields)
     if not rows:
-        print(f"no rows in {out_dir / f'{name}.csv'}", file=sys.stderr)
-        return 2
+        raise InputError(f"no rows in {out_dir / f'{name}.csv'}")
     summary = summarize(rows, out_dir)
     (out_dir / f"{name}.md").write_text(summary)
     print(summary)

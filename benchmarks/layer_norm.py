@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
+from gpt2.errors import ArgumentParser, exit_on_input_error
 
 SHAPE_FIELDS = ["rows", "hidden"]
 POINT_FIELDS = ["kernel", "provider", "dtype", *SHAPE_FIELDS]  # one provider's rows at a point, replaced together
@@ -183,7 +184,12 @@ def summarize(rows, out_dir) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    with exit_on_input_error("benchmarks.layer_norm"):
+        return run(parse_args(argv))
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     parser.add_argument("--dtype", nargs="*", default=None, choices=list(common.DTYPES))
     parser.add_argument("--hidden", nargs="*", type=int, default=None)
@@ -191,7 +197,10 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/<device>/")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: rewrite layer_norm.md and the plots from --output_dir's CSV")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(args) -> int:
     if args.replot:
         return common.replot(args.output_dir, "layer_norm", SHAPE_FIELDS, summarize)
     common.setup_quick_mode(args.quick)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import attention, common, layer_norm, training
+from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
 
 BENCHMARKS = {"attention": attention, "layer_norm": layer_norm, "training": training}
 RESULTS = common.ROOT / "benchmarks" / "results"
@@ -41,16 +42,22 @@ def merge(source: Path, dest: Path = RESULTS) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    with exit_on_input_error("benchmarks.merge_results"):
+        return run(parse_args(argv))
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", type=Path, nargs="+", help="unpacked benchmarks/results folders")
     parser.add_argument("--into", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(args) -> int:
     for source in args.sources:
         folders = merge(source, args.into)
         if not folders:
-            print(f"no benchmark CSVs in {source}/<device>/: give the unpacked benchmarks/results folder",
-                  file=sys.stderr)
-            return 2
+            raise InputError(f"no benchmark CSVs in {source}/<device>/: give the unpacked benchmarks/results folder")
         for folder in folders:
             print(f"merged {source} into {folder}")
     return 0

@@ -26,6 +26,8 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
+
 # Runtime (non-constexpr) arguments of our kernels that are not tensors; strides are i32 too.
 SCALAR_TYPES = {
     "H": "i32", "T": "i32", "T_BUCKET": "i32", "M": "i32", "N": "i32", "rows_per_program": "i32",
@@ -151,14 +153,21 @@ def _compile_job(job) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    with exit_on_input_error("benchmarks.resources"):
+        return run(parse_args(argv))
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="also write resources.md there")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", choices=["attention", "layer_norm"], help="one kernel family")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(args) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("benchmarks.resources compiles for a real GPU: unset TRITON_INTERPRET", file=sys.stderr)
-        return 2
+        raise InputError("benchmarks.resources compiles for a real GPU: unset TRITON_INTERPRET")
     if not os.path.exists(_nvidia_tool("cuobjdump")):
         print("this Triton build has no NVIDIA backend (cuobjdump); nothing to report", file=sys.stderr)
         return 0

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import attention, common, layer_norm, training
+from gpt2.errors import ArgumentParser, exit_on_input_error
 
 RESULTS = common.ROOT / "benchmarks" / "results"
 
@@ -86,9 +87,17 @@ def render(device: str, targets: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    with exit_on_input_error("benchmarks.targets"):
+        return run(parse_args(argv))
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, nargs="*", help="device folders (default: all under results/)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(args) -> int:
     folders = args.results or sorted(p for p in RESULTS.iterdir() if p.is_dir() and any(p.glob("*.csv")))
     if not folders:
         print("no measured results yet: run the benchmarks on a GPU (benchmarks/run_gpu.sh)", file=sys.stderr)

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import common
+from gpt2.errors import ArgumentParser, exit_on_input_error
 
 SHAPE_FIELDS = ["preset", "block_size", "batch_size", "step"]
 POINT_FIELDS = ["preset", "block_size", "batch_size", "dtype", "provider"]  # one run's rows, replaced together
@@ -64,7 +65,12 @@ def run_one(args, preset, kernels, out_dir, tokenizer, log_dir):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    with exit_on_input_error("benchmarks.training"):
+        return run(parse_args(argv))
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny model for a few steps on CPU")
     parser.add_argument("--presets", nargs="*", default=None, help="default: gpt2 gpt2-medium")
     parser.add_argument("--steps", type=int, default=None)
@@ -74,7 +80,10 @@ def main(argv=None) -> int:
     parser.add_argument("--config_overrides", default=None)
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--replot", action="store_true", help="measure nothing: rewrite training.md from the CSV")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(args) -> int:
     if args.replot:
         return common.replot(args.output_dir, "training", SHAPE_FIELDS, summarize)
     common.setup_quick_mode(args.quick)

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt2.errors import InputError
+
 ATTN_IMPLS = ("eager", "sdpa", "triton")
 NORM_IMPLS = ("torch", "triton")
 POSITION_EMBEDDINGS = ("learned", "rope")
@@ -34,40 +36,40 @@ class GPT2Config:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming what is allowed when a field is out of range."""
+        """Raise InputError (a ValueError) naming what is allowed when a field is out of range."""
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(
+            raise InputError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                 f"each head gets n_embd // n_head channels"
             )
         if self.n_head % self.n_kv_head:
-            raise ValueError(
+            raise InputError(
                 f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}); allowed: "
                 f"{[d for d in range(1, self.n_head + 1) if self.n_head % d == 0]}"
             )
         if self.position_embedding not in POSITION_EMBEDDINGS:
-            raise ValueError(
+            raise InputError(
                 f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}"
             )
         if self.position_embedding == "rope" and self.head_dim % 2:
-            raise ValueError(f"rope needs an even head size, got n_embd // n_head = {self.head_dim}")
+            raise InputError(f"rope needs an even head size, got n_embd // n_head = {self.head_dim}")
         if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+            raise InputError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if self.norm_impl not in NORM_IMPLS:
-            raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
+            raise InputError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.attn_impl == "triton" and self.dropout > 0:
-            raise ValueError(
+            raise InputError(
                 f"the triton attention kernel has no attention dropout (dropout={self.dropout}); "
                 f"set dropout=0 or attn_impl='sdpa'"
             )
         if self.layer_norm_epsilon <= 0:
-            raise ValueError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+            raise InputError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
 
     @property
     def head_dim(self) -> int:
@@ -82,7 +84,7 @@ class GPT2Config:
     def from_preset(cls, name: str, **overrides) -> GPT2Config:
         """One of PRESETS by name, with any field overridden."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+            raise InputError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
@@ -91,7 +93,7 @@ class GPT2Config:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - fields)
         if unknown:
-            raise ValueError(f"unknown GPT2Config field(s) {unknown}; fields: {sorted(fields)}")
+            raise InputError(f"unknown GPT2Config field(s) {unknown}; fields: {sorted(fields)}")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -107,8 +109,11 @@ class GPT2Config:
             key, sep, raw = item.partition("=")
             key, raw = key.strip(), raw.strip()
             if not sep or key not in values:
-                raise ValueError(f"bad override {item!r}: expected key=value with key in {sorted(values)}")
-            values[key] = _parse_value(raw, types[key])
+                raise InputError(f"bad override {item!r}: expected key=value with key in {sorted(values)}")
+            try:
+                values[key] = _parse_value(raw, types[key])
+            except ValueError as err:
+                raise InputError(f"bad override {item!r}: {err}") from None
         return GPT2Config(**values)
 
     def save_json(self, path: str | Path) -> None:
@@ -118,7 +123,7 @@ class GPT2Config:
 def _parse_value(raw: str, annotation: str):
     if "bool" in annotation:
         if raw.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true/false, got {raw!r}")
+            raise InputError(f"expected true/false, got {raw!r}")
         return raw.lower() in ("true", "1")
     if "int" in annotation:
         return None if raw.lower() == "none" and "None" in annotation else int(raw)

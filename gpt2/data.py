@@ -36,16 +36,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt2.errors import InputError, first_line
+
 BUILTIN_CORPUS = "builtin:pydocs"
 BUILTIN_VALIDATION_PERCENT = 5  # share of built-in documents (by a hash of their name) held out
 STREAMING_VALIDATION_DOCUMENTS = 1000  # a stream without a validation split holds out its first documents
 
-# Local file extensions and the `datasets` builder that reads them.
+# File extensions and the `datasets` builder that reads each (training and evaluation alike).
 FILE_BUILDERS = {"txt": "text", "text": "text", "json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad or unreachable input data; the message says what is wrong and what would work."""
+
+
+def file_builder(path: str | os.PathLike) -> str | None:
+    """The `datasets` builder that reads a local file, by its extension; None when unsupported."""
+    return FILE_BUILDERS.get(Path(path).suffix.lstrip(".").lower())
 
 
 # --------------------------------------------------------------------------- the built-in corpus
@@ -179,7 +186,7 @@ def _load_files(train_file, validation_file, streaming, cache_dir):
     if "train" not in data_files:
         raise DataError("--validation_file needs a --train_file too")
     extensions = {Path(f).suffix.lstrip(".").lower() for f in data_files.values()}
-    builders = {FILE_BUILDERS.get(ext) for ext in extensions}
+    builders = {file_builder(f) for f in data_files.values()}
     if None in builders or len(builders) != 1:
         raise DataError(
             f"can't read files with extension(s) {sorted(extensions)} together; supported: "
@@ -207,24 +214,21 @@ def _load_named(name, config_name, streaming, cache_dir):
             return DatasetDict({k: v.to_iterable_dataset() for k, v in data.items()}) if streaming else data
         return load_dataset(str(path), config_name, streaming=streaming, cache_dir=cache_dir)
 
-    from gpt2.hub import hub_offline, hub_unreachable_reason
+    from gpt2.hub import hub_offline, require_hub
 
     alternatives = (
         "Use local files (--train_file data.txt [--validation_file val.txt]; txt, json, jsonl, csv or "
         f"parquet), a local dataset directory, or the built-in offline corpus (--dataset_name "
         f"{BUILTIN_CORPUS}, the default)."
     )
-    reason = None if hub_offline() else hub_unreachable_reason()  # offline mode: straight to the local cache
-    if reason:
-        raise DataError(
-            f"dataset {name!r} needs the Hugging Face Hub, which can't be reached ({reason}). {alternatives} "
-            f"A dataset already in the local cache loads with HF_HUB_OFFLINE=1."
-        )
+    if not hub_offline():  # offline mode: straight to the local cache
+        require_hub(name, "dataset", f"{alternatives} A dataset already in the local cache loads with "
+                    f"HF_HUB_OFFLINE=1.", error=DataError)
     try:
         return load_dataset(name, config_name, streaming=streaming, cache_dir=cache_dir)
     except Exception as err:  # DatasetNotFoundError, ConnectionError, missing config, ...
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"could not load dataset {name!r} (config {config_name!r}): {message}. {alternatives}") from err
+        raise DataError(f"could not load dataset {name!r} (config {config_name!r}): {first_line(err)}. "
+                        f"{alternatives}") from err
 
 
 def resolve_text_column(column_names: list[str] | None, text_column: str | None) -> str:

@@ -34,14 +34,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from gpt2.data import BUILTIN_CORPUS, load_builtin_corpus
+from gpt2.data import BUILTIN_CORPUS, FILE_BUILDERS, file_builder, load_builtin_corpus
+from gpt2.errors import InputError, first_line
+from gpt2.hub import hub_offline, require_hub
+from gpt2.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # label value that is not scored (PyTorch's and Hugging Face's convention)
 JOIN_SEPARATOR = "\n\n"  # between texts of a split, as in the Hugging Face perplexity guide
-DATA_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(InputError):
     """Bad input to the evaluation (data, arguments): the message says what and what to do."""
 
 
@@ -274,14 +275,13 @@ def load_texts(
     import datasets
 
     if validation_file is not None:
-        extension = os.path.splitext(validation_file)[1].lower()
-        if extension not in DATA_FILE_BUILDERS:
+        builder, kwargs = file_builder(validation_file), {}
+        if builder is None:
             raise EvaluationInputError(
-                f"--validation_file must end in one of {sorted(DATA_FILE_BUILDERS)}, got {validation_file!r}"
+                f"--validation_file must end in one of {sorted(FILE_BUILDERS)}, got {validation_file!r}"
             )
         if not os.path.isfile(validation_file):
             raise EvaluationInputError(f"--validation_file {validation_file!r} does not exist")
-        builder, kwargs = DATA_FILE_BUILDERS[extension], {}
         if builder == "text":
             kwargs["sample_by"] = "document"
         source = f"--validation_file {validation_file!r}"
@@ -292,14 +292,16 @@ def load_texts(
         source = f"{BUILTIN_CORPUS} split {dataset_split!r}"
         load = lambda: load_builtin_corpus()[dataset_split]
     else:
-        _check_hub_reachable(dataset_name)
+        if not (os.path.exists(dataset_name) or hub_offline()):  # offline mode: the local cache
+            require_hub(dataset_name, "dataset", "Pass --validation_file, or set HF_HUB_OFFLINE=1 to use the local "
+                        "cache.", error=EvaluationInputError)
         source = f"dataset {dataset_name!r}" + (f" ({dataset_config_name})" if dataset_config_name else "")
         source += f" split {dataset_split!r}"
         load = lambda: datasets.load_dataset(dataset_name, dataset_config_name, split=dataset_split)
     try:
         dataset = load()
     except Exception as error:  # datasets raises many types; all mean "could not load"
-        raise EvaluationInputError(f"could not load {source}: {_first_line(error)}") from None
+        raise EvaluationInputError(f"could not load {source}: {first_line(error)}") from None
     if text_column not in dataset.column_names:
         raise EvaluationInputError(
             f"{source} has no column {text_column!r}; columns: {dataset.column_names} (use --text_column)"
@@ -311,41 +313,3 @@ def load_texts(
     if not any(texts):
         raise EvaluationInputError(f"{source} has no non-empty text in column {text_column!r}")
     return texts
-
-
-def _check_hub_reachable(dataset_name: str) -> None:
-    """Fail in seconds, not after the Hub client's ~25 s of retries, when a dataset that isn't a
-    local path needs a Hub that can't be reached. Offline mode goes on to the local cache."""
-    from gpt2.hub import hub_offline, hub_unreachable_reason
-
-    if os.path.exists(dataset_name) or hub_offline():
-        return
-    reason = hub_unreachable_reason()
-    if reason:
-        raise EvaluationInputError(
-            f"dataset {dataset_name!r} is not a local path and the Hugging Face Hub can't be reached "
-            f"({reason}); pass --validation_file, or set HF_HUB_OFFLINE=1 to use the local cache"
-        )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
-def load_model_and_tokenizer(model_name_or_path, tokenizer_name, kernels: str, device, dtype):
-    """A checkpoint (ours or HF GPT-2) and its tokenizer, ready for inference on device in dtype.
-    Raises ValueError / OSError / RuntimeError with a message fit for the user."""
-    from gpt2.model import GPT2
-    from gpt2.registry import resolve_kernels
-    from gpt2.tokenizer import load_tokenizer
-
-    model = GPT2.from_pretrained(model_name_or_path)
-    model.set_kernels(*resolve_kernels(kernels, torch.device(device).type))
-    tokenizer = load_tokenizer(tokenizer_name or model_name_or_path)
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
-            f"{model.config.vocab_size}: they don't belong together (see --tokenizer_name)"
-        )
-    return model.to(device=device, dtype=dtype).eval(), tokenizer

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from gpt2.errors import InputError
+
 
 class KVCache:
     """One layer's keys and values so far, (B, n_kv_head, T_past, hs), grown by concatenation."""
@@ -62,14 +64,14 @@ def generate(
     same tokens (up to floating-point ties).
     """
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise InputError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
     total = input_ids.shape[1] + max_new_tokens
     if total > model.config.n_positions:
-        raise ValueError(
+        raise InputError(
             f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds "
             f"the model's context of {model.config.n_positions}"
         )

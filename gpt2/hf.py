@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from gpt2.config import GPT2Config
+from gpt2.errors import InputError
 from gpt2.hub import download_files
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -33,6 +34,12 @@ ARCH_FIELDS = (
 )
 OUR_MODEL_TYPE = "gpt2-suite"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class CheckpointNotFoundError(InputError, FileNotFoundError):
+    """A checkpoint directory, or a file a checkpoint needs, that isn't there."""
+
+
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "gpt2", "openai-community/gpt2"
 
 
@@ -58,12 +65,12 @@ def config_to_json(config: GPT2Config) -> dict:
 
 
 def config_from_json(values: dict, source: str) -> GPT2Config:
-    """Our config from an HF GPT-2 config.json or one of ours; ValueError for anything else."""
+    """Our config from an HF GPT-2 config.json or one of ours; InputError for anything else."""
     model_type = values.get("model_type")
     if model_type == OUR_MODEL_TYPE:
         return GPT2Config.from_dict({k: values[k] for k in ARCH_FIELDS if k in values})
     if model_type != "gpt2":
-        raise ValueError(f"{source}: not a GPT-2 checkpoint (model_type={model_type!r}; expected 'gpt2')")
+        raise InputError(f"{source}: not a GPT-2 checkpoint (model_type={model_type!r}; expected 'gpt2')")
     unsupported = {
         "activation_function": (values.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")),
         "n_inner": values.get("n_inner") in (None, 4 * values.get("n_embd", 768)),
@@ -73,7 +80,7 @@ def config_from_json(values: dict, source: str) -> GPT2Config:
     }
     for key, ok in unsupported.items():
         if not ok:
-            raise ValueError(f"{source}: unsupported GPT-2 variant, {key}={values.get(key)!r}")
+            raise InputError(f"{source}: unsupported GPT-2 variant, {key}={values.get(key)!r}")
     fields = {k: values[k] for k in ARCH_FIELDS if k in values}
     fields.setdefault("dropout", values.get("resid_pdrop", 0.0))
     return GPT2Config.from_dict(fields)
@@ -134,8 +141,8 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         if (directory / "pytorch_model.bin").exists():
             return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a corrupt pickle raises almost anything (IndexError, UnpicklingError)
-        raise ValueError(f"{directory}: the weights file is unreadable or corrupt ({err})") from None
-    raise FileNotFoundError(f"{directory}: no weights file; expected one of {', '.join(WEIGHT_FILES)}")
+        raise InputError(f"{directory}: the weights file is unreadable or corrupt ({err})") from None
+    raise CheckpointNotFoundError(f"{directory}: no weights file; expected one of {', '.join(WEIGHT_FILES)}")
 
 
 def _normalise_state_dict(tensors: dict, expected: dict, source: str) -> dict:
@@ -154,36 +161,36 @@ def _normalise_state_dict(tensors: dict, expected: dict, source: str) -> dict:
         if name == "lm_head.weight":
             continue
         if name not in state:
-            raise ValueError(f"{source}: checkpoint is missing tensor {name!r}")
+            raise InputError(f"{source}: checkpoint is missing tensor {name!r}")
         if state[name].shape != param.shape:
-            raise ValueError(
+            raise InputError(
                 f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, the config implies "
                 f"{tuple(param.shape)}"
             )
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise ValueError(f"{source}: unexpected tensor {unexpected[0]!r} (not part of a GPT-2 model)")
+        raise InputError(f"{source}: unexpected tensor {unexpected[0]!r} (not part of a GPT-2 model)")
     if lm_head is not None and not torch.equal(lm_head, state["transformer.wte.weight"]):
-        raise ValueError(f"{source}: lm_head.weight differs from transformer.wte.weight; only tied heads are supported")
+        raise InputError(f"{source}: lm_head.weight differs from transformer.wte.weight; only tied heads are supported")
     return state
 
 
 def from_pretrained(cls, path_or_name, **config_overrides):
     path = Path(path_or_name)
     if path.is_file():
-        raise ValueError(f"{path}: expected a checkpoint directory (config.json + model.safetensors), got a file")
+        raise InputError(f"{path}: expected a checkpoint directory (config.json + model.safetensors), got a file")
     if not path.is_dir():
         if not HUB_ID.fullmatch(str(path_or_name)):
-            raise FileNotFoundError(f"{path}: no such checkpoint directory")
+            raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
         path = download_files(str(path_or_name), ["config.json"], "model")
         download_files(str(path_or_name), list(WEIGHT_FILES), "model")
     config_file = path / "config.json"
     if not config_file.exists():
-        raise FileNotFoundError(f"{path}: no config.json; expected a GPT-2 checkpoint directory")
+        raise CheckpointNotFoundError(f"{path}: no config.json; expected a GPT-2 checkpoint directory")
     try:
         values = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+        raise InputError(f"{config_file}: not valid JSON ({err})") from None
     config = config_from_json(values, str(path))
     config = GPT2Config.from_dict({**config.to_dict(), **config_overrides})
     tensors = _read_weights(path)

@@ -11,6 +11,12 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from gpt2.errors import InputError
+
+
+class HubError(InputError, OSError):
+    """A name that needs the Hub, which can't be reached or doesn't have it."""
+
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -32,21 +38,28 @@ def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
         return f"cannot reach {host}:{port} ({err.strerror or err})"
 
 
+def require_hub(name: str, what: str, instead: str, error: type[InputError] = HubError) -> None:
+    """Raise `error`, within seconds, when `what` `name` is not a local path and needs a Hub that
+    can't be reached; `instead` says what to pass instead. The one place this check is made."""
+    reason = hub_unreachable_reason()
+    if reason is not None:
+        raise error(f"{what} {name!r} is not a local path, and the Hugging Face Hub can't be reached ({reason}). "
+                    f"{instead}")
+
+
 def download_files(repo_id: str, filenames: list[str], what: str) -> Path:
-    """Fetch the first of `filenames` alternatives that exists (plus config.json) from a Hub repo,
-    using the local cache when the Hub can't be reached. Returns the snapshot directory."""
+    """Fetch the first of `filenames` alternatives that exists from a Hub repo: from the local
+    cache when it holds one, else from the Hub. Returns the snapshot directory."""
     from huggingface_hub import hf_hub_download
 
-    reason = hub_unreachable_reason()
     errors = []
-    for filename in filenames:
-        try:
-            return Path(hf_hub_download(repo_id, filename, local_files_only=reason is not None)).parent
-        except Exception as err:  # noqa: BLE001 - every failure here means "try the next file, then explain"
-            errors.append(f"{filename}: {type(err).__name__}")
-    if reason is not None:
-        raise OSError(
-            f"{what} {repo_id!r} is not a local path, and the Hugging Face Hub can't be reached ({reason}) "
-            f"nor is it in the local cache. Pass a local directory instead."
-        )
-    raise OSError(f"could not download {what} {repo_id!r} from the Hugging Face Hub ({'; '.join(errors)})")
+    for local_only in (True, False):
+        if not local_only:
+            require_hub(repo_id, what, "Pass a local directory instead (nor is it in the local cache).")
+        for filename in filenames:
+            try:
+                return Path(hf_hub_download(repo_id, filename, local_files_only=local_only)).parent
+            except Exception as err:  # noqa: BLE001 - every failure here means "try the next file, then explain"
+                errors.append(f"{filename}: {type(err).__name__}")
+    tried = "; ".join(errors[-len(filenames):])
+    raise HubError(f"could not download {what} {repo_id!r} from the Hugging Face Hub ({tried})")

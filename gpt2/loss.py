@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100  # a target that is not scored (PyTorch's and Hugging Face's convention)
 # Rows per chunk so that one chunk of fp32 logits is at most 2**26 elements (256 MB).
 _MAX_CHUNK_ELEMENTS = 2**26
 
@@ -70,7 +71,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return dh * factor.to(dh.dtype), dweight * factor.to(dweight.dtype), None, None, None, None
 
 
-def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction: str = "mean"):
+def linear_cross_entropy(h, weight, targets, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"):
     """Cross-entropy of softmax(h @ weight.T) against targets, with h (N, C), weight (V, C),
     targets (N,). reduction "mean" averages over targets != ignore_index; "sum" adds them up;
     "none" (evaluation only, no gradient) gives each target's NLL, 0 where ignored."""

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from gpt2 import hf
 from gpt2.config import GPT2Config
+from gpt2.errors import InputError
 from gpt2.generation import generate
-from gpt2.loss import linear_cross_entropy
+from gpt2.loss import IGNORE_INDEX, linear_cross_entropy
 from gpt2.registry import ATTENTION, NORM, check_available
 
 
@@ -162,7 +163,7 @@ class GPT2(nn.Module):
         B, T = input_ids.shape
         past = kv_caches[0].length if kv_caches else 0
         if past + T > self.config.n_positions:
-            raise ValueError(
+            raise InputError(
                 f"sequence of {past + T} tokens is longer than the model's context (n_positions="
                 f"{self.config.n_positions})"
             )
@@ -180,7 +181,7 @@ class GPT2(nn.Module):
         h, _ = self.transformer.ln_f(x, residual)
         return h
 
-    def forward(self, input_ids, labels=None, ignore_index: int = -100, reduction: str = "mean"):
+    def forward(self, input_ids, labels=None, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"):
         """Logits (B, T, vocab) without labels. With labels (aligned with input_ids; the shift to
         next-token targets happens here, as in Hugging Face), the next-token cross-entropy: the mean
         over non-ignored targets, their sum with reduction="sum" (for token-weighted averages), or,

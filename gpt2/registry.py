@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from gpt2.errors import InputError
+
 
 def _causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
     """(Tq, Tk) bool, True where query i (at position Tk - Tq + i) may attend to key j."""
@@ -71,7 +73,7 @@ def triton_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None)
     if q.shape[2] != k.shape[2]:
         return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale)
     if dropout_p > 0.0:  # GPT2Config refuses this combination; a direct caller gets the same answer
-        raise ValueError("the triton attention kernel has no attention dropout; set dropout=0 or attn_impl='sdpa'")
+        raise InputError("the triton attention kernel has no attention dropout; set dropout=0 or attn_impl='sdpa'")
     from kernels import flash_attention
 
     return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
@@ -109,6 +111,10 @@ NORM: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+class KernelUnavailableError(InputError, RuntimeError):
+    """A kernel implementation that can't run on this machine (say, triton without a GPU)."""
+
+
 def triton_unavailable_reason() -> str | None:
     """None when the Triton kernels can run here; otherwise why not and what to use instead."""
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -130,21 +136,21 @@ def resolve_kernels(choice: str, device_type: str | None = None, dropout: float 
     """(attn_impl, norm_impl) for the scripts' --kernels {auto, triton, sdpa, eager}. "auto" is
     our Triton kernels on CUDA (attention through SDPA when the model uses dropout, which our
     kernel lacks) and SDPA + torch LayerNorm elsewhere. "triton" where Triton can't run raises
-    RuntimeError saying why."""
+    KernelUnavailableError saying why."""
     if choice == "auto":
         on_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
         if not (on_cuda and triton_unavailable_reason() is None):
             return KERNEL_CHOICES["sdpa"]
         return ("sdpa", "triton") if dropout > 0 else KERNEL_CHOICES["triton"]
     if choice not in KERNEL_CHOICES:
-        raise ValueError(f"--kernels must be one of {['auto', *KERNEL_CHOICES]}, got {choice!r}")
+        raise InputError(f"--kernels must be one of {['auto', *KERNEL_CHOICES]}, got {choice!r}")
     check_available(*KERNEL_CHOICES[choice])
     return KERNEL_CHOICES[choice]
 
 
 def check_available(attn_impl: str, norm_impl: str) -> None:
-    """Raise RuntimeError, saying why and what to use, when a chosen implementation can't run here."""
+    """Raise KernelUnavailableError, saying why and what to use, when a chosen implementation can't run here."""
     if "triton" in (attn_impl, norm_impl):
         reason = triton_unavailable_reason()
         if reason:
-            raise RuntimeError(reason)
+            raise KernelUnavailableError(reason)

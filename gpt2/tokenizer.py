@@ -20,14 +20,15 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from gpt2.hub import hub_unreachable_reason
+from gpt2.errors import InputError
+from gpt2.hub import require_hub
 
 EOT = "<|endoftext|>"  # GPT-2's document separator; our trained tokenizers reserve it as a special token
 # Separator tokens of other tokenizer families, tried in order when <|endoftext|> is absent.
 _EOS_CANDIDATES = (EOT, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
 
-class TokenizerNotFoundError(OSError):
+class TokenizerNotFoundError(InputError, OSError):
     """A tokenizer path or hub name that can't be loaded; the message says what would work."""
 
 
@@ -72,14 +73,12 @@ def _from_hub(name: str) -> Tokenizer:
 
     for local_only in (True, False):
         if not local_only:
-            reason = hub_unreachable_reason()
-            if reason:
-                raise TokenizerNotFoundError(
-                    f"tokenizer {name!r} is not a local file or directory, and the Hugging Face Hub "
-                    f"can't be reached ({reason}). Use a local tokenizer.json or directory "
-                    f"(scripts/pretrain.py saves one in its --output_dir), or leave --tokenizer_name "
-                    f"unset to train a BPE tokenizer on the training text."
-                )
+            require_hub(
+                name, "tokenizer",
+                "Use a local tokenizer.json or directory (scripts/pretrain.py saves one in its --output_dir), or "
+                "leave --tokenizer_name unset to train a BPE tokenizer on the training text.",
+                error=TokenizerNotFoundError,
+            )
         file = fetch("tokenizer.json", local_only)
         if file:
             return Tokenizer.from_file(file)
@@ -102,7 +101,7 @@ def train_tokenizer(
     runs out of pairs seen min_frequency times).
     """
     if vocab_size < 257:
-        raise ValueError(f"vocab_size must be at least 257 (256 bytes + {EOT}), got {vocab_size}")
+        raise InputError(f"vocab_size must be at least 257 (256 bytes + {EOT}), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import torch
+
+from gpt2.errors import InputError
 
 CHECKPOINT_PREFIX = "step_"
 TRAINING_STATE = "training_state.json"
@@ -51,7 +52,7 @@ class WarmupDecay:
 
     def __init__(self, kind: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
         if kind not in SCHEDULES:
-            raise ValueError(f"unknown lr_scheduler_type {kind!r}; choose from {SCHEDULES}")
+            raise InputError(f"unknown lr_scheduler_type {kind!r}; choose from {SCHEDULES}")
         self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
         self.min_lr_ratio = min_lr_ratio
 
@@ -68,7 +69,7 @@ class WarmupDecay:
 def lr_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int, lr: float, min_lr: float = 0.0):
     """A LambdaLR stepping once per optimizer step, from lr after warmup down to min_lr."""
     if min_lr > lr:
-        raise ValueError(f"min_lr ({min_lr}) is larger than the learning rate ({lr})")
+        raise InputError(f"min_lr ({min_lr}) is larger than the learning rate ({lr})")
     ratio = min_lr / lr if lr > 0 else 0.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(kind, warmup_steps, total_steps, ratio))
 
@@ -155,20 +156,20 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
     """The checkpoint directory to resume from: a path, or "latest" (newest complete one in
-    output_dir). Raises ValueError saying what is there instead."""
+    output_dir). Raises InputError saying what is there instead."""
     if resume_from == "latest":
         path = latest_checkpoint(output_dir)
         if path is None:
-            raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
+            raise InputError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
         return path
     path = Path(resume_from)
     if not path.is_dir():
-        raise ValueError(f"--resume_from_checkpoint {path}: no such directory")
+        raise InputError(f"--resume_from_checkpoint {path}: no such directory")
     if not is_complete_checkpoint(path):
         inside = sorted(p.name for p in path.iterdir())[:8]
         nested = list_checkpoints(path)
         hint = f"; did you mean {nested[-1]} (or 'latest')?" if nested else ""
-        raise ValueError(
+        raise InputError(
             f"--resume_from_checkpoint {path} is not a complete checkpoint (no {COMPLETE_MARKER}; "
             f"it holds {inside}){hint}"
         )
@@ -196,21 +197,14 @@ RESUME_INVARIANTS = ("world_size", "per_device_train_batch_size", "gradient_accu
 
 
 def check_resume_compatible(saved: dict, current: dict) -> None:
-    """Raise ValueError listing every setting that differs from the checkpoint's."""
+    """Raise InputError listing every setting that differs from the checkpoint's."""
     changed = [
         f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
         for key in RESUME_INVARIANTS
         if key in saved and saved.get(key) != current.get(key)
     ]
     if changed:
-        raise ValueError(
+        raise InputError(
             "can't resume exactly with different settings (" + "; ".join(changed) + "). Run with the "
             "checkpoint's settings, or start a new run from its weights with --model_name_or_path."
         )
-
-
-def use_cpu(requested: bool) -> bool:
-    """Accelerator(cpu=...) for the scripts: --cpu, or several processes on a host without CUDA
-    (torchrun, `accelerate launch --multi_gpu --num_processes 2 ... --cpu`), where Accelerate sets up
-    gloo only when told cpu=True; otherwise each process would run alone."""
-    return requested or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)

@@ -28,50 +28,40 @@ wants mpirun. Start the processes as for GPUs, or with torchrun, and pass --cpu.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-# Runnable as `python scripts/evaluate_perplexity.py` from a checkout without `pip install -e .`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # first: makes the checkout importable
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from gpt2.evaluation import (  # noqa: E402
+from gpt2.errors import exit_on_input_error
+from gpt2.evaluation import (
     JOIN_SEPARATOR,
-    EvaluationInputError,
     PerplexityTotals,
     WindowDataset,
     check_window_arguments,
     collate_windows,
     join_texts,
-    load_model_and_tokenizer,
     load_texts,
     plan_windows,
     score_batch,
     tokenize_stream,
 )
-from gpt2.registry import KERNEL_CHOICES  # noqa: E402
-from gpt2.training import use_cpu  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_name_or_path", required=True, help="checkpoint directory or Hub name (gpt2)")
-    parser.add_argument("--tokenizer_name", default=None, help="default: the model's directory / name")
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cli.add_checkpoint_flags(parser, required=True, model_help="checkpoint directory or Hub name (gpt2)",
+                             tokenizer_help="default: the model's directory / name")
     data = parser.add_argument_group("data (one of --dataset_name, --validation_file)")
     data.add_argument("--dataset_name", default=None, help="a Hugging Face dataset, e.g. wikitext")
     data.add_argument("--dataset_config_name", default=None, help="e.g. wikitext-2-raw-v1")
     data.add_argument("--dataset_split", default="test")
     data.add_argument(
-        "--validation_file", default=None, help="txt (the whole file is one text), json, jsonl or parquet"
+        "--validation_file", default=None, help="txt (the whole file is one text), json, jsonl, csv or parquet"
     )
     data.add_argument("--text_column", default="text")
     data.add_argument("--max_samples", type=int, default=None, help="use only the split's first N texts")
@@ -80,11 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     protocol.add_argument("--stride", type=int, default=None, help="window step; default: max_length // 2")
     run = parser.add_argument_group("execution")
     run.add_argument("--batch_size", type=int, default=1, help="windows per forward pass, per process")
-    run.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model weights and activations")
-    run.add_argument(
-        "--kernels", choices=["auto", *KERNEL_CHOICES], default="auto", help="auto: triton on CUDA, else sdpa"
-    )
-    run.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    cli.add_device_flags(run)
     parser.add_argument("--output_json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -94,11 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.dataset_name is None) == (args.validation_file is None):
         parser.error("give exactly one of --dataset_name or --validation_file")
     return args
-
-
-def fail(message: str):
-    """Exit with a one-line message and no traceback (the user's input was at fault)."""
-    raise SystemExit(f"evaluate_perplexity.py: error: {message}")
 
 
 def window_lengths(args, n_positions: int) -> tuple[int, int]:
@@ -174,29 +155,16 @@ def print_summary(report: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    accelerator = Accelerator(cpu=use_cpu(args.cpu))
-    try:
-        model, tokenizer = load_model_and_tokenizer(
-            args.model_name_or_path, args.tokenizer_name, args.kernels, accelerator.device, DTYPES[args.dtype]
-        )
-    except (ValueError, OSError, RuntimeError) as error:
-        fail(str(error))
-    try:
+    with exit_on_input_error("evaluate_perplexity.py"):
+        args = parse_args(argv)
+        accelerator = Accelerator(cpu=cli.use_cpu(args.cpu))
+        model, tokenizer = cli.load_model_and_tokenizer(args, accelerator.device)
         max_length, stride = window_lengths(args, model.config.n_positions)
         with accelerator.main_process_first():  # one process fills the datasets cache, the others read it
-            texts = load_texts(
-                args.dataset_name,
-                args.dataset_config_name,
-                args.dataset_split,
-                args.validation_file,
-                args.text_column,
-                args.max_samples,
-            )
+            texts = load_texts(args.dataset_name, args.dataset_config_name, args.dataset_split,
+                               args.validation_file, args.text_column, args.max_samples)
         stream = tokenize_stream(tokenizer, join_texts(texts))
         windows = plan_windows(len(stream), max_length, stride)
-    except EvaluationInputError as error:
-        fail(str(error))
     start = time.perf_counter()
     dataloader = accelerator.prepare(build_dataloader(stream, windows, args.batch_size))  # shards the windows
     totals = evaluate(model, dataloader, len(windows), accelerator)

@@ -18,28 +18,20 @@ end-of-text token.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
-# Runnable as `python scripts/generate.py` from a checkout without `pip install -e .`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # first: makes the checkout importable
+import torch
+from accelerate import Accelerator
 
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-
-from gpt2.evaluation import load_model_and_tokenizer  # noqa: E402
-from gpt2.registry import KERNEL_CHOICES  # noqa: E402
-from gpt2.tokenizer import eos_token_id  # noqa: E402
-from gpt2.training import use_cpu  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from gpt2.errors import InputError, exit_on_input_error
+from gpt2.tokenizer import eos_token_id
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_name_or_path", required=True, help="checkpoint directory or Hub name (gpt2)")
-    parser.add_argument("--tokenizer_name", default=None, help="default: the model's directory / name")
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cli.add_checkpoint_flags(parser, required=True, model_help="checkpoint directory or Hub name (gpt2)",
+                             tokenizer_help="default: the model's directory / name")
     parser.add_argument("--prompt", action="append", default=None, help="repeat for several prompts")
     parser.add_argument("--prompt_file", default=None, help="a UTF-8 file, one prompt per non-empty line")
     parser.add_argument("--max_new_tokens", type=int, default=100)
@@ -48,9 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with mass p")
     parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt (one batch)")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--kernels", choices=["auto", *KERNEL_CHOICES], default="auto", help="auto: triton on CUDA")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    cli.add_device_flags(parser)
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
@@ -65,18 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def fail(message: str):
-    """Exit with a one-line message and no traceback (the user's input was at fault)."""
-    raise SystemExit(f"generate.py: error: {message}")
-
-
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
         try:
             lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
         except OSError as error:
-            fail(f"can't read --prompt_file: {error}")
+            raise InputError(f"can't read --prompt_file: {error}") from None
         prompts += [line for line in lines if line.strip()]
     return prompts or [""]
 
@@ -85,7 +70,7 @@ def encode_prompt(tokenizer, prompt: str, eos_id: int | None) -> list[int]:
     ids = tokenizer.encode(prompt).ids
     if not ids:
         if eos_id is None:
-            fail("an empty prompt needs an end-of-text token to start from, and this tokenizer has none")
+            raise InputError("an empty prompt needs an end-of-text token to start from, and this tokenizer has none")
         ids = [eos_id]
     return ids
 
@@ -94,19 +79,16 @@ def sample(model, prompt_ids: list[int], args, eos_id: int | None, generator: to
     """num_samples continuations of one prompt, as one batch; each cut at its first end-of-text."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids] * args.num_samples, device=device)
-    try:
-        output = model.generate(
-            input_ids,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            eos_token_id=eos_id,
-            use_cache=True,
-            generator=generator,
-        )
-    except ValueError as error:  # e.g. prompt + max_new_tokens longer than the context
-        fail(str(error))
+    output = model.generate(  # an InputError when prompt + max_new_tokens exceed the context
+        input_ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=eos_id,
+        use_cache=True,
+        generator=generator,
+    )
     completions = []
     for row in output[:, len(prompt_ids) :].tolist():
         completions.append(row[: row.index(eos_id)] if eos_id in row else row)
@@ -114,17 +96,18 @@ def sample(model, prompt_ids: list[int], args, eos_id: int | None, generator: to
 
 
 def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    accelerator = Accelerator(cpu=use_cpu(args.cpu))
-    try:
-        model, tokenizer = load_model_and_tokenizer(
-            args.model_name_or_path, args.tokenizer_name, args.kernels, accelerator.device, DTYPES[args.dtype]
-        )
-    except (ValueError, OSError, RuntimeError) as error:
-        fail(str(error))
+    with exit_on_input_error("generate.py"):
+        args = parse_args(argv)
+        accelerator = Accelerator(cpu=cli.use_cpu(args.cpu))
+        model, tokenizer = cli.load_model_and_tokenizer(args, accelerator.device)
+        return generate_samples(args, model, tokenizer, accelerator.device)
+
+
+def generate_samples(args, model, tokenizer, device) -> list[dict]:
+    """Every prompt's samples, printed under a header and returned as dicts."""
     eos_id = eos_token_id(tokenizer)
     torch.manual_seed(args.seed)
-    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     samples = []
     for i, prompt in enumerate(read_prompts(args), start=1):
         prompt_ids = encode_prompt(tokenizer, prompt, eos_id)

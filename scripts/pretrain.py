@@ -20,44 +20,34 @@ marker); the final model, config and tokenizer go to OUTPUT_DIR in Hugging Face 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
 import math
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-# Runnable as `python scripts/pretrain.py` from a checkout without `pip install -e .`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import (  # noqa: E402
+import cli  # first: makes the checkout importable
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedType,
     GradientAccumulationPlugin,
     ProjectConfiguration,
     set_seed,
 )
-from torch.utils.data import DataLoader  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from gpt2 import (  # noqa: E402
-    GPT2,
-    PRESETS,
-    GPT2Config,
-    training,  # noqa: E402
-)
-from gpt2 import data as gdata  # noqa: E402
-from gpt2.registry import resolve_kernels  # noqa: E402
-from gpt2.tokenizer import (  # noqa: E402
-    TokenizerNotFoundError,
-    eos_token_id,
-    load_tokenizer,
-    save_tokenizer,
-    train_tokenizer,
-)
+from gpt2 import GPT2, PRESETS, GPT2Config, training
+from gpt2 import data as gdata
+from gpt2.errors import InputError, exit_on_input_error
+from gpt2.loss import IGNORE_INDEX
+from gpt2.registry import KernelUnavailableError, resolve_kernels
+from gpt2.tokenizer import eos_token_id, load_tokenizer, save_tokenizer, train_tokenizer
 
 TOKENIZER_TRAINING_CHARS = 200_000_000  # train the BPE on at most this much text (a sample of big corpora)
 
@@ -70,13 +60,37 @@ class _TiedWeightsNotice(logging.Filter):
         return "Removed shared tensor" not in record.getMessage()
 
 
-class UsageError(Exception):
-    """Bad flags or input: printed as one line, no traceback, exit status 2."""
+def main(argv=None) -> int:
+    """Set up, train, save: 0 when done, 1 when a non-finite step stopped the run, 2 on bad input."""
+    logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
+    with exit_on_input_error("pretrain.py"):
+        args = parse_args(argv)
+        run = setup_run(args, build_accelerator(args))
+        return fit(run)
+
+
+# --------------------------------------------------------------------------- flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    d = p.add_argument_group("data")
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    _add_data_flags(parser.add_argument_group("data"))
+    _add_model_flags(parser.add_argument_group("model and tokenizer"))
+    _add_training_flags(parser.add_argument_group("training"))
+    _add_output_flags(parser.add_argument_group("evaluation, logging and checkpoints"))
+    args = parser.parse_args(argv)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "max_train_steps", "eval_steps", "logging_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.checkpointing_steps is None:
+        args.checkpointing_steps = args.eval_steps
+    if args.streaming and args.num_train_epochs:
+        parser.error("--streaming runs by --max_train_steps; a stream has no known epoch length")
+    return args
+
+
+def _add_data_flags(d) -> None:
     d.add_argument("--dataset_name", default=None,
                    help=f"hub dataset, local dataset directory, or {gdata.BUILTIN_CORPUS} (the default "
                         f"when no --train_file is given: Python's bundled docs, offline)")
@@ -91,20 +105,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="documents, with --streaming")
     d.add_argument("--preprocessing_num_workers", type=int, default=None)
     d.add_argument("--max_eval_samples", type=int, default=None, help="cap the validation blocks")
-    m = p.add_argument_group("model and tokenizer")
+
+
+def _add_model_flags(m) -> None:
     m.add_argument("--config_name", default="gpt2-tiny", help=f"a preset ({', '.join(PRESETS)}) or a config.json")
     m.add_argument("--config_overrides", default=None, help='e.g. "n_layer=2,n_embd=64,dropout=0.1"')
-    m.add_argument("--model_name_or_path", default=None, help="start from these weights (ours or HF GPT-2)")
-    m.add_argument("--tokenizer_name", default=None,
-                   help="tokenizer.json file or directory, or a hub name (gpt2); default: train a "
-                        "byte-level BPE on the training text")
+    cli.add_checkpoint_flags(
+        m, required=False, model_help="start from these weights (ours or HF GPT-2)",
+        tokenizer_help="tokenizer.json file or directory, or a hub name (gpt2); default: train a byte-level BPE "
+                       "on the training text",
+    )
     m.add_argument("--vocab_size", type=int, default=8192, help="for a tokenizer trained here")
     m.add_argument("--block_size", type=int, default=None, help="tokens per sequence; default n_positions")
-    m.add_argument("--kernels", choices=("auto", "triton", "sdpa", "eager"), default="auto",
-                   help="auto = our Triton kernels on CUDA, PyTorch SDPA elsewhere")
-    m.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    cli.add_device_flags(m, dtype=False)  # precision: accelerate launch --mixed_precision
     m.add_argument("--compile", action="store_true", help="torch.compile through Accelerate (inductor)")
-    t = p.add_argument_group("training")
+
+
+def _add_training_flags(t) -> None:
     t.add_argument("--per_device_train_batch_size", type=int, default=4)
     t.add_argument("--per_device_eval_batch_size", type=int, default=8)
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -121,7 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--on_nonfinite", choices=("stop", "skip"), default="stop",
                    help="a non-finite loss or grad norm stops the run (keeping the last good "
                         "checkpoint), or skips that update")
-    o = p.add_argument_group("evaluation, logging and checkpoints")
+
+
+def _add_output_flags(o) -> None:
     o.add_argument("--output_dir", default="out")
     o.add_argument("--eval_steps", type=int, default=100, help="also before the first and after the last step")
     o.add_argument("--logging_steps", type=int, default=10)
@@ -131,33 +150,130 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--report_to", default="all", help="tensorboard, wandb, ... or all (every installed one)")
     o.add_argument("--sample_prompt", default="The", help="prompt for the sample printed at the end")
     o.add_argument("--sample_tokens", type=int, default=60)
-    args = p.parse_args(argv)
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "max_train_steps", "eval_steps", "logging_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if args.checkpointing_steps is None:
-        args.checkpointing_steps = args.eval_steps
-    if args.streaming and args.num_train_epochs:
-        p.error("--streaming runs by --max_train_steps; a stream has no known epoch length")
-    return args
 
 
-# --------------------------------------------------------------------------- building blocks
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: what setup_run built, and where the loop stands."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared by Accelerate (DDP / FSDP wrapped where distributed)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    tokenizer: object  # a tokenizers.Tokenizer
+    block_size: int
+    settings: dict  # what a resume must match; saved in every checkpoint with the data position
+    metrics: MetricsLog
+    tokens_per_step: int  # batch x block x accumulation x processes
+    flops_per_token: float
+    peak_flops: float | None  # the device's dense bf16 peak, for MFU; None when unknown
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_done: int = 0  # batches consumed in the current epoch
+    last_checkpoint: Path | None = None
+    val: tuple[float, float] | None = None  # the latest (val loss, val perplexity)
+
+
+def build_accelerator(args) -> Accelerator:
+    # Several processes without a GPU (`accelerate launch --multi_gpu --num_processes 2 ... --cpu`, or
+    # torchrun on a CPU host) need cpu=True for Accelerate to set up gloo instead of running them apart.
+    return Accelerator(
+        cpu=cli.use_cpu(args.cpu),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=args.gradient_accumulation_steps,
+            sync_with_dataloader=False,  # we take a whole step's micro-batches at once, see train_step
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
+        log_with=args.report_to if args.with_tracking else None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir),
+        dynamo_backend="inductor" if args.compile else None,
+    )
+
+
+def setup_run(args, accelerator: Accelerator) -> Run:
+    """Flags, data, tokenizer, model, optimizer, prepared by Accelerate and resumed when asked. Cheap
+    checks come first, so a typo fails in a second, before any data is read."""
+    output_dir = Path(args.output_dir)
+    resume_dir = training.resolve_checkpoint(args.resume_from_checkpoint, output_dir) \
+        if args.resume_from_checkpoint else None
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)  # before the model is built: its initial weights follow from the seed
+    _check_kernels_early(args)
+    config = build_config(args)
+    if config is not None and args.block_size and args.block_size > config.n_positions:
+        raise InputError(_block_size_message(args.block_size, config.n_positions))
+
+    raw = load_raw_data(args, accelerator)
+    tokenizer = build_tokenizer(args, raw, accelerator, resume_dir)
+    if eos_token_id(tokenizer) is None:
+        raise InputError("the tokenizer has no end-of-text token (<|endoftext|> or </s>) to separate documents")
+    model = build_model(args, config, tokenizer.get_vocab_size())
+    block_size = _block_size(args, model.config)
+    train_loader, eval_loader, stats = build_dataloaders(args, raw, tokenizer, block_size, accelerator)
+    ga, world = args.gradient_accumulation_steps, accelerator.num_processes
+    if args.num_train_epochs:
+        steps_per_epoch = len(train_loader) // world // ga
+        args.max_train_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+    optimizer, scheduler = build_optimizer(args, model, accelerator.device)
+    if args.streaming:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader, scheduler
+        )
+
+    unwrapped = accelerator.unwrap_model(model)
+    run = Run(
+        args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, tokenizer, block_size,
+        settings={"world_size": world, "per_device_train_batch_size": args.per_device_train_batch_size,
+                  "gradient_accumulation_steps": ga, "block_size": block_size, "seed": args.seed,
+                  "streaming": args.streaming, "max_train_steps": args.max_train_steps},
+        metrics=MetricsLog(accelerator, output_dir / "metrics.jsonl", args.with_tracking),
+        tokens_per_step=args.per_device_train_batch_size * block_size * ga * world,
+        flops_per_token=unwrapped.flops_per_token(block_size),
+        peak_flops=training.peak_flops(training.device_name(accelerator.device)),
+    )
+    if resume_dir is not None:
+        resume(run, resume_dir)
+    if args.with_tracking:
+        accelerator.init_trackers("gpt2-pretrain", {k: v for k, v in vars(args).items()
+                                                   if isinstance(v, (int, float, str, bool))})
+    accelerator.print(banner(run, unwrapped, stats))
+    return run
+
+
+def load_raw_data(args, accelerator: Accelerator):
+    """The raw text splits; one process reads / builds the datasets cache first, the others reuse it."""
+    with accelerator.main_process_first():
+        raw = gdata.load_raw_datasets(
+            args.dataset_name, args.dataset_config_name, train_file=args.train_file,
+            validation_file=args.validation_file, validation_split_percentage=args.validation_split_percentage,
+            streaming=args.streaming,
+        )
+    if not args.streaming:
+        for split in ("train", "validation"):
+            gdata.resolve_text_column(raw[split].column_names, args.text_column)
+            if len(raw[split]) == 0:
+                raise gdata.DataError(f"the {split} split is empty")
+    return raw
 
 
 def build_tokenizer(args, raw, accelerator: Accelerator, resume_dir: Path | None):
     """The tokenizer: the checkpoint's when resuming, a named one, the starting model's, or a BPE
     trained here on the training text (by the main process; the others read its file)."""
-    try:
-        if resume_dir is not None and (resume_dir / "tokenizer.json").is_file():
-            return load_tokenizer(resume_dir)
-        if args.tokenizer_name:
-            return load_tokenizer(args.tokenizer_name)
-        if args.model_name_or_path:
-            return load_tokenizer(args.model_name_or_path)
-    except TokenizerNotFoundError as err:
-        raise UsageError(str(err)) from None
+    if resume_dir is not None and (resume_dir / "tokenizer.json").is_file():
+        return load_tokenizer(resume_dir)
+    if args.tokenizer_name or args.model_name_or_path:
+        return load_tokenizer(args.tokenizer_name or args.model_name_or_path)
     trained = Path(args.output_dir) / "tokenizer.json"
     with accelerator.main_process_first():
         if accelerator.is_main_process:
@@ -188,38 +304,10 @@ def build_config(args) -> GPT2Config | None:
     --model_name_or_path); checked before any data is read, so a typo fails in a second."""
     if args.model_name_or_path:
         if args.config_overrides:
-            raise UsageError("--config_overrides applies to new models; drop it with --model_name_or_path")
+            raise InputError("--config_overrides applies to new models; drop it with --model_name_or_path")
         return None
-    try:
-        config = _config_from_name(args.config_name)
-        if args.config_overrides:
-            overrides = args.config_overrides
-            config = config.with_overrides(overrides)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    return config
-
-
-def build_model(args, config: GPT2Config | None, vocab_size: int) -> GPT2:
-    """The model on CPU, with the kernels picked by --kernels; ValueError/RuntimeError -> UsageError."""
-    try:
-        if config is None:
-            model = GPT2.from_pretrained(args.model_name_or_path)
-        else:
-            if "vocab_size" not in (args.config_overrides or ""):
-                config.vocab_size = vocab_size  # the tokenizer's size, trained or loaded
-            config.validate()
-            model = GPT2(config)
-        if model.config.vocab_size < vocab_size:
-            raise UsageError(
-                f"the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's "
-                f"({vocab_size})"
-            )
-        attn, norm = resolve_kernels(args.kernels, "cpu" if args.cpu else None, model.config.dropout)
-        model.set_kernels(attn_impl=attn, norm_impl=norm)
-    except (ValueError, RuntimeError, OSError) as err:
-        raise UsageError(str(err)) from None
-    return model
+    config = _config_from_name(args.config_name)
+    return config.with_overrides(args.config_overrides) if args.config_overrides else config
 
 
 def _config_from_name(name: str) -> GPT2Config:
@@ -229,10 +317,39 @@ def _config_from_name(name: str) -> GPT2Config:
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        values = json.loads(path.read_text())
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise InputError(f"--config_name {path}: not valid JSON ({err})") from None
         known = set(GPT2Config().to_dict())  # a saved config.json also carries HF GPT-2 keys
         return GPT2Config.from_dict({k: v for k, v in values.items() if k in known})
-    raise UsageError(f"--config_name {name!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
+    raise InputError(f"--config_name {name!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
+
+
+def build_model(args, config: GPT2Config | None, vocab_size: int) -> GPT2:
+    """The model on CPU, from --model_name_or_path or the config, with the kernels picked by --kernels."""
+    if config is None:
+        model = GPT2.from_pretrained(args.model_name_or_path)
+    else:
+        if "vocab_size" not in (args.config_overrides or ""):
+            config.vocab_size = vocab_size  # the tokenizer's size, trained or loaded
+        config.validate()
+        model = GPT2(config)
+    if model.config.vocab_size < vocab_size:
+        raise InputError(
+            f"the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's ({vocab_size})"
+        )
+    attn, norm = resolve_kernels(args.kernels, "cpu" if args.cpu else None, model.config.dropout)
+    return model.set_kernels(attn_impl=attn, norm_impl=norm)
+
+
+def _block_size(args, config: GPT2Config) -> int:
+    block_size = args.block_size or config.n_positions
+    if block_size > config.n_positions:
+        raise InputError(_block_size_message(block_size, config.n_positions))
+    if block_size < 2:
+        raise InputError("--block_size must be at least 2 (one input and one target)")
+    return block_size
 
 
 def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
@@ -262,7 +379,7 @@ def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
         validation = validation.select(range(min(args.max_eval_samples, len(validation))))
     global_batch = args.per_device_train_batch_size * accelerator.num_processes
     if len(lm["train"]) < global_batch * args.gradient_accumulation_steps:
-        raise UsageError(
+        raise InputError(
             f"the training split packs into {len(lm['train'])} blocks of {block_size} tokens, fewer than "
             f"one optimizer step needs ({global_batch * args.gradient_accumulation_steps}); use more data "
             f"or a smaller --block_size / --per_device_train_batch_size"
@@ -270,6 +387,199 @@ def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
     train = DataLoader(lm["train"], shuffle=True, drop_last=True, batch_size=args.per_device_train_batch_size)
     valid = DataLoader(validation, batch_size=args.per_device_eval_batch_size)
     return train, valid, stats
+
+
+def build_optimizer(args, model, device: torch.device):
+    """AdamW (weight decay on matrices only) and the warmup-then-decay schedule."""
+    warmup = args.num_warmup_steps if args.num_warmup_steps is not None else max(1, args.max_train_steps // 20)
+    optimizer = torch.optim.AdamW(
+        training.param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95),
+        fused=False if device.type == "cpu" else None,
+    )
+    scheduler = training.lr_scheduler(optimizer, args.lr_scheduler_type, warmup, args.max_train_steps,
+                                      args.learning_rate, args.min_lr)
+    return optimizer, scheduler
+
+
+def resume(run: Run, resume_dir: Path) -> None:
+    """Weights, optimizer, scheduler and RNG from save_state; the data position from our file."""
+    saved = training.read_training_state(resume_dir)
+    training.check_resume_compatible(saved, run.settings)
+    run.accelerator.load_state(str(resume_dir))
+    run.step, run.epoch, run.batches_done = saved["step"], saved["epoch"], saved["batches_in_epoch"]
+    say = run.accelerator.print
+    say(f"Resumed from {resume_dir}: step {run.step}, epoch {run.epoch}, {run.batches_done} batches into it")
+    planned = saved.get("max_train_steps", run.args.max_train_steps)
+    if planned != run.args.max_train_steps:
+        say(f"note: the learning-rate schedule comes from the checkpoint, planned for {planned} steps "
+            f"(after them it stays at --min_lr)")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def fit(run: Run) -> int:
+    """Evaluate, then train to --max_train_steps, logging, evaluating and checkpointing on schedule;
+    then save the model. 0 when done, 1 when a non-finite step stopped the run."""
+    args = run.args
+    if run.step == 0:
+        validate(run, print)
+    run.model.train()
+    window = ThroughputWindow()
+    start_time, steps_run = window.start, 0
+    run.last_checkpoint = training.latest_checkpoint(args.output_dir)
+    progress = tqdm(total=args.max_train_steps, initial=run.step, desc="training", dynamic_ncols=True,
+                    disable=not run.accelerator.is_local_main_process)
+    batches = _batches(args, run.train_loader, run.accelerator, run.epoch, run.batches_done)
+    while run.step < args.max_train_steps:
+        micro, run.epoch, run.batches_done = next(batches)
+        result = train_step(run, micro)
+        run.step += 1
+        steps_run += 1
+        if not result.finite and stop_on_nonfinite(run, result):
+            return 1
+        window.add(result)
+        run.scheduler.step()
+        progress.update(1)
+        if _due(run, args.logging_steps):
+            log_training(run, window.close(), result, progress)
+        with window.paused():
+            evaluate_and_checkpoint(run, progress)
+    progress.close()
+    if steps_run == 0:  # resumed at the end: nothing trained, report the checkpoint as it is
+        run.val = evaluate(run.model, run.eval_loader, run.accelerator, prepared=not args.streaming)
+    return finish(run, time.perf_counter() - start_time)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # the step's mean next-token loss over its tokens on every rank
+    tokens: int  # targets in the step, every rank together
+    grad_norm: torch.Tensor  # before clipping
+    finite: bool  # False: the update was not applied
+
+
+def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
+    """One optimizer step over its gradient-accumulation micro-batches, taken together so the loss can
+    be divided by the step's token count across micro-batches and ranks before backward (a
+    token-weighted loss). A non-finite loss or gradient norm skips the update."""
+    accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
+    world, ga = accelerator.num_processes, run.args.gradient_accumulation_steps
+    n_tokens = sum((b["input_ids"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches).to(accelerator.device)
+    step_tokens = accelerator.reduce(n_tokens.clone(), "sum")
+    step_nll = torch.zeros((), device=accelerator.device)
+    for batch in micro_batches:
+        input_ids = batch["input_ids"].to(accelerator.device)
+        with accelerator.accumulate(model):
+            nll_sum = model(input_ids, labels=input_ids, reduction="sum")
+            # DDP averages gradients over ranks and accelerator.backward divides by ga; undo both
+            # so the gradient is that of (sum of NLL over the step's tokens) / (its token count).
+            accelerator.backward(nll_sum * (world * ga) / step_tokens)
+            step_nll += nll_sum.detach()
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.args.max_grad_norm)
+                step_loss = accelerator.reduce(step_nll, "sum") / step_tokens
+                if accelerator.scaler is not None:
+                    # fp16: overflowing gradients are routine; the loss scaler skips that update
+                    # and lowers its scale inside optimizer.step(), so only the loss can be fatal.
+                    optimizer.step()
+                    finite = bool(torch.isfinite(step_loss))
+                else:
+                    finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
+                    if finite:
+                        optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    return StepResult(step_loss, int(step_tokens), grad_norm, finite)
+
+
+def stop_on_nonfinite(run: Run, result: StepResult) -> bool:
+    """The --on_nonfinite policy for a step whose update was skipped: True to stop the run (the last
+    good checkpoint stays the newest), False to go on without that update."""
+    what = "loss" if not torch.isfinite(result.loss) else "grad norm"
+    message = (f"non-finite {what} at step {run.step} (loss {result.loss.item()}, grad norm "
+               f"{float(result.grad_norm)})")
+    if run.args.on_nonfinite == "skip":
+        run.accelerator.print(f"\n{message}: skipping this update (--on_nonfinite skip)")
+        return False
+    where = f"the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint else "no checkpoint yet"
+    run.accelerator.print(f"\n{message}: stopping; {where}. Resume with --resume_from_checkpoint latest "
+                          f"(perhaps with a lower --learning_rate), or pass --on_nonfinite skip.")
+    run.metrics.log({"nonfinite": True, "train_loss": float(result.loss)}, run.step)
+    run.accelerator.end_training()
+    return True
+
+
+class ThroughputWindow:
+    """Training loss and steps per second over the steps since the last log line; time spent in
+    evaluation and checkpointing (inside paused()) doesn't count."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.nll, self.tokens, self.steps, self.paused_s = 0.0, 0, 0, 0.0
+
+    def add(self, result: StepResult) -> None:
+        self.steps += 1
+        if result.finite:  # a skipped update counts as a step, its loss does not
+            self.nll += float(result.loss) * result.tokens
+            self.tokens += result.tokens
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        yield
+        self.paused_s += time.perf_counter() - start
+
+    def close(self) -> tuple[float, float]:
+        """(token-weighted mean loss, steps per second) of the window, and start the next one."""
+        now = time.perf_counter()
+        loss = self.nll / max(self.tokens, 1)
+        steps_per_s = self.steps / max(now - self.start - self.paused_s, 1e-9)
+        self.__init__()
+        self.start = now
+        return loss, steps_per_s
+
+
+def _due(run: Run, every: int) -> bool:
+    return run.step % every == 0 or run.step == run.args.max_train_steps
+
+
+def log_training(run: Run, window: tuple[float, float], result: StepResult, progress) -> None:
+    train_loss, steps_per_s = window
+    tokens_per_s = run.tokens_per_step * steps_per_s
+    utilisation = training.mfu(tokens_per_s / run.accelerator.num_processes, run.flops_per_token, run.peak_flops)
+    record = {
+        "train_loss": train_loss,
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": float(result.grad_norm),
+        "tokens_per_s": tokens_per_s,
+        "mfu": utilisation,
+        "peak_memory": peak_memory(run.accelerator.device),
+        "epoch": run.epoch,
+    }
+    mfu_text = f"{100 * utilisation:.1f}%" if utilisation is not None else "n/a"
+    progress.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
+    if run.accelerator.is_local_main_process:
+        progress.write(
+            f"step {run.step}: loss {train_loss:.4f} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f} "
+            f"| {tokens_per_s:,.0f} tok/s | MFU {mfu_text} | peak mem {record['peak_memory']}"
+        )
+    run.metrics.log(record, run.step)
+
+
+def evaluate_and_checkpoint(run: Run, progress) -> None:
+    if _due(run, run.args.eval_steps):
+        validate(run, progress.write)
+    if _due(run, run.args.checkpointing_steps):
+        position = {"epoch": run.epoch, "batches_in_epoch": run.batches_done, **run.settings}
+        run.last_checkpoint = save_checkpoint(run.accelerator, run.args, run.step, position, run.tokenizer)
+
+
+def validate(run: Run, write) -> None:
+    """Validation loss and perplexity now: written (by the local main process) and logged."""
+    loss, ppl = run.val = evaluate(run.model, run.eval_loader, run.accelerator, prepared=not run.args.streaming)
+    if run.accelerator.is_local_main_process:
+        write(f"step {run.step}: val loss {loss:.4f}, val perplexity {ppl:.2f}")
+    run.metrics.log({"val_loss": loss, "val_perplexity": ppl}, run.step)
 
 
 @torch.no_grad()
@@ -284,7 +594,7 @@ def evaluate(model, dataloader, accelerator: Accelerator, prepared: bool) -> tup
     for batch in dataloader:
         input_ids = batch["input_ids"].to(accelerator.device)
         token_nll = model(input_ids, labels=input_ids, reduction="none")  # (B, T-1), chunked: no full logits
-        seq_nll, seq_count = token_nll.sum(1).double(), (input_ids[:, 1:] != -100).sum(1).double()
+        seq_nll, seq_count = token_nll.sum(1).double(), (input_ids[:, 1:] != IGNORE_INDEX).sum(1).double()
         if prepared:
             seq_nll, seq_count = accelerator.gather_for_metrics((seq_nll, seq_count))
         nll += seq_nll.sum()
@@ -362,238 +672,20 @@ def peak_memory(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
 
 
-# --------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------- the end
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
-    try:
-        return train(args)
-    except (UsageError, gdata.DataError) as err:
-        print(f"pretrain.py: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-
-
-def train(args) -> int:
-    # Several processes without a GPU (`accelerate launch --multi_gpu --num_processes 2 ... --cpu`, or
-    # torchrun on a CPU host) need cpu=True for Accelerate to set up gloo instead of running them apart.
-    accelerator = Accelerator(
-        cpu=training.use_cpu(args.cpu),
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.gradient_accumulation_steps,
-            sync_with_dataloader=False,  # we take a whole step's micro-batches at once, see below
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
-        log_with=args.report_to if args.with_tracking else None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir),
-        dynamo_backend="inductor" if args.compile else None,
-    )
-    main_print = accelerator.print
+def finish(run: Run, runtime: float) -> int:
+    """The final model in Hugging Face format, all_results.json, a sample and the next commands."""
+    accelerator, args, (loss, ppl) = run.accelerator, run.args, run.val
     output_dir = Path(args.output_dir)
-    resume_dir = None
-    if args.resume_from_checkpoint:
-        try:
-            resume_dir = training.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    set_seed(args.seed)  # before the model is built: its initial weights follow from the seed
-    _check_kernels_early(args)
-    config = build_config(args)
-    if config is not None and args.block_size and args.block_size > config.n_positions:
-        raise UsageError(_block_size_message(args.block_size, config.n_positions))
-
-    # Data and tokenizer. One process reads / builds the caches first; the others then reuse them.
-    with accelerator.main_process_first():
-        raw = gdata.load_raw_datasets(
-            args.dataset_name, args.dataset_config_name, train_file=args.train_file,
-            validation_file=args.validation_file, validation_split_percentage=args.validation_split_percentage,
-            streaming=args.streaming,
-        )
-    if not args.streaming:
-        for split in ("train", "validation"):
-            gdata.resolve_text_column(raw[split].column_names, args.text_column)
-            if len(raw[split]) == 0:
-                raise gdata.DataError(f"the {split} split is empty")
-    tokenizer = build_tokenizer(args, raw, accelerator, resume_dir)
-    if eos_token_id(tokenizer) is None:
-        raise UsageError("the tokenizer has no end-of-text token (<|endoftext|> or </s>) to separate documents")
-
-    model = build_model(args, config, tokenizer.get_vocab_size())
-    config = model.config
-    block_size = args.block_size or config.n_positions
-    if block_size > config.n_positions:
-        raise UsageError(_block_size_message(block_size, config.n_positions))
-    if block_size < 2:
-        raise UsageError("--block_size must be at least 2 (one input and one target)")
-    train_loader, eval_loader, stats = build_dataloaders(args, raw, tokenizer, block_size, accelerator)
-
-    # Steps, optimizer, schedule.
-    ga, world = args.gradient_accumulation_steps, accelerator.num_processes
-    if args.num_train_epochs:
-        steps_per_epoch = len(train_loader) // world // ga
-        args.max_train_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
-    warmup = args.num_warmup_steps if args.num_warmup_steps is not None else max(1, args.max_train_steps // 20)
-    optimizer = torch.optim.AdamW(
-        training.param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95),
-        fused=False if accelerator.device.type == "cpu" else None,
-    )
-    try:
-        scheduler = training.lr_scheduler(optimizer, args.lr_scheduler_type, warmup, args.max_train_steps,
-                                          args.learning_rate, args.min_lr)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    if args.streaming:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    else:
-        model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-            model, optimizer, train_loader, eval_loader, scheduler
-        )
-
-    # Resume: weights, optimizer, scheduler and RNG from save_state; the data position from our file.
-    run_settings = {"world_size": world, "per_device_train_batch_size": args.per_device_train_batch_size,
-                    "gradient_accumulation_steps": ga, "block_size": block_size, "seed": args.seed,
-                    "streaming": args.streaming, "max_train_steps": args.max_train_steps}
-    step, epoch, batches_done = 0, 0, 0
-    if resume_dir is not None:
-        saved = training.read_training_state(resume_dir)
-        try:
-            training.check_resume_compatible(saved, run_settings)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        accelerator.load_state(str(resume_dir))
-        step, epoch, batches_done = saved["step"], saved["epoch"], saved["batches_in_epoch"]
-        main_print(f"Resumed from {resume_dir}: step {step}, epoch {epoch}, {batches_done} batches into it")
-        planned = saved.get("max_train_steps", args.max_train_steps)
-        if planned != args.max_train_steps:
-            main_print(f"note: the learning-rate schedule comes from the checkpoint, planned for {planned} steps "
-                       f"(after them it stays at --min_lr)")
-
-    if args.with_tracking:
-        accelerator.init_trackers("gpt2-pretrain", {k: v for k, v in vars(args).items()
-                                                   if isinstance(v, (int, float, str, bool))})
-    unwrapped = accelerator.unwrap_model(model)
-    tokens_per_step = args.per_device_train_batch_size * block_size * ga * world
-    flops_per_token = unwrapped.flops_per_token(block_size)
-    device_name = training.device_name(accelerator.device)
-    peak = training.peak_flops(device_name)
-    _banner(main_print, args, accelerator, unwrapped, tokenizer, stats, block_size, tokens_per_step, device_name,
-            peak)
-
-    metrics = MetricsLog(accelerator, output_dir / "metrics.jsonl", args.with_tracking)
-    if step == 0:
-        loss, ppl = evaluate(model, eval_loader, accelerator, prepared=not args.streaming)
-        main_print(f"step 0: val loss {loss:.4f}, val perplexity {ppl:.2f}")
-        metrics.log({"val_loss": loss, "val_perplexity": ppl}, step)
-
-    # The loop. Each optimizer step takes its ga micro-batches at once, so the loss can be divided by
-    # the step's token count across micro-batches and ranks before backward (token-weighted loss).
-    model.train()
-    start_time = window_start = time.perf_counter()
-    window_nll, window_tokens, window_steps, window_paused, steps_run = 0.0, 0, 0, 0.0, 0
-    last_checkpoint = training.latest_checkpoint(output_dir)
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process,
-                    desc="training", dynamic_ncols=True)
-    batches = _batches(args, train_loader, accelerator, epoch, batches_done)
-    grad_norm = torch.tensor(0.0)
-    while step < args.max_train_steps:
-        micro, epoch, batches_done = next(batches)
-        n_tokens = sum((b["input_ids"][:, 1:] != -100).sum() for b in micro).to(accelerator.device)
-        step_tokens = accelerator.reduce(n_tokens.clone(), "sum")
-        step_nll = torch.zeros((), device=accelerator.device)
-        for batch in micro:
-            input_ids = batch["input_ids"].to(accelerator.device)
-            with accelerator.accumulate(model):
-                nll_sum = model(input_ids, labels=input_ids, reduction="sum")
-                # DDP averages gradients over ranks and accelerator.backward divides by ga; undo both
-                # so the gradient is that of (sum of NLL over the step's tokens) / (its token count).
-                accelerator.backward(nll_sum * (world * ga) / step_tokens)
-                step_nll += nll_sum.detach()
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    step_loss = accelerator.reduce(step_nll, "sum") / step_tokens
-                    if accelerator.scaler is not None:
-                        # fp16: overflowing gradients are routine; the loss scaler skips that update
-                        # and lowers its scale inside optimizer.step(), so only the loss can be fatal.
-                        optimizer.step()
-                        finite = bool(torch.isfinite(step_loss))
-                    else:
-                        finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
-                        if finite:
-                            optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_run += 1
-        window_steps += 1
-        if not finite:
-            message = (f"non-finite {'loss' if not torch.isfinite(step_loss) else 'grad norm'} at step {step} "
-                       f"(loss {step_loss.item()}, grad norm {float(grad_norm)})")
-            if args.on_nonfinite == "stop":
-                where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
-                main_print(f"\n{message}: stopping; {where}. Resume with --resume_from_checkpoint latest "
-                           f"(perhaps with a lower --learning_rate), or pass --on_nonfinite skip.")
-                metrics.log({"nonfinite": True, "train_loss": float(step_loss)}, step)
-                accelerator.end_training()
-                return 1
-            main_print(f"\n{message}: skipping this update (--on_nonfinite skip)")
-        else:
-            window_nll += float(step_loss) * int(step_tokens)
-            window_tokens += int(step_tokens)
-        scheduler.step()
-        progress.update(1)
-
-        if step % args.logging_steps == 0 or step == args.max_train_steps:
-            # Throughput over the steps since the last log, not counting evaluation and checkpointing.
-            now = time.perf_counter()
-            tokens_per_s = tokens_per_step * window_steps / max(now - window_start - window_paused, 1e-9)
-            utilisation = training.mfu(tokens_per_s / world, flops_per_token, peak)
-            record = {
-                "train_loss": window_nll / max(window_tokens, 1),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens_per_s,
-                "mfu": utilisation,
-                "peak_memory": peak_memory(accelerator.device),
-                "epoch": epoch,
-            }
-            mfu_text = f"{100 * utilisation:.1f}%" if utilisation is not None else "n/a"
-            progress.set_postfix(loss=f"{record['train_loss']:.3f}", refresh=False)
-            if accelerator.is_local_main_process:
-                progress.write(
-                    f"step {step}: loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
-                    f"{record['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu_text} | peak mem "
-                    f"{record['peak_memory']}"
-                )
-            metrics.log(record, step)
-            window_nll, window_tokens, window_steps, window_paused, window_start = 0.0, 0, 0, 0.0, now
-
-        pause_start = time.perf_counter()
-        if step % args.eval_steps == 0 or step == args.max_train_steps:
-            loss, ppl = evaluate(model, eval_loader, accelerator, prepared=not args.streaming)
-            if accelerator.is_local_main_process:
-                progress.write(f"step {step}: val loss {loss:.4f}, val perplexity {ppl:.2f}")
-            metrics.log({"val_loss": loss, "val_perplexity": ppl}, step)
-        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            last_checkpoint = save_checkpoint(
-                accelerator, args, step, {"epoch": epoch, "batches_in_epoch": batches_done, **run_settings},
-                tokenizer,
-            )
-        window_paused += time.perf_counter() - pause_start
-    progress.close()
-    if steps_run == 0:  # resumed at the end: nothing trained, report the checkpoint as it is
-        loss, ppl = evaluate(model, eval_loader, accelerator, prepared=not args.streaming)
-    runtime = time.perf_counter() - start_time
-
-    unwrapped = save_final_model(accelerator, model, tokenizer, args.output_dir, block_size)
-    results = {"eval_loss": loss, "perplexity": ppl, "step": step, "train_tokens": step * tokens_per_step,
-               "train_runtime_s": round(runtime, 1), "ranks_hold_identical_weights": weights_agree(accelerator, model)}
+    unwrapped = save_final_model(accelerator, run.model, run.tokenizer, args.output_dir, run.block_size)
+    results = {"eval_loss": loss, "perplexity": ppl, "step": run.step, "train_tokens": run.step * run.tokens_per_step,
+               "train_runtime_s": round(runtime, 1),
+               "ranks_hold_identical_weights": weights_agree(accelerator, run.model)}
     if accelerator.is_main_process:
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        _print_sample(args, unwrapped, tokenizer, accelerator.device)
+        _print_sample(args, unwrapped, run.tokenizer, accelerator.device)
         print(f"\nDone in {runtime:.0f} s: val loss {loss:.4f}, val perplexity {ppl:.2f}. Model, config and "
               f"tokenizer in {output_dir}/ (Hugging Face format).")
         print(f"  evaluate: python scripts/evaluate_perplexity.py --model_name_or_path {output_dir} "
@@ -655,12 +747,14 @@ def _check_kernels_early(args):
     if args.kernels == "triton":
         try:
             resolve_kernels("triton")
-        except RuntimeError as err:
-            raise UsageError(f"--kernels triton can't run here: {err}") from None
+        except KernelUnavailableError as err:
+            raise InputError(f"--kernels triton can't run here: {err}") from None
 
 
-def _banner(print_, args, accelerator, model, tokenizer, stats, block_size, tokens_per_step, device_name, peak):
-    config = model.config
+def banner(run: Run, model: GPT2, stats) -> str:
+    """The run at a glance: model, kernels, tokenizer, data, devices, batch and plan."""
+    args, accelerator, config = run.args, run.accelerator, model.config
+    device_name = training.device_name(accelerator.device)
     lines = [
         "=" * 78,
         f"GPT-2 pretraining: {args.model_name_or_path or args.config_name}"
@@ -669,24 +763,25 @@ def _banner(print_, args, accelerator, model, tokenizer, stats, block_size, toke
         f"without embeddings): {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, "
         f"context {config.n_positions}",
         f"  kernels    attention {config.attn_impl}, LayerNorm {config.norm_impl} (--kernels {args.kernels})",
-        f"  tokenizer  {tokenizer.get_vocab_size():,} tokens, end-of-text id {eos_token_id(tokenizer)}",
+        f"  tokenizer  {run.tokenizer.get_vocab_size():,} tokens, end-of-text id {eos_token_id(run.tokenizer)}",
         f"  data       {args.dataset_name or args.train_file or gdata.BUILTIN_CORPUS}"
         + (" (streaming)" if args.streaming else ""),
     ]
     for split, s in (stats or {}).items():
         lines.append(f"    {split:<10} {s.documents:,} documents, {s.tokens:,} tokens -> {s.blocks:,} blocks of "
-                     f"{block_size}; final partial block dropped: {s.dropped_tokens:,} tokens")
+                     f"{run.block_size}; final partial block dropped: {s.dropped_tokens:,} tokens")
     lines += [
         f"  devices    {accelerator.num_processes} x {device_name} ({accelerator.distributed_type.value}, "
         f"mixed precision {accelerator.mixed_precision}); MFU peak "
-        + (f"{peak / 1e12:,.0f} TFLOP/s dense bf16" if peak else "n/a (unknown device)"),
-        f"  batch      {args.per_device_train_batch_size} x {block_size} tokens x {args.gradient_accumulation_steps}"
-        f" accumulation x {accelerator.num_processes} processes = {tokens_per_step:,} tokens per optimizer step",
-        f"  plan       {args.max_train_steps:,} steps = {args.max_train_steps * tokens_per_step:,} tokens; lr "
+        + (f"{run.peak_flops / 1e12:,.0f} TFLOP/s dense bf16" if run.peak_flops else "n/a (unknown device)"),
+        f"  batch      {args.per_device_train_batch_size} x {run.block_size} tokens x "
+        f"{args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes = "
+        f"{run.tokens_per_step:,} tokens per optimizer step",
+        f"  plan       {args.max_train_steps:,} steps = {args.max_train_steps * run.tokens_per_step:,} tokens; lr "
         f"{args.learning_rate:g} ({args.lr_scheduler_type} to {args.min_lr:g}); output {args.output_dir}",
         "=" * 78,
     ]
-    print_("\n".join(lines))
+    return "\n".join(lines)
 
 
 def _print_sample(args, model, tokenizer, device):
@@ -700,4 +795,4 @@ def _print_sample(args, model, tokenizer, device):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,10 +1,13 @@
 """Shared fixtures. Triton runs in its interpreter here, on CPU tensors, unless a GPU is present:
 TRITON_INTERPRET must be set before triton is first imported, which is why it is set at the top."""
 
+import contextlib
 import importlib.util
+import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,11 +35,34 @@ def shared_data():
 
 
 def load_script(path: Path):
-    """Import a file under scripts/ (not a package) as a module, so tests call its main(argv)."""
+    """Import a file under scripts/ (not a package) as a module, so tests call its main(argv). Its
+    folder goes on sys.path first, as when the script runs, so its `import cli` finds scripts/cli.py."""
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def expect_input_error(main, argv, *fragments, within: float = 10.0) -> str:
+    """Run a script's main(argv) on bad input: it must exit with status 2 within `within` seconds,
+    its last words on stderr one `prog: error: ...` line holding every fragment, with no traceback
+    (progress bars of datasets may come before it). Returns that line."""
+    stderr = io.StringIO()
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as caught, contextlib.redirect_stderr(stderr):
+        main([str(arg) for arg in argv])
+    assert time.perf_counter() - start < within
+    output = stderr.getvalue()
+    assert caught.value.code == 2, (caught.value.code, output)
+    assert "Traceback" not in output and output.endswith("\n"), output
+    message = output.splitlines()[-1]
+    assert ": error: " in message and output.count(": error: ") == 1, output
+    for fragment in fragments:
+        assert fragment in message, output
+    return message
 
 
 def compile_for_gpu_in_subprocess(script: str) -> None:

@@ -1,0 +1,59 @@
+"""What the scripts share: the flags every script has, dtype names, the CPU decision, and loading a
+checkpoint for inference. Each script imports it first (`import cli`; a script's own folder is
+on sys.path when it runs), and it makes the checkout importable, so the scripts run from a
+checkout without `pip install -e .`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: gpt2/ and kernels/
+
+import torch  # noqa: E402
+
+from gpt2.errors import ArgumentParser, InputError, exit_on_input_error  # noqa: E402,F401 (re-exported)
+from gpt2.registry import KERNEL_CHOICES, resolve_kernels  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+KERNELS = ("auto", *KERNEL_CHOICES)
+KERNELS_HELP = "auto = our Triton kernels on CUDA, PyTorch SDPA elsewhere"
+
+
+def add_checkpoint_flags(parser, *, required: bool, model_help: str, tokenizer_help: str) -> None:
+    parser.add_argument("--model_name_or_path", required=required, default=None, help=model_help)
+    parser.add_argument("--tokenizer_name", default=None, help=tokenizer_help)
+
+
+def add_device_flags(parser, *, dtype: bool = True) -> None:
+    """--kernels, --dtype (for inference; training takes Accelerate's --mixed_precision) and --cpu."""
+    parser.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
+    if dtype:
+        parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model weights and activations")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+
+
+def use_cpu(requested: bool) -> bool:
+    """Accelerator(cpu=...): --cpu, or several processes on a host without CUDA (torchrun,
+    `accelerate launch --multi_gpu --num_processes 2 ... --cpu`), where Accelerate sets up gloo
+    only when told cpu=True; otherwise each process would run alone."""
+    return requested or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def load_model_and_tokenizer(args, device: torch.device):
+    """--model_name_or_path (ours or HF GPT-2) and its tokenizer (--tokenizer_name, default the
+    model's), with --kernels, on device in --dtype, ready for inference."""
+    from gpt2.model import GPT2
+    from gpt2.tokenizer import load_tokenizer
+
+    model = GPT2.from_pretrained(args.model_name_or_path)
+    model.set_kernels(*resolve_kernels(args.kernels, torch.device(device).type))
+    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise InputError(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+            f"{model.config.vocab_size}: they don't belong together (see --tokenizer_name)"
+        )
+    return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer
