@@ -201,8 +201,9 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     """Flags, data, tokenizer, model, optimizer, prepared by Accelerate and resumed when asked. Cheap
     checks come first, so a typo fails in a second, before any data is read."""
     output_dir = Path(args.output_dir)
-    resume_dir = training.resolve_checkpoint(args.resume_from_checkpoint, output_dir) \
-        if args.resume_from_checkpoint else None
+    resume_dir = None
+    if args.resume_from_checkpoint:
+        resume_dir = training.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
