@@ -68,30 +68,16 @@ still cover the multi-block and diagonal-split logic (BLOCK_M = 2 BLOCK_N).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln 2: exp(x) = exp2(x * log2(e))
-_LN2 = tl.constexpr(0.6931471805599453)  # ln 2: back from base-2 to natural-log lse
+from kernels import utils
+from kernels.utils import LN2, LOG2E
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-
-# Debug switch for tests: allocate every kernel output (and the lse/delta buffers) filled with NaN
-# instead of uninitialised, so an element a kernel forgets to write shows up as NaN.
-POISON_OUTPUTS = False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _configs(configs: list[triton.Config], interpret_config: triton.Config) -> list[triton.Config]:
-    """The autotune list on a GPU; the single pinned config under the interpreter."""
-    return [interpret_config] if _interpreting() else configs
 
 
 def _tiles(names: tuple[str, str], by_head_dim: dict[int, list[tuple]]) -> dict[int, list[triton.Config]]:
@@ -140,7 +126,7 @@ def _config_key(config: triton.Config) -> tuple:
 def _autotune_list(by_head_dim: dict[int, list[triton.Config]], interpret_config: triton.Config):
     """Every class's configs, once each (the pruner picks a class), or the pinned interpreter config."""
     unique = {_config_key(c): c for configs in by_head_dim.values() for c in configs}
-    return _configs(list(unique.values()), interpret_config)
+    return utils.autotune_configs(list(unique.values()), interpret_config)
 
 
 def _prune(block_names: tuple[str, str], by_head_dim: dict[int, list[triton.Config]]):
@@ -271,31 +257,26 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running unnormalised output
+    # Keys [0, mid) need no mask, keys [mid, hi) the edge mask. Causal: the blocks below the
+    # diagonal, then the diagonal [start_m, start_m + BLOCK_M) (blocks above it are skipped).
+    # Otherwise: the whole key blocks, then the partial tail.
     if CAUSAL:
-        # Key blocks strictly below the diagonal: all visible, no mask.
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, start_m, T,
-            qk_scale, HEAD_DIM, BLOCK_N, 0, DOT_PRECISION,
-        )
-        # The diagonal: keys [start_m, start_m + BLOCK_M), masked. Blocks above it are skipped.
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-            start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, 1, DOT_PRECISION,
-        )
+        mid, hi = start_m, tl.minimum(start_m + BLOCK_M, T)
     else:
-        t_full = (T // BLOCK_N) * BLOCK_N  # whole key blocks, no mask; then the partial tail
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, t_full, T,
-            qk_scale, HEAD_DIM, BLOCK_N, 0, DOT_PRECISION,
-        )
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, t_full, T, T,
-            qk_scale, HEAD_DIM, BLOCK_N, 2, DOT_PRECISION,
-        )
+        mid, hi = (T // BLOCK_N) * BLOCK_N, T
+    EDGE_MASK: tl.constexpr = 1 if CAUSAL else 2
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, mid, T, qk_scale,
+        HEAD_DIM, BLOCK_N, 0, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid, hi, T, qk_scale,
+        HEAD_DIM, BLOCK_N, EDGE_MASK, DOT_PRECISION,
+    )
 
     acc = acc / l_i[:, None]
     _store_tile(o_base, offs_m, stride_ot, offs_d, T, acc, HEAD_DIM)
-    lse = (m_i + tl.log2(l_i)) * _LN2
+    lse = (m_i + tl.log2(l_i)) * LN2
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
 
@@ -342,7 +323,7 @@ def _attn_bwd_dkdv_inner(
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         s_t = _dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale  # S^T, log2 units
-        p_t = tl.exp2(s_t - (lse * _LOG2E)[None, :])  # P^T = exp(S - lse)^T
+        p_t = tl.exp2(s_t - (lse * LOG2E)[None, :])  # P^T = exp(S - lse)^T
         if MASK == 1:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)  # dV += P^T dO
@@ -474,29 +455,24 @@ def _attn_bwd_dq_kernel(
     q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qt, offs_d, T, HEAD_DIM, True)
     do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, offs_d, T, HEAD_DIM, True)
     stats = pid_bh.to(tl.int64) * T
-    lse2 = tl.load(LSE + stats + offs_m, mask=offs_m < T, other=0.0) * _LOG2E
+    lse2 = tl.load(LSE + stats + offs_m, mask=offs_m < T, other=0.0) * LOG2E
     delta = tl.load(DELTA + stats + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
 
+    # Keys [0, mid) unmasked, then [mid, hi) with the edge mask, as in the forward kernel.
     if CAUSAL:
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, start_m, T,
-            qk_scale, HEAD_DIM, BLOCK_N2, 0, DOT_PRECISION,
-        )
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-            start_m, tl.minimum(start_m + BLOCK_M2, T), T, qk_scale, HEAD_DIM, BLOCK_N2, 1, DOT_PRECISION,
-        )
+        mid, hi = start_m, tl.minimum(start_m + BLOCK_M2, T)
     else:
-        t_full = (T // BLOCK_N2) * BLOCK_N2
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, t_full, T,
-            qk_scale, HEAD_DIM, BLOCK_N2, 0, DOT_PRECISION,
-        )
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, t_full, T, T,
-            qk_scale, HEAD_DIM, BLOCK_N2, 2, DOT_PRECISION,
-        )
+        mid, hi = (T // BLOCK_N2) * BLOCK_N2, T
+    EDGE_MASK: tl.constexpr = 1 if CAUSAL else 2
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, mid, T, qk_scale,
+        HEAD_DIM, BLOCK_N2, 0, DOT_PRECISION,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid, hi, T, qk_scale,
+        HEAD_DIM, BLOCK_N2, EDGE_MASK, DOT_PRECISION,
+    )
 
     dq = dq * softmax_scale  # dQ = scale dS K
     _store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqt, offs_d, T, dq, HEAD_DIM)
@@ -507,35 +483,13 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _empty_bhtd(b, h, t, d, dtype, device) -> torch.Tensor:
     """(B, H, T, D) view of (B, T, H, D) storage: the layout the model reshapes back to (B, T, C)."""
-    return _empty((b, t, h, d), dtype, device).transpose(1, 2)
+    return utils.empty((b, t, h, d), dtype, device).transpose(1, 2)
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _check_device(name: str, x: torch.Tensor) -> None:
-    if x.is_cuda:
-        return
-    if x.device.type == "cpu" and _interpreting():
-        return
-    raise ValueError(
-        f"flash_attention needs CUDA tensors, got {name} on {x.device}"
-        + (
-            " (CPU tensors run only under Triton's interpreter, TRITON_INTERPRET=1, meant for tests); "
-            "on CPU use torch.nn.functional.scaled_dot_product_attention"
-            if x.device.type == "cpu"
-            else ""
-        )
-    )
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -552,7 +506,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(
                 f"flash_attention supports float16, bfloat16 and float32, got {name}.dtype={x.dtype}"
             )
-        _check_device(name, x)
+        utils.check_device("flash_attention", name, x, "torch.nn.functional.scaled_dot_product_attention")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -585,7 +539,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: IEEE products unless PyTorch itself allows TF32 for matmuls; halves: native
     (the value is then ignored), except bf16 under the interpreter (see _dot)."""
-    if dtype == torch.bfloat16 and _interpreting():
+    if dtype == torch.bfloat16 and utils.interpreting():
         return "interp-bf16"
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
@@ -611,7 +565,7 @@ def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None):
     h_kv = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     out = _empty_bhtd(b, h, t, d, q.dtype, q.device)
-    lse = _empty((b, h, t), torch.float32, q.device)
+    lse = utils.empty((b, h, t), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
 
@@ -624,7 +578,7 @@ def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None):
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        h, t, _t_bucket(t), scale * 1.4426950408889634,  # qk_scale = scale * log2(e)
+        h, t, _t_bucket(t), scale * LOG2E.value,  # qk_scale = scale * log2(e)
         N_REP=h // h_kv, HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=bool(causal),
         DOT_PRECISION=_dot_precision(q.dtype),
     )
@@ -639,14 +593,14 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | 
     b, h, t, d = q.shape
     h_kv = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    qk_scale = scale * 1.4426950408889634  # log2(e)
+    qk_scale = scale * LOG2E.value  # log2(e): scores in log2 units
     block_d = _block_d(d)
     dq = _empty_bhtd(b, h, t, d, q.dtype, q.device)
     dk = _empty_bhtd(b, h_kv, t, d, k.dtype, k.device)
     dv = _empty_bhtd(b, h_kv, t, d, v.dtype, v.device)
     if dq.numel() == 0:
         return dq, dk, dv
-    delta = _empty((b, h, t), torch.float32, q.device)
+    delta = utils.empty((b, h, t), torch.float32, q.device)
     statics = dict(
         N_REP=h // h_kv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype)
     )

@@ -44,28 +44,15 @@ config under the interpreter.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import utils
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_FUSED_BYTES = 65536  # one row of x must fit in a program's registers
-
-# Debug switch for tests: allocate every kernel output filled with NaN instead of uninitialised,
-# so an element a kernel forgets to write shows up as NaN.
-POISON_OUTPUTS = False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _configs(configs: list[triton.Config], interpret_config: triton.Config) -> list[triton.Config]:
-    """The autotune list on a GPU; the single pinned config under the interpreter."""
-    return [interpret_config] if _interpreting() else configs
 
 
 # ROWS rows per program (forward) or per step (backward) x num_warps. Several rows per program
@@ -105,7 +92,7 @@ def _prune_tiles(max_per_thread: int):
 
 
 @triton.autotune(
-    configs=_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
+    configs=utils.autotune_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
     key=["N", "HAS_RESIDUAL"],
     prune_configs_by={"early_config_prune": _prune_tiles(64)},
 )
@@ -143,7 +130,7 @@ def _layer_norm_fwd_kernel(
 
 
 @triton.autotune(
-    configs=_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
+    configs=utils.autotune_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
     key=["N", "HAS_DRESIDUAL"],
     prune_configs_by={"early_config_prune": _prune_tiles(32)},
 )
@@ -194,12 +181,6 @@ def _layer_norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as (M, N) with unit column stride, a view when possible."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -211,17 +192,7 @@ def _check_tensor(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"layer_norm: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"layer_norm supports float16, bfloat16 and float32, got {name}.dtype={x.dtype}")
-    if x.is_cuda or (x.device.type == "cpu" and _interpreting()):
-        return
-    raise ValueError(
-        f"layer_norm needs CUDA tensors, got {name} on {x.device}"
-        + (
-            " (CPU tensors run only under Triton's interpreter, TRITON_INTERPRET=1, meant for tests); "
-            "on CPU use torch.nn.functional.layer_norm"
-            if x.device.type == "cpu"
-            else ""
-        )
-    )
+    utils.check_device("layer_norm", name, x, "torch.nn.functional.layer_norm")
 
 
 def _check_inputs(x, residual, weight, bias) -> None:
@@ -261,13 +232,13 @@ def layer_norm_fwd(x, weight, bias, eps: float, residual=None):
     x2 = _rows(x)
     m = x2.shape[0]
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = _empty((m, n), out_dtype, x.device)
-    mean = _empty((m,), torch.float32, x.device)
-    rstd = _empty((m,), torch.float32, x.device)
+    y = utils.empty((m, n), out_dtype, x.device)
+    mean = utils.empty((m,), torch.float32, x.device)
+    rstd = utils.empty((m,), torch.float32, x.device)
     residual2 = z = None
     if residual is not None:
         residual2 = _rows(residual)
-        z = _empty((m, n), out_dtype, x.device)
+        z = utils.empty((m, n), out_dtype, x.device)
     if m > 0 and n > 0:
         _layer_norm_fwd_kernel[lambda meta: (triton.cdiv(m, meta["ROWS"]),)](
             x2, residual2 if residual2 is not None else x2, weight, bias if bias is not None else weight,
@@ -299,13 +270,13 @@ def layer_norm_bwd(dy, z, weight, bias, mean, rstd, dz_out=None):
     z2 = _rows(z)
     dy2 = _rows(dy)
     m = z2.shape[0]
-    dz = _empty((m, n), z.dtype, z.device)
+    dz = utils.empty((m, n), z.dtype, z.device)
     dres2 = _rows(dz_out) if dz_out is not None else None
     programs = max(_num_programs(m, z.device), 1)
     rows_per_program = triton.cdiv(m, programs) if m else 1
     programs = triton.cdiv(m, rows_per_program) if m else 1
-    dw_partial = _empty((programs, n), torch.float32, z.device)
-    db_partial = _empty((programs, n), torch.float32, z.device) if bias is not None else None
+    dw_partial = utils.empty((programs, n), torch.float32, z.device)
+    db_partial = utils.empty((programs, n), torch.float32, z.device) if bias is not None else None
     if m == 0 or n == 0:
         dw_partial.zero_()
         if db_partial is not None:

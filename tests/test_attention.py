@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import compile_for_gpu_in_subprocess
 
-from kernels import attention_ref, flash_attention
+from kernels import attention_ref, flash_attention, utils
 
 attention = importlib.import_module("kernels.attention")
 
@@ -33,7 +33,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every buffer the kernels write starts as NaN: an element they skip fails the comparison."""
-    monkeypatch.setattr(attention, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(utils, "POISON_OUTPUTS", True)
 
 
 def _floor(dtype: torch.dtype, ref: torch.Tensor) -> float:
@@ -192,10 +192,17 @@ def test_unsupported_inputs_say_what_is_wrong(make, message):
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
-    monkeypatch.setattr(attention, "_interpreting", lambda: False)
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
     q, k, v = _inputs(1, 1, 1, 4, 32, torch.float32)
     with pytest.raises(ValueError, match="needs CUDA tensors.*scaled_dot_product_attention"):
         flash_attention(q.cpu(), k.cpu(), v.cpu())
+
+
+def test_one_poison_switch_for_every_output():
+    """The fixture's switch is kernels.utils.POISON_OUTPUTS, the only one: the launcher's buffers
+    come out NaN, and the op file keeps no copy of the switch that the fixture would miss."""
+    assert not hasattr(attention, "POISON_OUTPUTS")
+    assert torch.isnan(attention._empty_bhtd(1, 2, 3, 16, torch.float32, DEVICE)).all()
 
 
 def test_interpreter_runs_one_pinned_config():
@@ -214,7 +221,7 @@ def test_autotuner_times_only_the_head_dim_class(monkeypatch, by_head_dim, inter
     """On a GPU the autotuner gets every class's configs; the pruner must leave only those of the
     head dim's class: all of them for long sequences, those no longer than a short sequence
     needs (or the class's smallest) otherwise. Every config keeps the kernels' divisibility."""
-    monkeypatch.setattr(attention, "_interpreting", lambda: False)
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
     every = attention._autotune_list(by_head_dim, interpret_config)
     prune = attention._prune(names, by_head_dim)
     outer, inner = names

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import compile_for_gpu_in_subprocess
 
-from kernels import add_layer_norm, layer_norm, layer_norm_ref
+from kernels import add_layer_norm, layer_norm, layer_norm_ref, utils
 
 ln_module = importlib.import_module("kernels.layer_norm")  # the package's `layer_norm` is the function
 
@@ -29,7 +29,7 @@ EPS = 1e-5
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every buffer the kernels write starts as NaN: an element they skip fails the comparison."""
-    monkeypatch.setattr(ln_module, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(utils, "POISON_OUTPUTS", True)
 
 
 def _assert_rule(name, got, ref64, same_precision):
@@ -203,9 +203,15 @@ def test_unsupported_inputs_say_what_is_wrong(make, message):
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
-    monkeypatch.setattr(ln_module, "_interpreting", lambda: False)
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
     with pytest.raises(ValueError, match="needs CUDA tensors.*torch.nn.functional.layer_norm"):
         layer_norm(torch.randn(2, 8), torch.ones(8), None, EPS)
+
+
+def test_one_poison_switch_for_every_output():
+    """The fixture's switch is kernels.utils.POISON_OUTPUTS, the only one; the op file keeps no copy."""
+    assert not hasattr(ln_module, "POISON_OUTPUTS")
+    assert torch.isnan(utils.empty((3, 8), torch.float32, DEVICE)).all()
 
 
 @pytest.mark.parametrize("max_per_thread", [64, 32], ids=["fwd", "bwd"])
