@@ -24,9 +24,17 @@ class InputError(ValueError):
     """Bad input from the user: the message says what is wrong and what to do instead."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default, and the description as written."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a bad flag raised as InputError (reported like every other input error:
-    one line, exit status 2) instead of printing the usage block."""
+    one line, exit status 2) instead of printing the usage block, and defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise InputError(f"{message} (see --help)")

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 
-from gpt2.errors import InputError
+from gpt2.errors import InputError, first_line
 
 CHECKPOINT_PREFIX = "step_"
 TRAINING_STATE = "training_state.json"
 COMPLETE_MARKER = "checkpoint_complete"
+MODEL_CONFIG = "model_config.json"  # the architecture, so that a checkpoint's model loads on its own
 
 # --------------------------------------------------------------------------- optimizer
 
@@ -154,14 +158,20 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
-    """The checkpoint directory to resume from: a path, or "latest" (newest complete one in
-    output_dir). Raises InputError saying what is there instead."""
+def resolve_checkpoint(resume_from: str, output_dir: str | Path, world_size: int = 1) -> tuple[Path, list[str]]:
+    """The checkpoint to resume from, and what was passed over on the way. "latest" is the newest
+    complete checkpoint in output_dir whose files are readable: a corrupt one is passed over (and
+    named) for the one before it. A path must be a complete, readable checkpoint. Raises
+    InputError saying what is there instead."""
     if resume_from == "latest":
-        path = latest_checkpoint(output_dir)
-        if path is None:
-            raise InputError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
-        return path
+        passed_over = []
+        for path in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(path, world_size)
+            if problem is None:
+                return path, passed_over
+            passed_over.append(problem)
+        found = f" ({'; '.join(passed_over)})" if passed_over else ""
+        raise InputError(f"--resume_from_checkpoint latest: no complete, readable checkpoint in {output_dir}{found}")
     path = Path(resume_from)
     if not path.is_dir():
         raise InputError(f"--resume_from_checkpoint {path}: no such directory")
@@ -173,13 +183,83 @@ def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
             f"--resume_from_checkpoint {path} is not a complete checkpoint (no {COMPLETE_MARKER}; "
             f"it holds {inside}){hint}"
         )
-    return path
+    problem = checkpoint_problem(path, world_size)
+    if problem is not None:
+        raise InputError(f"--resume_from_checkpoint {path}: {problem}")
+    return path, []
+
+
+def checkpoint_problem(path: Path, world_size: int) -> str | None:
+    """Why a complete checkpoint can't be resumed from (a file missing, truncated or corrupt), or
+    None. Reads headers, not the tensors: safetensors headers, the zip directory at the end of each
+    torch.save file (a truncated one has none), the JSON files, and one RNG file per process."""
+    from safetensors import safe_open
+
+    try:
+        read_training_state(path)
+    except InputError as err:
+        return str(err)
+    for rank in range(world_size):
+        if not (path / f"random_states_{rank}.pkl").is_file():
+            return f"{path / f'random_states_{rank}.pkl'} is missing (the RNG state of process {rank})"
+    for file in sorted(path.iterdir()):
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                return f"{file} is truncated or corrupt ({first_line(err)})"
+        elif file.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(file):
+            return f"{file} is truncated or corrupt (not a complete torch.save file)"
+        elif file.name == "tokenizer.json":
+            try:
+                json.loads(file.read_text())
+            except (ValueError, UnicodeDecodeError) as err:
+                return f"{file} is corrupt ({first_line(err)})"
+    return None
+
+
+def save_model_config(path: str | Path, config) -> None:
+    """The model's architecture beside save_state's model.safetensors (not named config.json: the
+    weights there are in our layout, not in the Hugging Face one that config.json promises)."""
+    from gpt2.hf import config_to_json
+
+    atomic_write_text(Path(path) / MODEL_CONFIG, json.dumps(config_to_json(config), indent=2) + "\n")
+
+
+def load_model(path_or_name: str | os.PathLike):
+    """A GPT2 from a step_N training checkpoint, or else (GPT2.from_pretrained) from a Hugging Face
+    format directory or Hub name: what --model_name_or_path accepts in every script."""
+    from safetensors.torch import load_file
+
+    from gpt2.hf import config_from_json
+    from gpt2.model import GPT2
+
+    path = Path(path_or_name)
+    if not (path / MODEL_CONFIG).is_file():
+        return GPT2.from_pretrained(path_or_name)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise InputError(f"{path}: a checkpoint without model.safetensors (sharded, FSDP?); evaluate the final "
+                         f"model in the output directory instead")
+    try:
+        config = config_from_json(json.loads((path / MODEL_CONFIG).read_text()), str(path))
+        state = load_file(weights)
+    except Exception as err:  # noqa: BLE001 - json and safetensors raise their own types for corrupt files
+        raise InputError(f"{path}: {MODEL_CONFIG} or model.safetensors is unreadable or corrupt "
+                         f"({first_line(err)})") from None
+    model = GPT2(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # the LM head is tied to wte, saved once
+        raise InputError(f"{weights}: tensors don't match {MODEL_CONFIG} (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    return model
 
 
 def write_training_state(path: str | Path, state: dict) -> None:
-    """The training position and run settings, then the completion marker, last."""
+    """The training position and run settings (written atomically), then the completion marker, last."""
     path = Path(path)
-    (path / TRAINING_STATE).write_text(json.dumps(state, indent=2) + "\n")
+    atomic_write_text(path / TRAINING_STATE, json.dumps(state, indent=2) + "\n")
     (path / COMPLETE_MARKER).write_text("ok\n")
 
 
@@ -188,12 +268,92 @@ def remove_completion_marker(path: str | Path) -> None:
 
 
 def read_training_state(path: str | Path) -> dict:
-    return json.loads((Path(path) / TRAINING_STATE).read_text())
+    """The checkpoint's training state; InputError naming the file when it is missing or garbled."""
+    file = Path(path) / TRAINING_STATE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{file} is unreadable or corrupt ({first_line(err)})") from None
+    missing = [key for key in ("step", "epoch", "batches_in_epoch") if key not in state] if isinstance(state, dict) \
+        else ["step"]
+    if missing:
+        raise InputError(f"{file} is corrupt (no {missing[0]!r})")
+    return state
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a temporary file beside path, then rename it over path: a crash leaves the old file or
+    the new one, never half of one (and a stale temporary that remove_stale_temporaries finds)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporaries an interrupted atomic write left in directory (".NAME.tmp" here, and
+    the ".NAME.XXXXXXXX" files of gpt2.hf's writes); returns what was removed."""
+    directory = Path(directory)
+    stale = [p for p in directory.glob(".*") if p.is_file() and p.name.count(".") >= 2
+             and (p.name.endswith(".tmp") or p.name.startswith((".model.safetensors.", ".config.json.")))]
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return stale
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (--checkpoints_total_limit); returns them."""
+    old = list_checkpoints(output_dir)[:-keep] if keep > 0 else []
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
+
+
+# --------------------------------------------------------------------------- output directory and resume
+
+RUN_OUTPUTS = ("metrics.jsonl", "all_results.json")  # besides step_N: what a run writes and a new run must not mix
+
+
+def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> list[Path]:
+    """Refuse an output directory that can't be written or that holds another run (HF's rule: a
+    non-empty directory needs --resume_from_checkpoint or --overwrite_output_dir). With overwrite,
+    the earlier run's checkpoints and logs are deleted (nothing else) and returned."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--output_dir {path} is a file, not a directory; pass another --output_dir")
+    existing = path if path.exists() else next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--output_dir {path}: {existing} is not writable; pass a writable --output_dir")
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not entries or resuming:
+        return []
+    if not overwrite:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise InputError(
+            f"--output_dir {path} already holds a run ({shown}); pass --resume_from_checkpoint latest to continue "
+            f"it, --overwrite_output_dir to start afresh there, or another --output_dir"
+        )
+    removed = [p for p in path.iterdir() if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name) or p.name in RUN_OUTPUTS]
+    for p in removed:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return removed
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Drop the rows after `step` from a metrics.jsonl (a resumed run logs those steps again);
+    returns how many were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(kept))
+    return len(lines) - len(kept)
 
 
 # Settings a resumed run must share with the checkpoint: anything else changes which examples land
-# in which batch, and the "same batches" promise breaks.
-RESUME_INVARIANTS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps", "block_size")
+# in which batch (or which random numbers are drawn), and the "same batches" promise breaks.
+RESUME_INVARIANTS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps", "block_size",
+                     "seed", "data")
 
 
 def check_resume_compatible(saved: dict, current: dict) -> None:
@@ -208,3 +368,17 @@ def check_resume_compatible(saved: dict, current: dict) -> None:
             "can't resume exactly with different settings (" + "; ".join(changed) + "). Run with the "
             "checkpoint's settings, or start a new run from its weights with --model_name_or_path."
         )
+
+
+def set_peak_lr(scheduler, lr: float, min_lr: float) -> None:
+    """A new peak learning rate for the rest of a resumed schedule: its shape (warmup, decay, the
+    step reached) stays, and every learning rate from now on is scaled to the new peak and min_lr.
+    scheduler is the LambdaLR of lr_scheduler (Accelerate's wrapper holds it as .scheduler)."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)
+    decay = scheduler.lr_lambdas[0]
+    decay.min_lr_ratio = min_lr / lr
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"] = base
+        group["lr"] = base * decay(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

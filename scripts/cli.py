@@ -43,12 +43,13 @@ def use_cpu(requested: bool) -> bool:
 
 
 def load_model_and_tokenizer(args, device: torch.device):
-    """--model_name_or_path (ours or HF GPT-2) and its tokenizer (--tokenizer_name, default the
-    model's), with --kernels, on device in --dtype, ready for inference."""
-    from gpt2.model import GPT2
+    """--model_name_or_path (ours, HF GPT-2, or a step_N checkpoint of scripts/pretrain.py) and its
+    tokenizer (--tokenizer_name, default the model's), with --kernels, on device in --dtype, ready
+    for inference."""
     from gpt2.tokenizer import load_tokenizer
+    from gpt2.training import load_model
 
-    model = GPT2.from_pretrained(args.model_name_or_path)
+    model = load_model(args.model_name_or_path)
     model.set_kernels(*resolve_kernels(args.kernels, torch.device(device).type))
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path)
     if tokenizer.get_vocab_size() > model.config.vocab_size:

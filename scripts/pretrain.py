@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import itertools
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,7 @@ from gpt2.registry import KernelUnavailableError, resolve_kernels
 from gpt2.tokenizer import eos_token_id, load_tokenizer, save_tokenizer, train_tokenizer
 
 TOKENIZER_TRAINING_CHARS = 200_000_000  # train the BPE on at most this much text (a sample of big corpora)
+DEFAULT_TRAIN_STEPS = 400  # the no-flag run: about 6 minutes on 2 CPU cores
 
 
 class _TiedWeightsNotice(logging.Filter):
@@ -73,21 +76,74 @@ def main(argv=None) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     _add_data_flags(parser.add_argument_group("data"))
     _add_model_flags(parser.add_argument_group("model and tokenizer"))
     _add_training_flags(parser.add_argument_group("training"))
     _add_output_flags(parser.add_argument_group("evaluation, logging and checkpoints"))
     args = parser.parse_args(argv)
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "max_train_steps", "eval_steps", "logging_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+    validate_args(args)
+    if args.max_train_steps is None and not args.num_train_epochs:
+        args.max_train_steps = DEFAULT_TRAIN_STEPS
     if args.checkpointing_steps is None:
         args.checkpointing_steps = args.eval_steps
-    if args.streaming and args.num_train_epochs:
-        parser.error("--streaming runs by --max_train_steps; a stream has no known epoch length")
     return args
+
+
+
+def validate_args(args) -> None:
+    """Values argparse accepts but training can't use: InputError naming the flag, before any data loads."""
+    at_least = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+                "max_train_steps": 1, "eval_steps": 1, "logging_steps": 1, "num_warmup_steps": 0,
+                "checkpoints_total_limit": 1, "vocab_size": 257, "max_eval_samples": 1, "sample_tokens": 0,
+                "shuffle_buffer_size": 1, "validation_split_percentage": 1}
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            why = " (256 bytes + <|endoftext|>)" if name == "vocab_size" else ""
+            raise InputError(f"--{name} must be at least {low}{why}, got {value}")
+    positive = {"learning_rate": "", "max_grad_norm": " (0 clips every update to nothing)",
+                "num_train_epochs": ""}
+    for name, why in positive.items():
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise InputError(f"--{name} must be positive{why}, got {value}")
+    for name in ("min_lr", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.validation_split_percentage >= 100:
+        raise InputError(f"--validation_split_percentage must be below 100, got {args.validation_split_percentage}")
+    if args.checkpointing_steps not in (None, "epoch") and not (
+            args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) >= 1):
+        raise InputError(f"--checkpointing_steps must be a number of steps (at least 1) or 'epoch', "
+                         f"got {args.checkpointing_steps!r}")
+    if args.checkpointing_steps not in (None, "epoch"):
+        args.checkpointing_steps = int(args.checkpointing_steps)
+    if args.streaming and (args.num_train_epochs or args.checkpointing_steps == "epoch"):
+        raise InputError("--streaming runs by --max_train_steps; a stream has no known epoch length")
+    if args.with_tracking:
+        args.report_to = check_trackers(args.report_to)
+
+
+def check_trackers(report_to: str) -> list[str]:
+    """--report_to as Accelerate's list of trackers, each installed: a missing one is an InputError
+    naming its package (Accelerate itself would only warn and track nothing)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(tracker) for tracker in get_available_trackers()}
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    if names == ["all"]:
+        if not available:
+            raise InputError(f"--with_tracking --report_to all: no tracker is installed; pip install one of "
+                             f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))} (tensorboard is the usual)")
+        return names
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise InputError(f"--report_to {name!r} is not a tracker Accelerate knows; one of "
+                             f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}, or all")
+        if name not in available:
+            raise InputError(f"--report_to {name}: the package is not installed (pip install {name.replace('_', '-')})")
+    return names
 
 
 def _add_data_flags(d) -> None:
@@ -129,9 +185,9 @@ def _add_training_flags(t) -> None:
     t.add_argument("--min_lr", type=float, default=1e-4, help="the schedule decays to this")
     t.add_argument("--weight_decay", type=float, default=0.1)
     t.add_argument("--max_grad_norm", type=float, default=1.0)
-    t.add_argument("--max_train_steps", type=int, default=400,
-                   help="optimizer steps (the default fits the no-flag run in ~10 minutes on 2 CPU cores)")
-    t.add_argument("--num_train_epochs", type=float, default=None, help="overrides --max_train_steps")
+    t.add_argument("--max_train_steps", type=int, default=None,
+                   help=f"optimizer steps; wins over --num_train_epochs (without either: {DEFAULT_TRAIN_STEPS})")
+    t.add_argument("--num_train_epochs", type=float, default=None, help="passes over the training split")
     t.add_argument("--num_warmup_steps", type=int, default=None, help="default: 5%% of the steps")
     t.add_argument("--lr_scheduler_type", choices=training.SCHEDULES, default="cosine")
     t.add_argument("--seed", type=int, default=42)
@@ -144,8 +200,14 @@ def _add_output_flags(o) -> None:
     o.add_argument("--output_dir", default="out")
     o.add_argument("--eval_steps", type=int, default=100, help="also before the first and after the last step")
     o.add_argument("--logging_steps", type=int, default=10)
-    o.add_argument("--checkpointing_steps", type=int, default=None, help="default: --eval_steps")
-    o.add_argument("--resume_from_checkpoint", default=None, help="a step_N directory, or 'latest'")
+    o.add_argument("--checkpointing_steps", default=None, help="every N steps, or 'epoch'; default: --eval_steps")
+    o.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="keep only the newest N checkpoints (default: all)")
+    o.add_argument("--resume_from_checkpoint", default=None,
+                   help="a step_N directory, or 'latest' (the newest readable one in --output_dir)")
+    o.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start afresh in an --output_dir that holds an earlier run (its checkpoints and logs "
+                        "are deleted)")
     o.add_argument("--with_tracking", action="store_true")
     o.add_argument("--report_to", default="all", help="tensorboard, wandb, ... or all (every installed one)")
     o.add_argument("--sample_prompt", default="The", help="prompt for the sample printed at the end")
@@ -176,6 +238,7 @@ class Run:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batches_done: int = 0  # batches consumed in the current epoch
+    steps_per_epoch: int | None = None  # optimizer steps in one pass over the data; None for a stream
     last_checkpoint: Path | None = None
     val: tuple[float, float] | None = None  # the latest (val loss, val perplexity)
 
@@ -191,7 +254,7 @@ def build_accelerator(args) -> Accelerator:
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
-        log_with=args.report_to if args.with_tracking else None,
+        log_with=args.report_to if args.with_tracking else None,  # a list, checked in validate_args
         project_config=ProjectConfiguration(project_dir=args.output_dir),
         dynamo_backend="inductor" if args.compile else None,
     )
@@ -203,10 +266,11 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     output_dir = Path(args.output_dir)
     resume_dir = None
     if args.resume_from_checkpoint:
-        resume_dir = training.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+        resume_dir, passed_over = training.resolve_checkpoint(args.resume_from_checkpoint, output_dir,
+                                                              accelerator.num_processes)
+        for problem in passed_over:
+            accelerator.print(f"passing over a checkpoint that can't be resumed from: {problem}")
+    prepare_output_dir(args, accelerator, resuming=resume_dir is not None)
     set_seed(args.seed)  # before the model is built: its initial weights follow from the seed
     _check_kernels_early(args)
     config = build_config(args)
@@ -221,8 +285,8 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     block_size = _block_size(args, model.config)
     train_loader, eval_loader, stats = build_dataloaders(args, raw, tokenizer, block_size, accelerator)
     ga, world = args.gradient_accumulation_steps, accelerator.num_processes
-    if args.num_train_epochs:
-        steps_per_epoch = len(train_loader) // world // ga
+    steps_per_epoch = None if args.streaming else len(train_loader) // world // ga
+    if args.max_train_steps is None:  # --num_train_epochs alone; --max_train_steps wins over it (HF's rule)
         args.max_train_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
     optimizer, scheduler = build_optimizer(args, model, accelerator.device)
     if args.streaming:
@@ -237,11 +301,14 @@ def setup_run(args, accelerator: Accelerator) -> Run:
         args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, tokenizer, block_size,
         settings={"world_size": world, "per_device_train_batch_size": args.per_device_train_batch_size,
                   "gradient_accumulation_steps": ga, "block_size": block_size, "seed": args.seed,
-                  "streaming": args.streaming, "max_train_steps": args.max_train_steps},
+                  "data": data_identity(args, raw), "streaming": args.streaming,
+                  "max_train_steps": args.max_train_steps, "learning_rate": args.learning_rate,
+                  "min_lr": args.min_lr},
         metrics=MetricsLog(accelerator, output_dir / "metrics.jsonl", args.with_tracking),
         tokens_per_step=args.per_device_train_batch_size * block_size * ga * world,
         flops_per_token=unwrapped.flops_per_token(block_size),
         peak_flops=training.peak_flops(training.device_name(accelerator.device)),
+        steps_per_epoch=steps_per_epoch,
     )
     if resume_dir is not None:
         resume(run, resume_dir)
@@ -250,6 +317,28 @@ def setup_run(args, accelerator: Accelerator) -> Run:
                                                    if isinstance(v, (int, float, str, bool))})
     accelerator.print(banner(run, unwrapped, stats))
     return run
+
+
+def prepare_output_dir(args, accelerator: Accelerator, resuming: bool) -> None:
+    """--output_dir, writable and holding no other run (or, with --overwrite_output_dir, cleared of it)."""
+    if accelerator.is_main_process:
+        removed = training.check_output_dir(args.output_dir, resuming, args.overwrite_output_dir)
+        if removed:
+            print(f"--overwrite_output_dir: deleted the earlier run's {', '.join(sorted(p.name for p in removed))}")
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def data_identity(args, raw) -> str:
+    """Names the training data, so a resume can refuse other data: the dataset or files, and the
+    datasets fingerprint of the training split where it has one (map-style data)."""
+    source = args.dataset_name or gdata.BUILTIN_CORPUS
+    if args.train_file:
+        source = " + ".join(str(Path(f).resolve()) for f in (args.train_file, args.validation_file) if f)
+    elif args.dataset_config_name:
+        source += f" ({args.dataset_config_name})"
+    fingerprint = getattr(raw["train"], "_fingerprint", None)
+    return f"{source}, fingerprint {fingerprint}" if fingerprint else source
 
 
 def load_raw_data(args, accelerator: Accelerator):
@@ -330,7 +419,7 @@ def _config_from_name(name: str) -> GPT2Config:
 def build_model(args, config: GPT2Config | None, vocab_size: int) -> GPT2:
     """The model on CPU, from --model_name_or_path or the config, with the kernels picked by --kernels."""
     if config is None:
-        model = GPT2.from_pretrained(args.model_name_or_path)
+        model = training.load_model(args.model_name_or_path)
     else:
         if "vocab_size" not in (args.config_overrides or ""):
             config.vocab_size = vocab_size  # the tokenizer's size, trained or loaded
@@ -369,8 +458,8 @@ def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
         )
         if args.max_eval_samples:
             valid = list(itertools.islice(valid, args.max_eval_samples))
-        return (DataLoader(train, batch_size=args.per_device_train_batch_size),
-                DataLoader(valid, batch_size=args.per_device_eval_batch_size), None)
+        return (DataLoader(train, batch_size=args.per_device_train_batch_size, generator=_loader_rng(args)),
+                DataLoader(valid, batch_size=args.per_device_eval_batch_size, generator=_loader_rng(args)), None)
     with accelerator.main_process_first():
         lm, stats = gdata.tokenize_and_pack(
             raw, tokenizer, block_size, text_column=args.text_column, num_proc=args.preprocessing_num_workers
@@ -385,8 +474,9 @@ def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
             f"one optimizer step needs ({global_batch * args.gradient_accumulation_steps}); use more data "
             f"or a smaller --block_size / --per_device_train_batch_size"
         )
-    train = DataLoader(lm["train"], shuffle=True, drop_last=True, batch_size=args.per_device_train_batch_size)
-    valid = DataLoader(validation, batch_size=args.per_device_eval_batch_size)
+    train = DataLoader(lm["train"], shuffle=True, drop_last=True, batch_size=args.per_device_train_batch_size,
+                       generator=_loader_rng(args))
+    valid = DataLoader(validation, batch_size=args.per_device_eval_batch_size, generator=_loader_rng(args))
     return train, valid, stats
 
 
@@ -404,16 +494,24 @@ def build_optimizer(args, model, device: torch.device):
 
 def resume(run: Run, resume_dir: Path) -> None:
     """Weights, optimizer, scheduler and RNG from save_state; the data position from our file."""
-    saved = training.read_training_state(resume_dir)
+    args, saved = run.args, training.read_training_state(resume_dir)
     training.check_resume_compatible(saved, run.settings)
     run.accelerator.load_state(str(resume_dir))
     run.step, run.epoch, run.batches_done = saved["step"], saved["epoch"], saved["batches_in_epoch"]
     say = run.accelerator.print
     say(f"Resumed from {resume_dir}: step {run.step}, epoch {run.epoch}, {run.batches_done} batches into it")
-    planned = saved.get("max_train_steps", run.args.max_train_steps)
-    if planned != run.args.max_train_steps:
+    if (saved.get("learning_rate"), saved.get("min_lr")) not in ((args.learning_rate, args.min_lr), (None, None)):
+        training.set_peak_lr(run.scheduler, args.learning_rate, args.min_lr)
+        say(f"learning rate: the checkpoint's schedule peaked at {saved.get('learning_rate')}; the rest of it now "
+            f"peaks at --learning_rate {args.learning_rate:g} and decays to --min_lr {args.min_lr:g}")
+    planned = saved.get("max_train_steps", args.max_train_steps)
+    if planned != args.max_train_steps:
         say(f"note: the learning-rate schedule comes from the checkpoint, planned for {planned} steps "
             f"(after them it stays at --min_lr)")
+    if run.accelerator.is_main_process:
+        dropped = training.truncate_metrics(run.metrics.path, run.step)
+        if dropped:
+            say(f"metrics.jsonl: dropped {dropped} rows logged after step {run.step} by the interrupted run")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -530,10 +628,11 @@ class ThroughputWindow:
         yield
         self.paused_s += time.perf_counter() - start
 
-    def close(self) -> tuple[float, float]:
-        """(token-weighted mean loss, steps per second) of the window, and start the next one."""
+    def close(self) -> tuple[float | None, float]:
+        """(token-weighted mean loss, None if every update was skipped; steps per second) of the
+        window, and start the next one."""
         now = time.perf_counter()
-        loss = self.nll / max(self.tokens, 1)
+        loss = self.nll / self.tokens if self.tokens else None
         steps_per_s = self.steps / max(now - self.start - self.paused_s, 1e-9)
         self.__init__()
         self.start = now
@@ -541,7 +640,8 @@ class ThroughputWindow:
 
 
 def _due(run: Run, every: int) -> bool:
-    return run.step % every == 0 or run.step == run.args.max_train_steps
+    """Every `every` steps (0: never), and at the last step."""
+    return (every > 0 and run.step % every == 0) or run.step == run.args.max_train_steps
 
 
 def log_training(run: Run, window: tuple[float, float], result: StepResult, progress) -> None:
@@ -558,10 +658,11 @@ def log_training(run: Run, window: tuple[float, float], result: StepResult, prog
         "epoch": run.epoch,
     }
     mfu_text = f"{100 * utilisation:.1f}%" if utilisation is not None else "n/a"
-    progress.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
+    loss_text = f"{train_loss:.4f}" if train_loss is not None else "n/a (every update skipped)"
+    progress.set_postfix(loss=loss_text[:6], refresh=False)
     if run.accelerator.is_local_main_process:
         progress.write(
-            f"step {run.step}: loss {train_loss:.4f} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f} "
+            f"step {run.step}: loss {loss_text} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f} "
             f"| {tokens_per_s:,.0f} tok/s | MFU {mfu_text} | peak mem {record['peak_memory']}"
         )
     run.metrics.log(record, run.step)
@@ -570,9 +671,15 @@ def log_training(run: Run, window: tuple[float, float], result: StepResult, prog
 def evaluate_and_checkpoint(run: Run, progress) -> None:
     if _due(run, run.args.eval_steps):
         validate(run, progress.write)
-    if _due(run, run.args.checkpointing_steps):
+    if run.args.checkpointing_steps == "epoch":  # after the epoch's last whole step
+        due = run.batches_done >= run.steps_per_epoch * run.args.gradient_accumulation_steps or _due(run, 0)
+    else:
+        due = _due(run, run.args.checkpointing_steps)
+    if due:
         position = {"epoch": run.epoch, "batches_in_epoch": run.batches_done, **run.settings}
-        run.last_checkpoint = save_checkpoint(run.accelerator, run.args, run.step, position, run.tokenizer)
+        model_config = run.accelerator.unwrap_model(run.model).config
+        run.last_checkpoint = save_checkpoint(run.accelerator, run.args, run.step, position, run.tokenizer,
+                                              model_config)
 
 
 def validate(run: Run, write) -> None:
@@ -581,6 +688,13 @@ def validate(run: Run, write) -> None:
     if run.accelerator.is_local_main_process:
         write(f"step {run.step}: val loss {loss:.4f}, val perplexity {ppl:.2f}")
     run.metrics.log({"val_loss": loss, "val_perplexity": ppl}, run.step)
+
+
+def _loader_rng(args) -> torch.Generator:
+    """A DataLoader's own generator. Without one, every new iterator (each evaluation, the first
+    batch after a resume) draws its seed from the global RNG, which dropout draws from too, so a
+    resumed run would drop out other units than an uninterrupted one."""
+    return torch.Generator().manual_seed(args.seed)
 
 
 @torch.no_grad()
@@ -607,19 +721,36 @@ def evaluate(model, dataloader, accelerator: Accelerator, prepared: bool) -> tup
     return loss, math.exp(min(loss, 700.0))
 
 
-def save_checkpoint(accelerator, args, step: int, position: dict, tokenizer) -> Path:
-    """accelerator.save_state into output_dir/step_N, then the tokenizer and training position, then
-    the completion marker, last; so an interrupted save is never mistaken for a checkpoint."""
+def save_checkpoint(accelerator, args, step: int, position: dict, tokenizer, model_config) -> Path:
+    """accelerator.save_state into output_dir/step_N, then the model config, tokenizer and training
+    position, then the completion marker, last; so an interrupted save is never mistaken for a
+    checkpoint. Then the oldest checkpoints beyond --checkpoints_total_limit go. A full disk ends the
+    run with one line, the partial step_N removed and the previous checkpoint intact."""
     path = training.checkpoint_dir(args.output_dir, step)
     if accelerator.is_main_process:
         training.remove_completion_marker(path)  # overwriting step_N: it is incomplete until we finish
+        for directory in (args.output_dir, path):
+            if Path(directory).is_dir():
+                training.remove_stale_temporaries(directory)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
-    accelerator.wait_for_everyone()  # every rank's shards and RNG states are on disk
-    if accelerator.is_main_process:
-        save_tokenizer(tokenizer, path)
-        training.write_training_state(path, {"step": step, **position})
+    try:
+        accelerator.save_state(str(path))
+        accelerator.wait_for_everyone()  # every rank's shards and RNG states are on disk
+        if accelerator.is_main_process:
+            training.save_model_config(path, model_config)
+            save_tokenizer(tokenizer, path)
+            training.write_training_state(path, {"step": step, **position})
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(path, ignore_errors=True)
+        previous = training.latest_checkpoint(args.output_dir)
+        raise InputError(f"no space left on the device while saving {path} ({err.strerror}); the last complete "
+                         f"checkpoint is {previous or 'none'}: free space, then --resume_from_checkpoint latest"
+                         ) from None
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and args.checkpoints_total_limit:
+        training.prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
     return path
 
 

@@ -279,6 +279,16 @@ def _bad_input_cases(tmp_path, train_file):
         "resume": (["--train_file", train_file, "--resume_from_checkpoint", tmp_path / "not_a_checkpoint"],
                    "not a complete checkpoint"),
         "flag": (["--eval_steps", 0], "--eval_steps must be at least 1"),
+        "grad_norm_zero": (["--max_grad_norm", 0], "--max_grad_norm must be positive"),
+        "grad_norm_negative": (["--max_grad_norm", -1], "--max_grad_norm must be positive"),
+        "checkpointing_zero": (["--checkpointing_steps", 0], "--checkpointing_steps must be"),
+        "epochs_negative": (["--num_train_epochs", -1], "--num_train_epochs must be positive"),
+        "weight_decay": (["--weight_decay", -0.1], "--weight_decay must be >= 0"),
+        "warmup": (["--num_warmup_steps", -1], "--num_warmup_steps must be at least 0"),
+        "vocab": (["--vocab_size", 100], "--vocab_size must be at least 257"),
+        "learning_rate": (["--learning_rate", -1], "--learning_rate must be positive"),
+        "output_file": (["--output_dir", train_file], "is a file, not a directory"),
+        "tracker": (["--with_tracking", "--report_to", "wandb"], "pip install wandb"),
         "choice": (["--lr_scheduler_type", "cosine_with_restarts_typo"], "invalid choice"),
         "override_value": (["--config_overrides", "n_layer=abc"], "bad override 'n_layer=abc'"),
     }
@@ -286,7 +296,8 @@ def _bad_input_cases(tmp_path, train_file):
 
 @pytest.mark.parametrize(
     "case", ["unreachable", "column", "empty", "block", "preset", "override", "triton", "resume", "flag", "choice",
-             "override_value"]
+             "override_value", "grad_norm_zero", "grad_norm_negative", "checkpointing_zero", "epochs_negative",
+             "weight_decay", "warmup", "vocab", "learning_rate", "output_file", "tracker"]
 )
 def test_bad_input_is_one_clear_line(case, tmp_path, train_file, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the hub can't be reached, quickly
@@ -294,7 +305,9 @@ def test_bad_input_is_one_clear_line(case, tmp_path, train_file, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as on a machine without a GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     argv, message = _bad_input_cases(tmp_path, train_file)[case]
-    expect_input_error(pretrain.main, [*argv, "--output_dir", tmp_path / "out"], message, within=20)
+    if "--output_dir" not in argv:
+        argv = [*argv, "--output_dir", tmp_path / "out"]
+    expect_input_error(pretrain.main, argv, message, within=20)
 
 
 @pytest.mark.slow
@@ -340,3 +353,185 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, train_
     np.testing.assert_allclose([b[s] for s in b], [a[s] for s in a], rtol=1e-5)
     np.testing.assert_allclose(metrics(tmp_path / "two", "val_loss")[4], metrics(tmp_path / "one", "val_loss")[4],
                                rtol=1e-5)
+
+
+def _kill_after_checkpoint(monkeypatch, at_step: int):
+    """Make the next run die (KeyboardInterrupt) right after its step-`at_step` checkpoint is saved."""
+    save_checkpoint = pretrain.save_checkpoint
+
+    def save_then_die(accelerator, args, step, *rest):
+        path = save_checkpoint(accelerator, args, step, *rest)
+        if step == at_step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_die)
+    return lambda: monkeypatch.setattr(pretrain, "save_checkpoint", save_checkpoint)
+
+
+@pytest.mark.slow
+def test_exact_resume_with_dropout(tmp_path, train_file, monkeypatch):
+    """Dropout draws from the global RNG: a resumed run must draw the same numbers as an
+    uninterrupted one, so its losses are the same to the bit."""
+    common = ["--train_file", train_file, *TINY, "--eval_steps", 2, "--max_train_steps", 4]
+    common[common.index("--config_overrides") + 1] += ",dropout=0.1"
+    assert run([*common, "--output_dir", tmp_path / "straight"]) == 0
+    restore = _kill_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run([*common, "--output_dir", tmp_path / "split"])
+    restore()
+    _reset_accelerate()
+    assert run([*common, "--output_dir", tmp_path / "split", "--resume_from_checkpoint", "latest"]) == 0
+    a, b = metrics(tmp_path / "straight", "train_loss"), metrics(tmp_path / "split", "train_loss")
+    assert list(a) == list(b) == [1, 2, 3, 4]
+    assert a == b
+
+
+def _four_steps(train_file, *extra):
+    """A 4-step tiny run, evaluated and checkpointed every 2 steps."""
+    return ["--train_file", train_file, *TINY, "--eval_steps", 2, "--max_train_steps", 4, *extra]
+
+
+def test_output_dir_of_another_run_is_refused_unless_overwritten(tmp_path, train_file, capsys):
+    out = tmp_path / "out"
+    assert run([*_four_steps(train_file), "--output_dir", out]) == 0
+    expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", out],
+                       "already holds a run", "--resume_from_checkpoint latest", "--overwrite_output_dir")
+    (out / "step_99").mkdir()  # a stale checkpoint of that earlier run: it must go too
+    _reset_accelerate()
+    assert run([*_four_steps(train_file, "--max_train_steps", 2), "--output_dir", out, "--overwrite_output_dir"]) == 0
+    assert "deleted the earlier run's" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_2"]
+    assert sorted(metrics(out, "train_loss")) == [1, 2]  # no rows of the first run
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
+def test_read_only_output_dir_is_refused(tmp_path, train_file):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", locked / "out"], "not writable")
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_seed_or_data_and_applies_a_new_learning_rate(tmp_path, train_file, capsys,
+                                                                           monkeypatch):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run([*_four_steps(train_file), "--output_dir", straight]) == 0
+    restore = _kill_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run([*_four_steps(train_file), "--output_dir", split])
+    restore()
+    other = tmp_path / "other.txt"
+    other.write_text(Path(train_file).read_text().upper())
+    resume = ["--output_dir", split, "--resume_from_checkpoint", "latest"]
+    for changed, fragment in ((["--seed", 7], "seed: checkpoint 42, now 7"), (["--train_file", other], "data:")):
+        _reset_accelerate()
+        argv = _four_steps(train_file, *resume, *changed)
+        if changed[0] == "--train_file":
+            argv[argv.index("--train_file") + 1] = other
+        expect_input_error(pretrain.main, argv, fragment)
+    _reset_accelerate()
+    assert run(_four_steps(train_file, *resume, "--learning_rate", 1.5e-3)) == 0
+    assert "now peaks at --learning_rate 0.0015" in capsys.readouterr().out
+    # The schedule keeps its shape and reaches the new peak: lr - min_lr scales by (1.5e-3 - m) / (3e-3 - m).
+    m, a, b = 1e-4, metrics(straight, "lr"), metrics(split, "lr")
+    assert a[2] == b[2]
+    for step in (3, 4):
+        assert (b[step] - m) == pytest.approx((a[step] - m) * (1.5e-3 - m) / (3e-3 - m), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoints_fall_back_or_name_the_file(tmp_path, train_file, capsys):
+    out = tmp_path / "out"
+    assert run([*_four_steps(train_file), "--output_dir", out]) == 0
+    rows_before = metrics(out, "train_loss")
+    weights = out / "step_4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated mid-write
+    expect_input_error(pretrain.main, _four_steps(train_file, "--output_dir", out, "--resume_from_checkpoint",
+                                                  out / "step_4"), str(weights), "truncated or corrupt")
+    (out / ".model.safetensors.k2j3h4").write_bytes(b"half")  # a stale temporary of an interrupted write
+    _reset_accelerate()
+    capsys.readouterr()
+    assert run(_four_steps(train_file, "--output_dir", out, "--resume_from_checkpoint", "latest")) == 0
+    printed = capsys.readouterr().out
+    assert "passing over" in printed and str(weights) in printed and "Resumed from" in printed and "step_2" in printed
+    assert metrics(out, "train_loss") == rows_before  # steps 3-4 again, from step_2: the same losses, once each
+    assert not (out / ".model.safetensors.k2j3h4").exists()
+
+    for name, damage in (("training_state.json", b"{not json"), ("tokenizer.json", b"")):
+        file = out / "step_4" / name
+        intact = file.read_bytes()
+        file.write_bytes(damage)
+        expect_input_error(pretrain.main, _four_steps(train_file, "--output_dir", out, "--resume_from_checkpoint",
+                                                      out / "step_4"), str(file))
+        file.write_bytes(intact)
+    (out / "step_4" / "random_states_0.pkl").unlink()
+    expect_input_error(pretrain.main, _four_steps(train_file, "--output_dir", out, "--resume_from_checkpoint",
+                                                  out / "step_4"), "random_states_0.pkl is missing")
+
+
+@pytest.mark.slow
+def test_checkpoints_evaluate_sample_and_keep_a_limit(tmp_path, train_file):
+    out = tmp_path / "out"
+    assert run([*_four_steps(train_file), "--output_dir", out, "--checkpoints_total_limit", 1]) == 0
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_4"]
+    evaluate = load_script(ROOT / "scripts" / "evaluate_perplexity.py")
+    final = evaluate.main(["--model_name_or_path", str(out), "--validation_file", train_file])
+    step_4 = evaluate.main(["--model_name_or_path", str(out / "step_4"), "--validation_file", train_file])
+    assert step_4["nll_sum"] == final["nll_sum"] and step_4["tokens"] == final["tokens"]
+    generate = load_script(ROOT / "scripts" / "generate.py")
+    samples = generate.main(["--model_name_or_path", str(out / "step_4"), "--prompt", "the", "--max_new_tokens", "3"])
+    assert len(samples[0]["token_ids"]) <= 3
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, train_file, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    save_state = Accelerator.save_state
+
+    def fill_the_disk(self, output_dir=None, **kwargs):
+        if output_dir.endswith("step_4"):
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", fill_the_disk)
+    out = tmp_path / "out"
+    expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", out], "no space left",
+                       str(out / "step_2"))
+    assert (out / "step_2" / "checkpoint_complete").is_file() and not (out / "step_4").exists()
+
+
+def test_epochs_checkpoints_and_the_step_limit(tmp_path, train_file, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text(Path(train_file).read_text()[:6000])
+    common = ["--train_file", small, *TINY, "--eval_steps", 1000, "--checkpointing_steps", "epoch"]
+    assert run([*common, "--num_train_epochs", 2, "--output_dir", tmp_path / "epochs"]) == 0
+    steps = json.loads((tmp_path / "epochs" / "all_results.json").read_text())["step"]
+    assert steps % 2 == 0 and sorted(p.name for p in (tmp_path / "epochs").glob("step_*")) == [
+        f"step_{steps // 2}", f"step_{steps}"]
+    _reset_accelerate()
+    assert run([*common, "--num_train_epochs", 5, "--max_train_steps", 3, "--output_dir", tmp_path / "limit"]) == 0
+    assert json.loads((tmp_path / "limit" / "all_results.json").read_text())["step"] == 3  # HF: max steps win
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--help"])
+    assert "the schedule decays to this (default: 0.0001)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_update_skipped_logs_no_loss_and_finishes(tmp_path, train_file, monkeypatch, capsys):
+    from gpt2 import GPT2
+
+    forward = GPT2.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        return out * float("nan") if self.training else out
+
+    monkeypatch.setattr(GPT2, "forward", poisoned)
+    assert run([*_four_steps(train_file), "--output_dir", tmp_path / "out", "--on_nonfinite", "skip"]) == 0
+    assert set(metrics(tmp_path / "out", "train_loss").values()) == {None}
+    assert "loss n/a (every update skipped)" in capsys.readouterr().out
