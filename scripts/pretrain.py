@@ -5,9 +5,9 @@ tokenizer trained on it, on whatever device is there (a few minutes on a 2-core 
 
     python scripts/pretrain.py                                        # one process, no flags
     accelerate launch scripts/pretrain.py                             # the same through Accelerate
-    accelerate launch --config_file accelerate_config.yaml scripts/pretrain.py \\
+    accelerate launch --config_file accelerate_config.yaml --num_processes 8 scripts/pretrain.py \\
         --dataset_name wikitext --dataset_config_name wikitext-103-raw-v1 \\
-        --tokenizer_name gpt2 --config_name gpt2 --block_size 1024     # all local GPUs, bf16
+        --tokenizer_name gpt2 --config_name gpt2 --block_size 1024     # 8 GPUs, bf16
     accelerate launch --multi_gpu --num_processes 2 scripts/pretrain.py --cpu   # two CPU processes (gloo)
     python scripts/pretrain.py --train_file train.txt --validation_file val.txt
     python scripts/pretrain.py --output_dir out --resume_from_checkpoint latest

@@ -535,3 +535,18 @@ def test_every_update_skipped_logs_no_loss_and_finishes(tmp_path, train_file, mo
     assert run([*_four_steps(train_file), "--output_dir", tmp_path / "out", "--on_nonfinite", "skip"]) == 0
     assert set(metrics(tmp_path / "out", "train_loss").values()) == {None}
     assert "loss n/a (every update skipped)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_shipped_accelerate_config_launches_as_shipped(tmp_path, train_file):
+    """`accelerate launch --config_file accelerate_config.yaml scripts/pretrain.py` with the installed
+    accelerate, on this CPU, with no flag added to the launcher."""
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+         str(SCRIPT), "--train_file", train_file, *map(str, TINY), "--max_train_steps", "2", "--eval_steps", "2",
+         "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "mixed precision bf16" in proc.stdout and (tmp_path / "out" / "model.safetensors").is_file()
