@@ -11,6 +11,11 @@ the standard library's modules, classes and functions, read from the source file
 no module is imported): one document per topic and per module, about 650 documents and 2.2 MB of
 text (on Python 3.11; 530k tokens with an 8k BPE), with a fixed train/validation split by name.
 
+A .txt file is one document, read as it is, every line break kept (as the evaluation reads it):
+it is cut into rows of about TEXT_CHUNK_CHARS characters at places where the cut cannot change
+its tokenization, and only its last row ends the document. Without a validation file, the last
+validation_split_percentage of its text (from a line start) is held out.
+
 Packing (non-streaming): every document is followed by the end-of-text token, the whole token
 stream is cut into block_size rows, and only the final partial block is dropped (PackingStats
 says how many tokens). Both steps run through `datasets.map`, so they are cached on disk and run
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import sys
 import sysconfig
 import zlib
@@ -141,7 +147,7 @@ def load_raw_datasets(
     if train_file or validation_file:
         if dataset_name:
             raise DataError("pass either --dataset_name or --train_file/--validation_file, not both")
-        raw = _load_files(train_file, validation_file, streaming, cache_dir)
+        raw = _load_files(train_file, validation_file, streaming, cache_dir, validation_split_percentage)
     elif dataset_name in (None, BUILTIN_CORPUS):
         raw = load_builtin_corpus(cache_dir)
         if streaming:
@@ -172,7 +178,7 @@ def load_raw_datasets(
     return cls({"train": raw["train"], "validation": raw["validation"]})
 
 
-def _load_files(train_file, validation_file, streaming, cache_dir):
+def _load_files(train_file, validation_file, streaming, cache_dir, validation_split_percentage):
     from datasets import load_dataset
 
     data_files = {}
@@ -193,13 +199,63 @@ def _load_files(train_file, validation_file, streaming, cache_dir):
             f"{sorted(FILE_BUILDERS)} (all files of one kind)"
         )
     builder = builders.pop()
-    # Text files: one example per paragraph (blank-line separated), so the end-of-text token goes
-    # between paragraphs rather than between every line of verse or prose.
-    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    kwargs = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
     try:
-        return load_dataset(builder, data_files=data_files, streaming=streaming, cache_dir=cache_dir, **kwargs)
+        raw = load_dataset(builder, data_files=data_files, streaming=streaming, cache_dir=cache_dir, **kwargs)
     except Exception as err:  # datasets' builders raise many types for unreadable files
         raise DataError(f"could not read {sorted(data_files.values())} as {builder}: {err}") from err
+    if builder != "text":
+        return raw
+    if "validation" not in raw:
+        if streaming:
+            raise DataError("a streamed .txt file is one document, with no rows to hold out: pass --validation_file")
+        raw = _hold_out_text_end(raw, validation_split_percentage)
+    progress = {} if streaming else {"desc": "Cutting text into rows"}  # a stream maps lazily, without a bar
+    return raw.map(_chunk_documents, batched=True, remove_columns=["text"], fn_kwargs={"every": TEXT_CHUNK_CHARS},
+                   **progress)
+
+
+TEXT_CHUNK_CHARS = 1 << 20  # a .txt document is tokenized in rows of about this many characters
+# Where a row may end: a line break between two non-space characters. The byte-level BPE's
+# pre-tokenizer splits before and after such a line break anyway, so a cut there leaves the token
+# ids exactly those of the whole document (a cut inside a run of whitespace or a word would not).
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def _safe_cuts(text: str, every: int) -> list[int]:
+    """Offsets that cut text into pieces of at least `every` characters, each just after a safe line break."""
+    cuts, start = [], 0
+    while start + every < len(text):
+        found = _SAFE_CUT.search(text, start + every)
+        if found is None:
+            break
+        start = found.end()
+        cuts.append(start)
+    return cuts
+
+
+def _chunk_documents(batch, every: int):
+    """Rows of at most about `every` characters from each document; end_of_document marks its last row."""
+    texts, ends = [], []
+    for text in batch["text"]:
+        bounds = [0, *_safe_cuts(text, every), len(text)]
+        texts += [text[a:b] for a, b in zip(bounds, bounds[1:])]
+        ends += [False] * (len(bounds) - 2) + [True]
+    return {"text": texts, "end_of_document": ends}
+
+
+def _hold_out_text_end(raw, percentage: int):
+    """{"train", "validation"} from one-document text: the validation split is the text's last
+    `percentage` percent, from the start of a line."""
+    from datasets import Dataset, DatasetDict
+
+    text = "".join(raw["train"]["text"])
+    cut = text.rfind("\n", 0, round(len(text) * (1 - percentage / 100))) + 1
+    if cut <= 0 or cut >= len(text):
+        raise DataError(f"the training text has no line break to hold out its last {percentage}% at; pass "
+                        f"--validation_file")
+    return DatasetDict({"train": Dataset.from_dict({"text": [text[:cut]]}),
+                        "validation": Dataset.from_dict({"text": [text[cut:]]})})
 
 
 def _load_named(name, config_name, streaming, cache_dir):
@@ -260,9 +316,11 @@ class PackingStats:
 
 
 def _tokenize_batch(batch, tokenizer, text_column: str, eot_id: int):
-    """Token ids of each document followed by the end-of-text token."""
+    """Token ids of each row, followed by the end-of-text token where the row ends a document
+    (every row, unless an end_of_document column says otherwise)."""
     texts = [text if isinstance(text, str) else "" for text in batch[text_column]]
-    return {"input_ids": [enc.ids + [eot_id] for enc in tokenizer.encode_batch(texts)]}
+    ends = batch.get("end_of_document") or [True] * len(texts)
+    return {"input_ids": [enc.ids + [eot_id] * end for enc, end in zip(tokenizer.encode_batch(texts), ends)]}
 
 
 def _pack_batch(batch, tokenized, doc_starts, block_size: int):
@@ -313,7 +371,8 @@ def tokenize_and_pack(raw, tokenizer, block_size: int, *, text_column: str | Non
         doc_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         total = int(doc_starts[-1])
         n_blocks = total // block_size
-        stats[split] = PackingStats(len(dataset), total, n_blocks, total - n_blocks * block_size)
+        documents = sum(dataset["end_of_document"]) if "end_of_document" in dataset.column_names else len(dataset)
+        stats[split] = PackingStats(documents, total, n_blocks, total - n_blocks * block_size)
         if n_blocks == 0:
             raise DataError(
                 f"the {split} split has {total} tokens, fewer than one block of {block_size}; "

@@ -79,11 +79,37 @@ def test_files_carve_validation_and_cache(tokenizer, tmp_path):
     assert packed["train"].cache_files and packed["train"].cache_files == again["train"].cache_files
 
 
-def test_text_files_are_split_by_paragraph(tmp_path):
-    (tmp_path / "a.txt").write_text("First line\nsecond line.\n\nNext paragraph.\n\n\nLast one.\n")
+def test_text_files_are_read_as_they_are(tmp_path, monkeypatch):
+    """A .txt file is one document with every line break kept (blank lines and whitespace-only lines
+    included, as WikiText has them): its rows join back into the file, only the last ends the
+    document, and cutting it into rows leaves its token ids those of the whole text."""
+    paragraphs = [f"{doc}\n\n \n\n\n   indented, {doc[:20]}\n" for doc in _documents(30)]
+    text = "First line\nsecond line.\n\n" + "".join(paragraphs)
+    (tmp_path / "a.txt").write_text(text)
+    tokenizer = train_tokenizer([text], vocab_size=400)  # with merged whitespace runs ("\n\n", "   ")
+    assert len(tokenizer.encode("\n\n").ids) == 1
+    monkeypatch.setattr(gdata, "TEXT_CHUNK_CHARS", 1)  # a row at every line break where a cut is allowed
     raw = gdata.load_raw_datasets(train_file=str(tmp_path / "a.txt"), validation_file=str(tmp_path / "a.txt"))
-    assert len(raw["train"]) == 3
-    assert raw["train"][0]["text"].startswith("First line\nsecond line.")
+    rows = raw["train"]
+    assert len(rows) > 5 and "".join(rows["text"]) == text
+    assert rows["end_of_document"] == [False] * (len(rows) - 1) + [True]
+    lm, stats = gdata.tokenize_and_pack(raw, tokenizer, block_size=8)
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    whole = tokenizer.encode(text).ids + [eot]
+    assert stats["train"].documents == 1 and stats["train"].tokens == len(whole)
+    packed = [token for row in lm["train"].with_format(None)["input_ids"] for token in row]
+    assert packed == whole[: stats["train"].blocks * 8]
+
+
+def test_text_file_holds_out_its_last_lines(tmp_path):
+    lines = [f"line {i} of the text" for i in range(100)]
+    (tmp_path / "a.txt").write_text("\n".join(lines) + "\n")
+    raw = gdata.load_raw_datasets(train_file=str(tmp_path / "a.txt"), validation_split_percentage=10)
+    train, valid = "".join(raw["train"]["text"]), "".join(raw["validation"]["text"])
+    assert train + valid == (tmp_path / "a.txt").read_text()
+    assert valid.startswith("line 90") or valid.startswith("line 89")  # from a line start, about the last 10%
+    with pytest.raises(gdata.DataError, match="pass --validation_file"):
+        gdata.load_raw_datasets(train_file=str(tmp_path / "a.txt"), streaming=True)
 
 
 def test_bad_files_are_clear_errors(tmp_path, tokenizer):
