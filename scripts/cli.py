@@ -6,8 +6,11 @@ checkout without `pip install -e .`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: gpt2/ and kernels/
@@ -40,6 +43,33 @@ def use_cpu(requested: bool) -> bool:
     `accelerate launch --multi_gpu --num_processes 2 ... --cpu`), where Accelerate sets up gloo
     only when told cpu=True; otherwise each process would run alone."""
     return requested or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def exit_with_launcher(prog: str, poll_s: float = 1.0) -> None:
+    """A worker started by a launcher (accelerate launch, torchrun: LOCAL_RANK is set) exits when the
+    launcher dies, instead of training on as an orphan nobody can see: a daemon thread watches
+    the parent process and ends this one when it is gone."""
+    if "LOCAL_RANK" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"{prog}: the launcher (pid {parent}) is gone; this worker stops", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
+
+
+@contextlib.contextmanager
+def ending(accelerator):
+    """Run the body, then end the run on every path out: trackers closed and the process group
+    destroyed (a process group left alive can hang its process at exit)."""
+    try:
+        yield accelerator
+    finally:
+        accelerator.end_training()
 
 
 def load_model_and_tokenizer(args, device: torch.device):

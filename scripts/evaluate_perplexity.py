@@ -155,16 +155,22 @@ def print_summary(report: dict) -> None:
 
 
 def main(argv=None) -> dict:
+    cli.exit_with_launcher("evaluate_perplexity.py")
     with exit_on_input_error("evaluate_perplexity.py"):
         args = parse_args(argv)
-        accelerator = Accelerator(cpu=cli.use_cpu(args.cpu))
-        model, tokenizer = cli.load_model_and_tokenizer(args, accelerator.device)
-        max_length, stride = window_lengths(args, model.config.n_positions)
-        with accelerator.main_process_first():  # one process fills the datasets cache, the others read it
-            texts = load_texts(args.dataset_name, args.dataset_config_name, args.dataset_split,
-                               args.validation_file, args.text_column, args.max_samples)
-        stream = tokenize_stream(tokenizer, join_texts(texts))
-        windows = plan_windows(len(stream), max_length, stride)
+        with cli.ending(Accelerator(cpu=cli.use_cpu(args.cpu))) as accelerator:
+            return perplexity_report(args, accelerator)
+
+
+def perplexity_report(args, accelerator: Accelerator) -> dict:
+    """Load, plan the windows, score them on every process, print and return the report."""
+    model, tokenizer = cli.load_model_and_tokenizer(args, accelerator.device)
+    max_length, stride = window_lengths(args, model.config.n_positions)
+    with accelerator.main_process_first():  # one process fills the datasets cache, the others read it
+        texts = load_texts(args.dataset_name, args.dataset_config_name, args.dataset_split,
+                           args.validation_file, args.text_column, args.max_samples)
+    stream = tokenize_stream(tokenizer, join_texts(texts))
+    windows = plan_windows(len(stream), max_length, stride)
     start = time.perf_counter()
     dataloader = accelerator.prepare(build_dataloader(stream, windows, args.batch_size))  # shards the windows
     totals = evaluate(model, dataloader, len(windows), accelerator)

@@ -96,11 +96,12 @@ def sample(model, prompt_ids: list[int], args, eos_id: int | None, generator: to
 
 
 def main(argv=None) -> list[dict]:
+    cli.exit_with_launcher("generate.py")
     with exit_on_input_error("generate.py"):
         args = parse_args(argv)
-        accelerator = Accelerator(cpu=cli.use_cpu(args.cpu))
-        model, tokenizer = cli.load_model_and_tokenizer(args, accelerator.device)
-        return generate_samples(args, model, tokenizer, accelerator.device)
+        with cli.ending(Accelerator(cpu=cli.use_cpu(args.cpu))) as accelerator:
+            model, tokenizer = cli.load_model_and_tokenizer(args, accelerator.device)
+            return generate_samples(args, model, tokenizer, accelerator.device)
 
 
 def generate_samples(args, model, tokenizer, device) -> list[dict]:

@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -66,10 +67,11 @@ class _TiedWeightsNotice(logging.Filter):
 def main(argv=None) -> int:
     """Set up, train, save: 0 when done, 1 when a non-finite step stopped the run, 2 on bad input."""
     logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
+    cli.exit_with_launcher("pretrain.py")
     with exit_on_input_error("pretrain.py"):
         args = parse_args(argv)
-        run = setup_run(args, build_accelerator(args))
-        return fit(run)
+        with cli.ending(build_accelerator(args)) as accelerator:
+            return fit(setup_run(args, accelerator))
 
 
 # --------------------------------------------------------------------------- flags
@@ -246,7 +248,7 @@ class Run:
 def build_accelerator(args) -> Accelerator:
     # Several processes without a GPU (`accelerate launch --multi_gpu --num_processes 2 ... --cpu`, or
     # torchrun on a CPU host) need cpu=True for Accelerate to set up gloo instead of running them apart.
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cli.use_cpu(args.cpu),
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=args.gradient_accumulation_steps,
@@ -258,6 +260,13 @@ def build_accelerator(args) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=args.output_dir),
         dynamo_backend="inductor" if args.compile else None,
     )
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")  # accelerate launch --use_fsdp
+    if asked and accelerator.distributed_type != DistributedType.FSDP:
+        accelerator.end_training()
+        raise InputError(f"FSDP was asked for (--use_fsdp), but Accelerate runs FSDP on GPUs only and would run "
+                         f"{accelerator.distributed_type.value} here; drop --use_fsdp (plain data parallel on CPU: "
+                         f"accelerate launch --multi_gpu --num_processes 2 ... --cpu)")
+    return accelerator
 
 
 def setup_run(args, accelerator: Accelerator) -> Run:
@@ -604,7 +613,6 @@ def stop_on_nonfinite(run: Run, result: StepResult) -> bool:
     run.accelerator.print(f"\n{message}: stopping; {where}. Resume with --resume_from_checkpoint latest "
                           f"(perhaps with a lower --learning_rate), or pass --on_nonfinite skip.")
     run.metrics.log({"nonfinite": True, "train_loss": float(result.loss)}, run.step)
-    run.accelerator.end_training()
     return True
 
 
@@ -823,7 +831,7 @@ def finish(run: Run, runtime: float) -> int:
         print(f"  evaluate: python scripts/evaluate_perplexity.py --model_name_or_path {output_dir} "
               f"{_evaluation_data_flags(args)}")
         print(f"  sample:   python scripts/generate.py --model_name_or_path {output_dir} --prompt \"The\"")
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # then every rank ends (destroys the process group) together
     return 0
 
 

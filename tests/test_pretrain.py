@@ -566,3 +566,50 @@ def test_training_and_evaluation_read_a_text_file_alike(tmp_path, train_file):
                             "--max_length", "32", "--stride", "32", "--batch_size", "64"])
     # The same blocks, plus the evaluator's last partial window: equal to well within 1%.
     assert report["nll_per_token"] == pytest.approx(val_loss, rel=5e-3)
+
+
+@pytest.mark.slow
+def test_fsdp_asked_for_on_cpu_stops_instead_of_running_ddp(tmp_path, train_file):
+    """Accelerate runs FSDP on GPUs only; on a CPU host `--use_fsdp` would silently become plain data
+    parallel. The script says so and stops, every rank, without hanging."""
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes",
+         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(_free_port()), str(SCRIPT), "--train_file", train_file, *map(str, TINY),
+         "--max_train_steps", "2", "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "pretrain.py: error: FSDP was asked for (--use_fsdp)" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing trained
+    assert time.perf_counter() - start < 100
+
+
+def test_a_worker_exits_when_its_launcher_dies(tmp_path):
+    """A worker of a killed launcher stops instead of training on as an orphan."""
+    import signal
+
+    child_pid = tmp_path / "child.pid"
+    worker = (f"import os, sys, time; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import cli; "
+              f"open({str(child_pid)!r}, 'w').write(str(os.getpid())); "
+              f"cli.exit_with_launcher('worker', poll_s=0.1); time.sleep(60)")
+    launcher = (f"import os, subprocess, sys, time; "
+                f"subprocess.Popen([sys.executable, '-c', {worker!r}], env={{**os.environ, 'LOCAL_RANK': '0'}}); "
+                f"time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", launcher])
+    deadline = time.time() + 30
+    while not (child_pid.exists() and child_pid.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    pid = int(child_pid.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):  # up to 10 s
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the orphaned worker was still running 10 s after its launcher died")
