@@ -22,12 +22,16 @@ import argparse
 import math
 import sys
 from contextlib import nullcontext
+from pathlib import Path
+
+if not __package__:  # run as a file (python benchmarks/attention.py): the checkout goes on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from gpt2.errors import ArgumentParser, exit_on_input_error
+from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -261,27 +265,41 @@ def main(argv=None) -> int:
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
-    parser.add_argument("--suite", nargs="*", help="subset of suites (gpt2 fa-d64 fa-d128 gqa)")
+    parser.add_argument("--suite", nargs="*", choices=[*suites(quick=False), *suites(quick=True)],
+                        help="subset of suites (quick is --quick's only one)")
     parser.add_argument("--dtype", nargs="*", default=None, choices=list(common.DTYPES))
     parser.add_argument("--causal", choices=["both", "causal", "full"], default="both")
-    parser.add_argument("--provider", nargs="*", help="subset of providers (ours sdpa-flash ... eager)")
-    parser.add_argument("--max_seqlen", type=int, default=None)
-    parser.add_argument("--seqlens", type=int, nargs="*", help="only these sequence lengths")
+    parser.add_argument("--provider", nargs="*", choices=PROVIDER_ORDER, help="subset of providers (ours always runs)")
+    parser.add_argument("--max_seqlen", type=common.int_at_least(1), default=None)
+    parser.add_argument("--seqlens", type=common.int_at_least(1), nargs="*", help="only these sequence lengths")
     parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/<device>/")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: rewrite attention.md and the plots from --output_dir's CSV")
     return parser.parse_args(argv)
 
 
+def selected_shapes(args) -> list[tuple[str, dict]]:
+    """(suite, shape) for every shape that --suite, --seqlens and --max_seqlen let through."""
+    table = suites(args.quick)
+
+    def wanted(suite, T):
+        return ((not args.suite or suite in args.suite) and (not args.max_seqlen or T <= args.max_seqlen)
+                and (not args.seqlens or T in args.seqlens))
+
+    chosen = [(suite, shape) for suite, shapes in table.items() for shape in shapes if wanted(suite, shape["T"])]
+    if not chosen:
+        listed = "; ".join(f"{suite}: T = {', '.join(str(s['T']) for s in shapes)}" for suite, shapes in table.items())
+        raise InputError(f"--suite, --seqlens and --max_seqlen leave no shape to measure "
+                         f"({'--quick' if args.quick else 'full'} suites: {listed})")
+    return chosen
+
+
 def run(args) -> int:
     if args.replot:
         return common.replot(args.output_dir, "attention", SHAPE_FIELDS, summarize)
-    common.setup_quick_mode(args.quick)
-    if not common.require_cuda_or_quick(args.quick, "benchmarks.attention"):
-        return 0
+    shapes = selected_shapes(args)
+    env, out_dir = common.start_run(args.quick, args.output_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    env = common.environment()
-    out_dir = common.output_dir(args.output_dir, env, args.quick)
     csv_path = out_dir / "attention.csv"
     table = providers(args.quick)
     if args.provider:
@@ -293,20 +311,13 @@ def run(args) -> int:
         ceiling = dict(benchmark="attention", kernel="matmul", provider="torch", mode="fwd", dtype="bf16",
                        metric="throughput", unit="TFLOP/s", p50=matmul_tflops(), status="ok", **env)
         rows = common.save_rows([ceiling], csv_path, SHAPE_FIELDS, POINT_FIELDS)
-    for suite, shapes in suites(args.quick).items():
-        if args.suite and suite not in args.suite:
-            continue
-        for shape in shapes:
-            if (args.max_seqlen and shape["T"] > args.max_seqlen) or (args.seqlens and shape["T"] not in args.seqlens):
-                continue
-            for dtype_name in dtypes:
-                for causal in causals:
-                    point = run_point(suite, shape, dtype_name, causal, table, env, args.quick, device)
-                    rows = common.save_rows(point, csv_path, SHAPE_FIELDS, POINT_FIELDS)
-                    print(f"{suite} {shape} {dtype_name} causal={causal}: " + progress(point), file=sys.stderr)
-    summary = summarize(rows, out_dir)
-    (out_dir / "attention.md").write_text(summary)
-    print(summary)
+    for suite, shape in shapes:
+        for dtype_name in dtypes:
+            for causal in causals:
+                point = run_point(suite, shape, dtype_name, causal, table, env, args.quick, device)
+                rows = common.save_rows(point, csv_path, SHAPE_FIELDS, POINT_FIELDS)
+                print(f"{suite} {shape} {dtype_name} causal={causal}: " + progress(point), file=sys.stderr)
+    print(common.write_summary("attention", rows, out_dir, summarize))
     return 0
 
 

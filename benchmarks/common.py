@@ -8,6 +8,7 @@ A point that could not be measured keeps its row with status "oom", "unsupported
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
@@ -57,19 +58,33 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
 
 
-def require_cuda_or_quick(quick: bool, name: str) -> bool:
-    """The full sweep needs a GPU; without one it says so and the caller exits 0."""
-    if quick or torch.cuda.is_available():
-        return True
-    print(f"{name}: the full benchmark needs a CUDA GPU (none here). Run with --quick for a CPU smoke run "
-          f"through the Triton interpreter.")
-    return False
+def int_at_least(minimum: int):
+    """An argparse type: an integer no smaller than `minimum`. A bad value is a bad flag (one line,
+    exit status 2), reported before anything is measured."""
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return integer
 
 
-def setup_quick_mode(quick: bool) -> None:
-    """--quick runs tiny shapes through the Triton interpreter; it must be on before triton loads."""
-    if quick and not torch.cuda.is_available():
+def start_run(quick: bool, requested_dir: str | None) -> tuple[dict, Path]:
+    """The start of every measuring run, once its flags are checked: the full sweep needs a GPU;
+    --quick without one runs the kernels through the Triton interpreter, which must be switched on
+    before triton loads. Returns the environment stamp and the output folder."""
+    if not torch.cuda.is_available():
+        if not quick:
+            raise InputError("the full benchmark needs a CUDA GPU (none here): run with --quick for a CPU smoke "
+                             "run through the Triton interpreter")
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    env = environment()
+    return env, output_dir(requested_dir, env, quick)
 
 
 def measure(fn, quick: bool, grad_to_none=None) -> tuple[float, float, float]:
@@ -173,10 +188,15 @@ def replot(output_dir: str | None, name: str, shape_fields: list[str], summarize
     rows = read_csv(out_dir / f"{name}.csv", shape_fields)
     if not rows:
         raise InputError(f"no rows in {out_dir / f'{name}.csv'}")
+    print(write_summary(name, rows, out_dir, summarize))
+    return 0
+
+
+def write_summary(name: str, rows: list[dict], out_dir: Path, summarize) -> str:
+    """<name>.md (and its plots) in out_dir, rebuilt from rows; returns the Markdown."""
     summary = summarize(rows, out_dir)
     (out_dir / f"{name}.md").write_text(summary)
-    print(summary)
-    return 0
+    return summary
 
 
 def stamp(rows: list[dict]) -> str:
@@ -202,7 +222,10 @@ def markdown_table(header: list[str], lines: list[list]) -> str:
 
 def plot_lines(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
                path: Path, logx: bool = True) -> bool:
-    """One line per provider. Returns False (and draws nothing) when matplotlib isn't installed."""
+    """One line per provider. Returns False (and draws nothing) when there are no points or
+    matplotlib isn't installed."""
+    if not any(series.values()):
+        return False
     try:
         import matplotlib
 

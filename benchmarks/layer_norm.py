@@ -19,6 +19,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
+
+if not __package__:  # run as a file (python benchmarks/layer_norm.py): the checkout goes on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
@@ -192,8 +196,8 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     parser.add_argument("--dtype", nargs="*", default=None, choices=list(common.DTYPES))
-    parser.add_argument("--hidden", nargs="*", type=int, default=None)
-    parser.add_argument("--rows", type=int, default=None, help="rows (tokens); default 16384")
+    parser.add_argument("--hidden", nargs="*", type=common.int_at_least(1), default=None)
+    parser.add_argument("--rows", type=common.int_at_least(1), default=None, help="rows (tokens); default 16384")
     parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/<device>/")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: rewrite layer_norm.md and the plots from --output_dir's CSV")
@@ -203,12 +207,8 @@ def parse_args(argv=None):
 def run(args) -> int:
     if args.replot:
         return common.replot(args.output_dir, "layer_norm", SHAPE_FIELDS, summarize)
-    common.setup_quick_mode(args.quick)
-    if not common.require_cuda_or_quick(args.quick, "benchmarks.layer_norm"):
-        return 0
+    env, out_dir = common.start_run(args.quick, args.output_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    env = common.environment()
-    out_dir = common.output_dir(args.output_dir, env, args.quick)
     hiddens = args.hidden or ([64, 200] if args.quick else [768, 1024, 1280, 1600, 4096, 8192])
     rows_n = args.rows or (33 if args.quick else 16384)
     dtypes = args.dtype or (["fp32", "bf16"] if args.quick else ["bf16", "fp16", "fp32"])
@@ -231,9 +231,7 @@ def run(args) -> int:
                 summary = ", ".join(f"{r['provider']} {r['mode']} {r['p50']:.0f}" for r in point
                                     if r["metric"] == "bandwidth")
                 print(f"{kernel} {rows_n}x{hidden} {dtype_name}: GB/s {summary}", file=sys.stderr)
-    summary = summarize(results, out_dir)
-    (out_dir / "layer_norm.md").write_text(summary)
-    print(summary)
+    print(common.write_summary("layer_norm", results, out_dir, summarize))
     return 0
 
 

@@ -16,6 +16,9 @@ import shutil
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a file (python benchmarks/merge_results.py): the checkout goes on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks import attention, common, layer_norm, training
 from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
 
@@ -35,8 +38,8 @@ def merge(source: Path, dest: Path = RESULTS) -> list[Path]:
             rows = common.read_csv(device_dir / f"{name}.csv", module.SHAPE_FIELDS)
             if rows:
                 common.save_rows(rows, target / f"{name}.csv", module.SHAPE_FIELDS, module.POINT_FIELDS)
-                (target / f"{name}.md").write_text(module.summarize(
-                    common.read_csv(target / f"{name}.csv", module.SHAPE_FIELDS), target))
+                merged = common.read_csv(target / f"{name}.csv", module.SHAPE_FIELDS)
+                common.write_summary(name, merged, target, module.summarize)
                 touched.append(target)
     return list(dict.fromkeys(touched))
 
@@ -53,12 +56,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_source(source: Path) -> None:
+    """A folder to merge from holds <device>/<benchmark>.csv: checked for every folder before any is merged."""
+    if not source.is_dir():
+        raise InputError(f"no folder {source}: give the unpacked benchmarks/results folder")
+    if not any(path.is_file() for name in BENCHMARKS for path in source.glob(f"*/{name}.csv")):
+        raise InputError(f"no benchmark CSVs in {source}/<device>/: give the unpacked benchmarks/results folder")
+
+
 def run(args) -> int:
     for source in args.sources:
-        folders = merge(source, args.into)
-        if not folders:
-            raise InputError(f"no benchmark CSVs in {source}/<device>/: give the unpacked benchmarks/results folder")
-        for folder in folders:
+        check_source(source)
+    for source in args.sources:
+        for folder in merge(source, args.into):
             print(f"merged {source} into {folder}")
     return 0
 

@@ -14,8 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a file (python benchmarks/targets.py): the checkout goes on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks import attention, common, layer_norm, training
-from gpt2.errors import ArgumentParser, exit_on_input_error
+from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
 
 RESULTS = common.ROOT / "benchmarks" / "results"
 
@@ -98,7 +101,10 @@ def parse_args(argv=None):
 
 
 def run(args) -> int:
-    folders = args.results or sorted(p for p in RESULTS.iterdir() if p.is_dir() and any(p.glob("*.csv")))
+    for folder in args.results or []:
+        if not folder.is_dir():
+            raise InputError(f"no folder {folder}: name a device folder of results, e.g. {RESULTS}/<device>")
+    folders = args.results or sorted(p for p in RESULTS.glob("*") if p.is_dir() and any(p.glob("*.csv")))
     if not folders:
         print("no measured results yet: run the benchmarks on a GPU (benchmarks/run_gpu.sh)", file=sys.stderr)
         return 0

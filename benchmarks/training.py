@@ -23,7 +23,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a file (python benchmarks/training.py): the checkout goes on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks import common
+from gpt2.config import PRESETS
 from gpt2.errors import ArgumentParser, exit_on_input_error
 
 SHAPE_FIELDS = ["preset", "block_size", "batch_size", "step"]
@@ -72,10 +76,12 @@ def main(argv=None) -> int:
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny model for a few steps on CPU")
-    parser.add_argument("--presets", nargs="*", default=None, help="default: gpt2 gpt2-medium")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--block_size", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=None, help="per device")
+    parser.add_argument("--presets", nargs="*", default=None, choices=list(PRESETS),
+                        help="default: gpt2 gpt2-medium (--quick: gpt2-tiny, shrunk)")
+    parser.add_argument("--steps", type=common.int_at_least(1), default=None)
+    parser.add_argument("--block_size", type=common.int_at_least(2), default=None,
+                        help="tokens per sequence, 2 at least (an input and its target)")
+    parser.add_argument("--batch_size", type=common.int_at_least(1), default=None, help="per device")
     parser.add_argument("--vocab_size", type=int, default=None, help="BPE trained on the built-in corpus")
     parser.add_argument("--config_overrides", default=None)
     parser.add_argument("--output_dir", default=None)
@@ -86,9 +92,7 @@ def parse_args(argv=None):
 def run(args) -> int:
     if args.replot:
         return common.replot(args.output_dir, "training", SHAPE_FIELDS, summarize)
-    common.setup_quick_mode(args.quick)
-    if not common.require_cuda_or_quick(args.quick, "benchmarks.training"):
-        return 0
+    env, out_dir = common.start_run(args.quick, args.output_dir)
     if args.quick:
         args.presets = args.presets or ["gpt2-tiny"]
         args.config_overrides = args.config_overrides or "n_layer=1,n_embd=32,n_head=2,n_positions=32"
@@ -98,8 +102,6 @@ def run(args) -> int:
         args.presets = args.presets or ["gpt2", "gpt2-medium"]
         args.steps, args.block_size = args.steps or 40, args.block_size or 1024
         args.batch_size, args.vocab_size = args.batch_size or 16, args.vocab_size or 50257
-    env = common.environment()
-    out_dir = common.output_dir(args.output_dir, env, args.quick)
     work = out_dir / "training_runs"
     work.mkdir(parents=True, exist_ok=True)
 
@@ -135,9 +137,7 @@ def run(args) -> int:
                          for r in records]
             rows = common.save_rows(run_rows, csv_path, SHAPE_FIELDS, POINT_FIELDS)
 
-    text = summarize(rows, out_dir)
-    (out_dir / "training.md").write_text(text)
-    print(text)
+    print(common.write_summary("training", rows, out_dir, summarize))
     return 0
 
 

@@ -1,12 +1,20 @@
 """The benchmark code paths, through --quick (tiny shapes, Triton interpreter on CPU)."""
 
 import csv
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import expect_input_error
 
 from benchmarks import attention as attention_bench
 from benchmarks import layer_norm as layer_norm_bench
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_rows(path):
@@ -93,10 +101,80 @@ def test_layer_norm_quick(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
-def test_full_mode_needs_cuda_and_exits_cleanly(capsys):
-    assert attention_bench.main([]) == 0
-    assert layer_norm_bench.main([]) == 0
-    assert "needs a CUDA GPU" in capsys.readouterr().out
+@pytest.mark.parametrize("module", ["attention", "layer_norm", "training"])
+def test_full_mode_needs_cuda_and_exits_2(module, monkeypatch):
+    """Without a GPU a full run is an input error that names the fix, before it measures anything."""
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "environment", lambda: pytest.fail("got past the CUDA check"))
+    bench = importlib.import_module(f"benchmarks.{module}")
+    expect_input_error(bench.main, [], "needs a CUDA GPU",
+                       "run with --quick for a CPU smoke run through the Triton interpreter")
+
+
+@pytest.mark.parametrize("module, argv, fragment", [
+    ("layer_norm", ["--hidden", "0"], "argument --hidden: must be at least 1, got 0"),
+    ("layer_norm", ["--hidden", "64", "-3"], "argument --hidden: must be at least 1, got -3"),
+    ("layer_norm", ["--rows", "0"], "argument --rows: must be at least 1, got 0"),
+    ("attention", ["--suite", "nosuch"], "invalid choice: 'nosuch' (choose from 'gpt2', 'fa-d64'"),
+    ("attention", ["--seqlens", "-5"], "argument --seqlens: must be at least 1, got -5"),
+    ("attention", ["--max_seqlen", "0"], "argument --max_seqlen: must be at least 1, got 0"),
+    ("attention", ["--provider", "nosuch"], "invalid choice: 'nosuch' (choose from 'ours', 'sdpa-flash'"),
+    ("attention", ["--seqlens", "1024"], "leave no shape to measure (--quick suites: quick: T = 17, 40)"),
+    ("training", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    ("training", ["--block_size", "1"], "argument --block_size: must be at least 2, got 1"),
+    ("training", ["--batch_size", "0"], "argument --batch_size: must be at least 1, got 0"),
+    ("training", ["--presets", "nosuch"], "invalid choice: 'nosuch' (choose from 'gpt2', 'gpt2-medium'"),
+])
+def test_bad_flags_are_input_errors_before_measuring(module, argv, fragment, monkeypatch, tmp_path):
+    """Each bad value is one `prog: error:` line and exit status 2, in --quick mode too, before
+    anything is measured."""
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "environment", lambda: pytest.fail("measured before checking the flags"))
+    bench = importlib.import_module(f"benchmarks.{module}")
+    expect_input_error(bench.main, ["--quick", "--output_dir", tmp_path, *argv], fragment)
+
+
+def test_merge_results_checks_every_folder_before_merging(tmp_path):
+    from benchmarks import common, merge_results
+
+    good, empty, missing, dest = (tmp_path / n for n in ("good", "empty", "missing", "dest"))
+    row = dict(benchmark="attention", kernel="flash_attention", provider="ours", mode="fwd", dtype="fp32",
+               suite="quick", B=1, H=2, H_kv=1, T=9, D=32, causal=1, metric="time", unit="ms", p50=1.0, status="ok",
+               device="dev")
+    common.write_csv([row], good / "dev" / "attention.csv", attention_bench.SHAPE_FIELDS)
+    (empty / "dev").mkdir(parents=True)
+    expect_input_error(merge_results.main, [good, missing, "--into", dest],
+                       f"no folder {missing}: give the unpacked benchmarks/results folder")
+    expect_input_error(merge_results.main, [good, empty, "--into", dest], f"no benchmark CSVs in {empty}/<device>/")
+    assert not dest.exists()  # the good folder was not merged either
+    assert merge_results.main([str(good), "--into", str(dest)]) == 0 and (dest / "dev" / "attention.md").exists()
+
+
+def test_targets_needs_an_existing_results_folder(tmp_path):
+    from benchmarks import targets
+
+    expect_input_error(targets.main, ["--results", tmp_path / "missing"], f"no folder {tmp_path / 'missing'}")
+
+
+@pytest.mark.parametrize("script, argv, cwd, code", [
+    ("attention.py", ["--help"], "elsewhere", 0),
+    ("layer_norm.py", ["--quick", "--hidden", "0"], "root", 2),
+])
+def test_benchmarks_run_by_path(script, argv, cwd, code, tmp_path):
+    """`python benchmarks/X.py`, as from the repository root or another folder, without the
+    checkout on PYTHONPATH: --help exits 0, a bad flag is one line and exit status 2."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    path = ROOT / "benchmarks" / script if cwd == "elsewhere" else Path("benchmarks") / script
+    result = subprocess.run([sys.executable, str(path), *argv], cwd=tmp_path if cwd == "elsewhere" else ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == code, result.stderr[-3000:]
+    if code == 0:
+        assert "usage:" in result.stdout and "--suite" in result.stdout
+    else:
+        assert result.stderr.splitlines() == [
+            "benchmarks.layer_norm: error: argument --hidden: must be at least 1, got 0 (see --help)"]
 
 
 @pytest.mark.slow
