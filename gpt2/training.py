@@ -44,12 +44,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 # --------------------------------------------------------------------------- learning-rate schedule
 
-SCHEDULES = ("cosine", "linear", "constant")
+# The names of transformers' get_scheduler (and its formulas), without transformers at run time.
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+             "inverse_sqrt", "warmup_stable_decay")
 
 
 class WarmupDecay:
-    """LR multiplier for LambdaLR: linear warmup from 0 over warmup_steps, then cosine / linear decay
-    (or constant) from 1 down to min_lr_ratio at total_steps, flat after that.
+    """LR multiplier for LambdaLR, by transformers' get_scheduler names and formulas, with two
+    differences: warmup starts at 1 / warmup_steps, not 0, so the first step already learns; and
+    every decay ends at min_lr_ratio (transformers' polynomial lr_end), not at 0.
+
+    After a linear warmup over warmup_steps (none for "constant"), with progress p from 0 to 1 over
+    the remaining steps: linear 1 - p; cosine (1 + cos(pi p)) / 2; cosine_with_restarts the same
+    over each of `cycles` cycles; polynomial (1 - p)^power; inverse_sqrt sqrt(warmup / step);
+    warmup_stable_decay 1 until its last decay_steps (a fifth of the steps after warmup), then a
+    cosine; constant(_with_warmup) 1. Past total_steps it stays at min_lr_ratio.
 
     A class rather than a closure so the scheduler's state_dict (saved with the checkpoint) holds
     its settings as data."""
@@ -59,15 +68,33 @@ class WarmupDecay:
             raise InputError(f"unknown lr_scheduler_type {kind!r}; choose from {SCHEDULES}")
         self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
         self.min_lr_ratio = min_lr_ratio
+        self.cycles, self.power = 1, 1.0  # transformers' defaults for restarts and polynomial
+        self.decay_steps = max(1, (total_steps - warmup_steps) // 5)  # warmup_stable_decay's cosine tail
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps  # the first step already gets a nonzero LR
         if self.kind == "constant":
             return 1.0
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps  # the first step already gets a nonzero LR
+        if self.kind == "constant_with_warmup":
+            return 1.0
+        if self.kind == "inverse_sqrt":
+            return max(self.min_lr_ratio, math.sqrt(max(1, self.warmup_steps) / max(1, step)))
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.kind == "cosine" else 1.0 - progress
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * decay
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * self._decay(step, progress)
+
+    def _decay(self, step: int, progress: float) -> float:
+        if self.kind == "linear":
+            return 1.0 - progress
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.kind == "cosine_with_restarts":
+            return 0.0 if progress >= 1.0 else 0.5 * (1.0 + math.cos(math.pi * ((self.cycles * progress) % 1.0)))
+        if self.kind == "polynomial":
+            return (1.0 - progress) ** self.power
+        stable_end = self.total_steps - self.decay_steps  # warmup_stable_decay
+        tail = min(1.0, max(0.0, (step - stable_end) / self.decay_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * tail))
 
 
 def lr_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int, lr: float, min_lr: float = 0.0):

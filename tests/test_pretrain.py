@@ -613,3 +613,32 @@ def test_a_worker_exits_when_its_launcher_dies(tmp_path):
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     pytest.fail("the orphaned worker was still running 10 s after its launcher died")
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                  "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"])
+def test_schedules_follow_transformers(kind):
+    """Each --lr_scheduler_type against transformers' get_scheduler of the same name (an independent
+    implementation): equal after warmup; in warmup ours is one step ahead (it starts at 1/warmup,
+    not 0). With min_lr = 0, as transformers' schedules end at 0 (polynomial: at its lr_end); with a
+    min_lr, every decay ends there and stays."""
+    transformers = pytest.importorskip("transformers")
+    from gpt2 import training
+
+    warmup, total = 6, 50
+    ours = training.WarmupDecay(kind, warmup, total, min_lr_ratio=0.0)
+    extra = {"polynomial": {"lr_end": 0.0}, "inverse_sqrt": {"timescale": warmup},
+             "warmup_stable_decay": {"num_decay_steps": ours.decay_steps,
+                                     "num_stable_steps": total - warmup - ours.decay_steps}}.get(kind, {})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = transformers.get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                                        scheduler_specific_kwargs=extra).lr_lambdas[0]
+    for step in range(total + 1):  # (past the end transformers' cosine rises again; ours stays at the floor)
+        if kind == "constant" or step >= warmup:
+            assert ours(step) == pytest.approx(theirs(step), abs=1e-12), step
+        else:
+            assert ours(step) == pytest.approx(theirs(step + 1), abs=1e-12), step
+    floored = training.WarmupDecay(kind, warmup, total, min_lr_ratio=0.1)
+    if kind not in ("constant", "constant_with_warmup"):
+        assert floored(total) == pytest.approx(0.1) or kind == "inverse_sqrt"
+        assert min(floored(s) for s in range(warmup, total + 5)) >= 0.1 - 1e-12
