@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,8 +20,8 @@ from pathlib import Path
 import torch
 
 from gpt2.config import GPT2Config
-from gpt2.errors import InputError
-from gpt2.hub import download_files
+from gpt2.errors import InputError, first_line
+from gpt2.hub import download_files, is_hub_id
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers old HF checkpoints carry (the causal mask), not parameters.
@@ -34,13 +33,20 @@ ARCH_FIELDS = (
 )
 OUR_MODEL_TYPE = "gpt2-suite"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# What a local directory needs for a name such as "gpt2" to be read as it, not as a Hub id.
+LOCAL_CHECKPOINT = "checkpoint files: no config.json, no model.safetensors"
 
 
 class CheckpointNotFoundError(InputError, FileNotFoundError):
     """A checkpoint directory, or a file a checkpoint needs, that isn't there."""
 
 
-HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "gpt2", "openai-community/gpt2"
+class CorruptCheckpointError(InputError):
+    """A checkpoint file that is there but can't be read: truncated, garbled, or not what its name says."""
+
+
+def _unreadable(file, err: BaseException) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{file} is unreadable or corrupt ({first_line(err)})")
 
 
 def config_to_json(config: GPT2Config) -> dict:
@@ -66,6 +72,15 @@ def config_to_json(config: GPT2Config) -> dict:
 
 def config_from_json(values: dict, source: str) -> GPT2Config:
     """Our config from an HF GPT-2 config.json or one of ours; InputError for anything else."""
+    if not isinstance(values, dict):
+        raise CorruptCheckpointError(f"{source}: expected a JSON object, got a {type(values).__name__}")
+    try:
+        return _config_from_fields(values, source)
+    except TypeError as err:  # a field of the wrong type ("dropout": "x") fails a comparison in validate()
+        raise CorruptCheckpointError(f"{source}: a field has the wrong type ({first_line(err)})") from None
+
+
+def _config_from_fields(values: dict, source: str) -> GPT2Config:
     model_type = values.get("model_type")
     if model_type == OUR_MODEL_TYPE:
         return GPT2Config.from_dict({k: values[k] for k in ARCH_FIELDS if k in values})
@@ -129,19 +144,20 @@ def save_pretrained(model, save_directory) -> None:
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    try:
-        if (directory / "model.safetensors").exists():
-            return load_file(directory / "model.safetensors")
-        if (directory / "model.safetensors.index.json").exists():
-            index = json.loads((directory / "model.safetensors.index.json").read_text())
-            tensors = {}
-            for shard in sorted(set(index["weight_map"].values())):
-                tensors.update(load_file(directory / shard))
-            return tensors
-        if (directory / "pytorch_model.bin").exists():
-            return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a corrupt pickle raises almost anything (IndexError, UnpicklingError)
-        raise InputError(f"{directory}: the weights file is unreadable or corrupt ({err})") from None
+    def read(file: Path, load):
+        try:
+            return load(file)
+        except Exception as err:  # noqa: BLE001 - a corrupt pickle raises almost anything (IndexError, UnpicklingError)
+            raise _unreadable(file, err) from None
+
+    single, index, pickled = (directory / name for name in WEIGHT_FILES)
+    if single.exists():
+        return read(single, load_file)
+    if index.exists():
+        shards = read(index, lambda f: sorted(set(json.loads(f.read_text())["weight_map"].values())))
+        return {name: tensor for shard in shards for name, tensor in read(directory / str(shard), load_file).items()}
+    if pickled.exists():
+        return read(pickled, lambda f: torch.load(f, map_location="cpu", weights_only=True))
     raise CheckpointNotFoundError(f"{directory}: no weights file; expected one of {', '.join(WEIGHT_FILES)}")
 
 
@@ -176,22 +192,23 @@ def _normalise_state_dict(tensors: dict, expected: dict, source: str) -> dict:
 
 
 def from_pretrained(cls, path_or_name, **config_overrides):
-    path = Path(path_or_name)
-    if path.is_file():
+    path, name = Path(path_or_name), str(path_or_name)
+    holds_checkpoint = any((path / file).is_file() for file in ("config.json", *WEIGHT_FILES))
+    if is_hub_id(name) and not holds_checkpoint:  # "gpt2" is the Hub's, unless ./gpt2 holds a checkpoint
+        path = download_files(name, ["config.json"], "model", local_files=LOCAL_CHECKPOINT)
+        download_files(name, list(WEIGHT_FILES), "model", local_files=LOCAL_CHECKPOINT)
+    elif path.is_file():
         raise InputError(f"{path}: expected a checkpoint directory (config.json + model.safetensors), got a file")
-    if not path.is_dir():
-        if not HUB_ID.fullmatch(str(path_or_name)):
-            raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
-        path = download_files(str(path_or_name), ["config.json"], "model")
-        download_files(str(path_or_name), list(WEIGHT_FILES), "model")
+    elif not path.is_dir():
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointNotFoundError(f"{path}: no config.json; expected a GPT-2 checkpoint directory")
     try:
         values = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{config_file}: not valid JSON ({err})") from None
-    config = config_from_json(values, str(path))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise _unreadable(config_file, err) from None
+    config = config_from_json(values, str(config_file))
     config = GPT2Config.from_dict({**config.to_dict(), **config_overrides})
     tensors = _read_weights(path)
     model = cls(config)

@@ -7,6 +7,7 @@ up; a user without a network should hear that within a second or two, with what 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -16,6 +17,16 @@ from gpt2.errors import InputError
 
 class HubError(InputError, OSError):
     """A name that needs the Hub, which can't be reached or doesn't have it."""
+
+
+# A Hub repository id as huggingface_hub's validate_repo_id accepts one: "gpt2", "openai-community/gpt2".
+# Each part starts and ends with a letter, digit or underscore, so ".", "./x" and "../x" are paths.
+HUB_ID = re.compile(r"(\w([\w.-]*\w)?/)?\w([\w.-]*\w)?")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` could name a Hub repository (it may also name a local directory)."""
+    return HUB_ID.fullmatch(name) is not None and ".." not in name and "--" not in name
 
 
 def hub_offline() -> bool:
@@ -38,28 +49,44 @@ def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
         return f"cannot reach {host}:{port} ({err.strerror or err})"
 
 
-def require_hub(name: str, what: str, instead: str, error: type[InputError] = HubError) -> None:
+def require_hub(
+    name: str, what: str, instead: str, error: type[InputError] = HubError, local_files: str | None = None
+) -> None:
     """Raise `error`, within seconds, when `what` `name` is not a local path and needs a Hub that
-    can't be reached; `instead` says what to pass instead. The one place this check is made."""
+    can't be reached; `instead` says what to pass instead. The one place this check is made.
+    `local_files` names what a local directory would need to hold: when a directory called `name`
+    exists without them (our package folder gpt2/ beside the hub name "gpt2"), the message says so."""
     reason = hub_unreachable_reason()
     if reason is not None:
-        raise error(f"{what} {name!r} is not a local path, and the Hugging Face Hub can't be reached ({reason}). "
-                    f"{instead}")
+        note = local_directory_note(name, local_files)
+        local = f"is read as a Hub id ({note})" if note else "is not a local path"
+        raise error(f"{what} {name!r} {local}, and the Hugging Face Hub can't be reached ({reason}). {instead}")
 
 
-def download_files(repo_id: str, filenames: list[str], what: str) -> Path:
+def local_directory_note(name: str, local_files: str | None) -> str | None:
+    """When a directory called `name` exists but holds no `local_files`, a note that says so; else None."""
+    if local_files and Path(name).is_dir():
+        return f"the local directory {name!r} holds no {local_files}"
+    return None
+
+
+def download_files(repo_id: str, filenames: list[str], what: str, local_files: str | None = None) -> Path:
     """Fetch the first of `filenames` alternatives that exists from a Hub repo: from the local
-    cache when it holds one, else from the Hub. Returns the snapshot directory."""
+    cache when it holds one, else from the Hub (see require_hub for `local_files`). Returns the
+    snapshot directory."""
     from huggingface_hub import hf_hub_download
 
     errors = []
     for local_only in (True, False):
         if not local_only:
-            require_hub(repo_id, what, "Pass a local directory instead (nor is it in the local cache).")
+            require_hub(repo_id, what, "Pass a local directory instead (nor is it in the local cache).",
+                        local_files=local_files)
         for filename in filenames:
             try:
                 return Path(hf_hub_download(repo_id, filename, local_files_only=local_only)).parent
             except Exception as err:  # noqa: BLE001 - every failure here means "try the next file, then explain"
                 errors.append(f"{filename}: {type(err).__name__}")
     tried = "; ".join(errors[-len(filenames):])
-    raise HubError(f"could not download {what} {repo_id!r} from the Hugging Face Hub ({tried})")
+    note = local_directory_note(repo_id, local_files)
+    raise HubError(f"could not download {what} {repo_id!r} from the Hugging Face Hub ({tried})"
+                   + (f"; {note}" if note else ""))

@@ -14,6 +14,7 @@ which is exactly the fused `add_layer_norm` kernel's contract.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -120,7 +121,9 @@ class Block(nn.Module):
 class GPT2(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
-        config.validate()
+        # The model's own copy (replace() validates it): set_kernels on one model must not switch
+        # another built from the same config, nor change the caller's.
+        config = dataclasses.replace(config)
         check_available(config.attn_impl, config.norm_impl)
         self.config = config
         self.transformer = nn.ModuleDict(

@@ -6,7 +6,8 @@ fast tokenizers): `tok.encode(text).ids`, `tok.encode_batch(texts)`, `tok.decode
     load_tokenizer("out/")                 # a directory holding tokenizer.json (what pretrain saves)
     load_tokenizer("out/tokenizer.json")   # the file itself
     load_tokenizer("gpt2-local/")          # HF GPT-2 style vocab.json + merges.txt
-    load_tokenizer("gpt2")                 # the hub, when a network is there (a quick clear error otherwise)
+    load_tokenizer("gpt2")                 # the hub, when a network is there (a quick clear error otherwise);
+                                           # a directory ./gpt2 counts only if it holds tokenizer files
     tok = train_tokenizer(texts, vocab_size=8192)   # byte-level BPE with <|endoftext|>, like GPT-2's
     save_tokenizer(tok, "out/")            # tokenizer.json + files that transformers' AutoTokenizer reads
 """
@@ -20,39 +21,60 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from gpt2.errors import InputError
-from gpt2.hub import require_hub
+from gpt2.errors import InputError, first_line
+from gpt2.hub import is_hub_id, local_directory_note, require_hub
 
 EOT = "<|endoftext|>"  # GPT-2's document separator; our trained tokenizers reserve it as a special token
 # Separator tokens of other tokenizer families, tried in order when <|endoftext|> is absent.
 _EOS_CANDIDATES = (EOT, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+# What a local directory needs for a name such as "gpt2" to be read as it, not as a Hub id.
+LOCAL_TOKENIZER = "tokenizer files: no tokenizer.json, no vocab.json + merges.txt"
 
 
 class TokenizerNotFoundError(InputError, OSError):
     """A tokenizer path or hub name that can't be loaded; the message says what would work."""
 
 
+class CorruptTokenizerError(InputError):
+    """A tokenizer file that is there but can't be read: truncated, garbled, or not a tokenizer."""
+
+
 def load_tokenizer(path_or_name: str | os.PathLike) -> Tokenizer:
     """A tokenizer.json file, a directory holding tokenizer.json (or GPT-2's vocab.json + merges.txt),
-    or a hub repository name such as "gpt2"."""
-    path = Path(path_or_name)
+    or a hub repository name such as "gpt2" (unless a directory of that name holds tokenizer files)."""
+    path, name = Path(path_or_name), str(path_or_name)
     if path.is_file():
-        return Tokenizer.from_file(str(path))
-    if path.is_dir():
-        if (path / "tokenizer.json").is_file():
-            return Tokenizer.from_file(str(path / "tokenizer.json"))
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            return _from_vocab_and_merges(path / "vocab.json", path / "merges.txt")
-        raise TokenizerNotFoundError(
-            f"{path} holds neither tokenizer.json nor vocab.json + merges.txt; "
-            f"point at a directory written by scripts/pretrain.py or save_tokenizer()"
-        )
-    return _from_hub(str(path_or_name))
+        return _from_tokenizer_json(path)
+    if is_hub_id(name) and not any((path / file).is_file() for file in TOKENIZER_FILES):
+        return _from_hub(name)
+    if not path.is_dir():
+        raise TokenizerNotFoundError(f"{path}: no such tokenizer file or directory")
+    if (path / "tokenizer.json").is_file():
+        return _from_tokenizer_json(path / "tokenizer.json")
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return _from_vocab_and_merges(path / "vocab.json", path / "merges.txt")
+    raise TokenizerNotFoundError(
+        f"{path} holds neither tokenizer.json nor vocab.json + merges.txt; "
+        f"point at a directory written by scripts/pretrain.py or save_tokenizer()"
+    )
+
+
+def _from_tokenizer_json(file: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it can't parse
+        message = f"{file} is unreadable or corrupt: not a tokenizer.json ({first_line(err)})"
+        raise CorruptTokenizerError(message) from None
 
 
 def _from_vocab_and_merges(vocab: Path, merges: Path) -> Tokenizer:
     """GPT-2's original files: a byte-level BPE, no prefix space, <|endoftext|> as a special token."""
-    tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    try:
+        bpe = models.BPE.from_file(str(vocab), str(merges))
+    except Exception as err:  # noqa: BLE001 - as in _from_tokenizer_json
+        raise CorruptTokenizerError(f"{vocab} or {merges} is unreadable or corrupt ({first_line(err)})") from None
+    tokenizer = Tokenizer(bpe)
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -77,17 +99,18 @@ def _from_hub(name: str) -> Tokenizer:
                 name, "tokenizer",
                 "Use a local tokenizer.json or directory (scripts/pretrain.py saves one in its --output_dir), or "
                 "leave --tokenizer_name unset to train a BPE tokenizer on the training text.",
-                error=TokenizerNotFoundError,
+                error=TokenizerNotFoundError, local_files=LOCAL_TOKENIZER,
             )
         file = fetch("tokenizer.json", local_only)
         if file:
-            return Tokenizer.from_file(file)
+            return _from_tokenizer_json(Path(file))
         vocab, merges = fetch("vocab.json", local_only), fetch("merges.txt", local_only)
         if vocab and merges:
             return _from_vocab_and_merges(Path(vocab), Path(merges))
+    note = local_directory_note(name, LOCAL_TOKENIZER)
     raise TokenizerNotFoundError(
         f"{name!r} is not a local tokenizer file or directory, and the hub repository {name!r} "
-        f"has no tokenizer.json or vocab.json + merges.txt"
+        f"has no tokenizer.json or vocab.json + merges.txt" + (f"; {note}" if note else "")
     )
 
 

@@ -2,11 +2,15 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from gpt2 import GPT2, GPT2Config
+from gpt2.errors import InputError
+from gpt2.hf import CheckpointNotFoundError, CorruptCheckpointError
+from gpt2.hub import HubError
 
 transformers = pytest.importorskip("transformers")
 
@@ -125,20 +129,53 @@ def test_not_gpt2(tmp_path):
         GPT2.from_pretrained(tmp_path)
 
 
-def test_corrupt_weights(tmp_path):
+def _one_line_naming(err, file):
+    """A corrupt file's error: our kind, one line, naming the file itself (not only its directory)."""
+    assert isinstance(err, CorruptCheckpointError) and isinstance(err, InputError)
+    message = str(err)
+    assert "\n" not in message and message.startswith(f"{file} is unreadable or corrupt"), message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_weights(tmp_path, damage):
     _saved(tmp_path)
-    data = (tmp_path / "model.safetensors").read_bytes()
-    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="unreadable or corrupt"):
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x13garbage" * 50, "empty": b""}[damage])
+    with pytest.raises(ValueError, match="unreadable or corrupt") as caught:
         GPT2.from_pretrained(tmp_path)
+    _one_line_naming(caught.value, weights)
 
 
 def test_corrupt_pytorch_bin(tmp_path):
     _saved(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02garbage")
-    with pytest.raises(ValueError, match="unreadable or corrupt"):
+    with pytest.raises(ValueError, match="unreadable or corrupt") as caught:
         GPT2.from_pretrained(tmp_path)
+    _one_line_naming(caught.value, tmp_path / "pytorch_model.bin")
+
+
+def test_corrupt_shard_index(tmp_path):
+    _saved(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(CorruptCheckpointError) as caught:
+        GPT2.from_pretrained(tmp_path)
+    _one_line_naming(caught.value, tmp_path / "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize(
+    "content", [b"{garbage", b"", b'{"model_type": "gpt2", "n_embd": ', b"\xff\xfe\x00\x01", b"[1, 2]",
+                b'{"model_type": "gpt2", "dropout": "lots"}']
+)
+def test_corrupt_config_json(tmp_path, content):
+    _saved(tmp_path)
+    config_file = tmp_path / "config.json"
+    config_file.write_bytes(content)
+    with pytest.raises(CorruptCheckpointError) as caught:
+        GPT2.from_pretrained(tmp_path)
+    assert str(caught.value).startswith(str(config_file)) and "\n" not in str(caught.value), caught.value
 
 
 def test_saved_files_are_readable_by_others(tmp_path):
@@ -180,3 +217,48 @@ def test_save_is_atomic_and_leaves_no_temporaries(tmp_path):
     model.save_pretrained(tmp_path)
     model.save_pretrained(tmp_path)  # overwriting an existing checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_hub_name_beside_a_directory_of_that_name(monkeypatch, tmp_path):
+    """A directory counts as a checkpoint only if it holds one: beside an empty ./gpt2 (as our package
+    folder is, at the repository root), "gpt2" is the Hub's model, and the message says why."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for name in ("gpt2", "org/model"):
+        with pytest.raises(HubError, match=rf"model '{name}' is read as a Hub id \(the local directory '{name}' "
+                                           r"holds no checkpoint.*can't be reached.*local directory"):
+            GPT2.from_pretrained(name)
+    # Paths that are not Hub ids keep their local messages.
+    with pytest.raises(CheckpointNotFoundError, match="no config.json"):
+        GPT2.from_pretrained("./gpt2")
+    with pytest.raises(CheckpointNotFoundError, match="no config.json"):
+        GPT2.from_pretrained(tmp_path / "gpt2")
+    with pytest.raises(CheckpointNotFoundError, match="no such checkpoint directory"):
+        GPT2.from_pretrained("gpt2/a/b")
+    # A directory that does hold a checkpoint is read, hub-like name or not.
+    model = GPT2(tiny_config())
+    model.save_pretrained(tmp_path / "gpt2")
+    ids = torch.randint(0, 101, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(GPT2.from_pretrained("gpt2")(ids), model(ids), rtol=0, atol=0)
+
+
+def test_hub_name_gpt2_from_the_repository_root(monkeypatch, tmp_path):
+    """The real case: the package folder gpt2/ is not a checkpoint, so "gpt2" goes to the Hub."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert Path("gpt2", "model.py").is_file()
+    with pytest.raises(HubError, match="'gpt2' is read as a Hub id.*can't be reached"):
+        GPT2.from_pretrained("gpt2")
+
+
+
+def test_models_from_one_checkpoint_own_their_config(tmp_path):
+    GPT2(tiny_config()).save_pretrained(tmp_path)
+    a, b = GPT2.from_pretrained(tmp_path), GPT2.from_pretrained(tmp_path)
+    b.set_kernels(attn_impl="eager")
+    assert a.config.attn_impl == "sdpa" and all(block.attn.config.attn_impl == "sdpa" for block in a.transformer.h)

@@ -78,6 +78,18 @@ def test_switching_kernels_keeps_the_model():
     assert model.config.attn_impl == "eager"
 
 
+def test_models_from_one_config_own_their_kernels():
+    """Each model owns a copy of its config: switching one model's kernels leaves another model
+    built from the same config, and the config itself, as they were."""
+    config = tiny_config(attn_impl="sdpa")
+    a, b = GPT2(config), GPT2(config)
+    b.set_kernels(attn_impl="eager", norm_impl="torch")
+    assert b.config.attn_impl == "eager"
+    assert config.attn_impl == "sdpa" and a.config.attn_impl == "sdpa"
+    assert all(block.attn.config.attn_impl == "sdpa" for block in a.transformer.h)
+    assert a.config == config and a.config is not config
+
+
 def test_init_statistics():
     config = GPT2Config.from_preset("gpt2", n_layer=4, vocab_size=4096)
     model = GPT2(config)

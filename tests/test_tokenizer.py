@@ -1,11 +1,14 @@
 """gpt2/tokenizer.py: train, save, load every supported way, and fail fast without a network."""
 
 import time
+from pathlib import Path
 
 import pytest
 
+from gpt2.errors import InputError
 from gpt2.tokenizer import (
     EOT,
+    CorruptTokenizerError,
     TokenizerNotFoundError,
     eos_token_id,
     load_tokenizer,
@@ -73,6 +76,60 @@ def test_unreachable_hub_fails_fast_with_alternatives(monkeypatch, tmp_path):
     with pytest.raises(TokenizerNotFoundError, match="can't be reached.*local tokenizer.json"):
         load_tokenizer("no-such-org/no-such-tokenizer")
     assert time.perf_counter() - start < 10
+
+
+def test_hub_name_beside_a_directory_of_that_name(monkeypatch, tmp_path, tokenizer):
+    """A directory counts as a tokenizer only if it holds one: beside an empty ./gpt2 (as our package
+    folder is, at the repository root), "gpt2" is the Hub's tokenizer, and the message says why."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "gpt2").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TokenizerNotFoundError, match=r"tokenizer 'gpt2' is read as a Hub id \(the local directory "
+                                                     r"'gpt2' holds no tokenizer.*can't be reached"):
+        load_tokenizer("gpt2")
+    # Paths that are not Hub ids keep their local messages.
+    for path in ("./gpt2", tmp_path / "gpt2"):
+        with pytest.raises(TokenizerNotFoundError, match="neither tokenizer.json nor vocab.json"):
+            load_tokenizer(path)
+    with pytest.raises(TokenizerNotFoundError, match="no such tokenizer file or directory"):
+        load_tokenizer("./gpt2/deeper/tok")
+    # A directory that does hold a tokenizer is read, hub-like name or not.
+    save_tokenizer(tokenizer, tmp_path / "gpt2")
+    assert load_tokenizer("gpt2").encode("lazy dog").ids == tokenizer.encode("lazy dog").ids
+
+
+def test_hub_name_gpt2_from_the_repository_root(monkeypatch, tmp_path):
+    """The real case: the package folder gpt2/ holds no tokenizer, so "gpt2" goes to the Hub."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert Path("gpt2", "tokenizer.py").is_file()
+    with pytest.raises(TokenizerNotFoundError, match="'gpt2' is read as a Hub id.*can't be reached"):
+        load_tokenizer("gpt2")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+@pytest.mark.parametrize("via", ["file", "directory"])
+def test_corrupt_tokenizer_json_is_one_line_naming_the_file(tokenizer, tmp_path, damage, via):
+    save_tokenizer(tokenizer, tmp_path)
+    file = tmp_path / "tokenizer.json"
+    data = file.read_bytes()
+    file.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00\xffnot json", "empty": b""}[damage])
+    with pytest.raises(CorruptTokenizerError) as caught:
+        load_tokenizer(file if via == "file" else tmp_path)
+    message = str(caught.value)
+    assert isinstance(caught.value, InputError)
+    assert message.startswith(f"{file} is unreadable or corrupt") and "\n" not in message, message
+
+
+def test_corrupt_vocab_and_merges_is_one_line(tokenizer, tmp_path):
+    save_tokenizer(tokenizer, tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "vocab.json").write_text('{"a": ')
+    with pytest.raises(CorruptTokenizerError, match=r"vocab.json or .*merges.txt is unreadable or corrupt") as caught:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(caught.value)
 
 
 def test_vocab_size_too_small():
