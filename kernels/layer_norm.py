@@ -12,18 +12,32 @@ over the last dimension (size N) of any leading shape. The fused variant reads x
 stream once, writes the new residual stream z and its normalisation y in the same pass, so a
 pre-LN block updates and normalises its residual stream in one kernel.
 
+The statistics are computed on shifted data, with each row's first element as the pivot p = z_0:
+
+    s = (1/N) sum_j (z_j - p),   mean = p + s,   var = (1/N) sum_j ((z_j - p) - s)^2,
+    xhat = ((z - p) - s) * rstd
+
+p cancels in z - mean, but keeps the sums small. Unshifted, a row near a large common offset (1000
++ small noise) loses its spread in the fp32 sum of z: the mean is off by ulps of the offset, which
+rstd magnifies (y off by ~1e-2 at a spread of 1e-2), and a constant row gets a var of rounding
+errors instead of 0 (y off by ~1 at eps=1e-12). Shifted, z - p is exact for such rows, so a
+constant row gets var = 0 and y = bias exactly.
+
 * dtypes: x and residual float16, bfloat16 or float32 (they may differ; z then takes the promoted
   dtype, as ``x + residual`` would); weight/bias any of those. y has z's dtype (x's for
   ``layer_norm``). z is rounded to its dtype before it is normalised, exactly as
   ``F.layer_norm(x + residual)`` does, so y is the normalisation of the z that is returned.
   Statistics (mean, rstd, saved for backward) and all arithmetic are float32.
+* weight/bias of any stride (a view such as ``w[::2]``): the launchers copy one whose stride isn't
+  1 (they are 1-D, of size N); dweight/dbias come back shaped like them.
 * N up to 65536 bytes per row (16384 in float32, 32768 in half precision): the row lives in
   registers, so each element is read and written once. Larger rows raise a ValueError.
 * bias=None is supported (no bias term, no dbias).
 * CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, for tests).
 
 Algorithm: each forward program normalises a tile of ROWS whole rows held in registers (Triton
-tutorial 05; LayerNorm itself: Ba et al. 2016, arXiv:1607.06450).
+tutorial 05; LayerNorm itself: Ba et al. 2016, arXiv:1607.06450). The shifted statistics: Chan,
+Golub & LeVeque, "Algorithms for computing the sample variance", The American Statistician 37, 1983.
 
 Backward derivation (same symbols as the code)
 ----------------------------------------------
@@ -31,6 +45,12 @@ With g = dy * weight (gradient reaching xhat) and xhat = (z - mean) * rstd:
 
     dz = rstd * (g - mean_j(g) - xhat * mean_j(g * xhat))      (row-wise; c2 = mean_j(g), c1 = mean_j(g xhat))
     dweight = sum_rows dy * xhat,   dbias = sum_rows dy
+
+The backward recomputes xhat from z and the saved fp32 mean, which is p + s rounded to fp32: the
+true mean to half an ulp of |mean|, and that half ulp times rstd is again the error the pivot
+removed (3e-3 in xhat for 1000 + N(0, 1e-2) rows). So it shifts once more, with the saved mean as
+the pivot: zc = z - mean (exact near the mean), xhat = (zc - mean_j(zc)) * rstd, mean_j(zc) being
+the saved mean's rounding error (0 for a constant row, whose saved mean is exact).
 
 For ``add_layer_norm``, z is also an output, so its incoming gradient dz_out adds to dz, and both
 inputs receive it: dx = dresidual = dz + dz_out (cast to each input's dtype).
@@ -91,6 +111,17 @@ def _prune_tiles(max_per_thread: int):
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _residual_stream(X, RESIDUAL, RESIDUAL_OUT, x_offsets, res_offsets, mask, HAS_RESIDUAL: tl.constexpr):
+    """z in fp32 at the given offsets: x, or x + residual rounded to the residual stream's dtype
+    (RESIDUAL_OUT's) first, so that the kernel normalises exactly the z it returns."""
+    z = tl.load(X + x_offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        z += tl.load(RESIDUAL + res_offsets, mask=mask, other=0.0).to(tl.float32)
+        z = z.to(RESIDUAL_OUT.dtype.element_ty).to(tl.float32)
+    return z
+
+
 @triton.autotune(
     configs=utils.autotune_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
     key=["N", "HAS_RESIDUAL"],
@@ -106,27 +137,30 @@ def _layer_norm_fwd_kernel(
     """Rows [pid * ROWS, pid * ROWS + ROWS): normalise, save mean and rstd."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < M
-    rows64 = rows.to(tl.int64)[:, None]  # row offsets in int64: M * stride may exceed 2^31
+    rows64 = rows.to(tl.int64)  # row offsets in int64: M * stride may exceed 2^31
+    x_rows = rows64 * stride_x_row
+    res_rows = rows64 * stride_res_row
     cols = tl.arange(0, BLOCK_N)[None, :]
     mask = row_mask[:, None] & (cols < N)
-    z = tl.load(X + rows64 * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    z = _residual_stream(X, RESIDUAL, RESIDUAL_OUT, x_rows[:, None] + cols, res_rows[:, None] + cols, mask,
+                         HAS_RESIDUAL)
     if HAS_RESIDUAL:
-        z += tl.load(RESIDUAL + rows64 * stride_res_row + cols, mask=mask, other=0.0).to(tl.float32)
-        # Round to the residual stream's dtype first: we normalise exactly the z we return.
-        z = z.to(RESIDUAL_OUT.dtype.element_ty)
-        tl.store(RESIDUAL_OUT + rows64 * stride_res_out_row + cols, z, mask=mask)
-        z = z.to(tl.float32)
-    mean = tl.sum(z, axis=1) / N
-    zc = tl.where(mask, z - mean[:, None], 0.0)
+        tl.store(RESIDUAL_OUT + rows64[:, None] * stride_res_out_row + cols,
+                 z.to(RESIDUAL_OUT.dtype.element_ty), mask=mask)
+    # The pivot p = z_0, read again (a cached load) rather than picked out of the tile by a reduction.
+    pivot = _residual_stream(X, RESIDUAL, RESIDUAL_OUT, x_rows, res_rows, row_mask, HAS_RESIDUAL)
+    z_shifted = tl.where(mask, z - pivot[:, None], 0.0)  # z - p
+    s = tl.sum(z_shifted, axis=1) / N  # mean - p
+    zc = tl.where(mask, z_shifted - s[:, None], 0.0)  # z - mean
     var = tl.sum(zc * zc, axis=1) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(MEAN + rows, pivot + s, mask=row_mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
     y = zc * rstd[:, None] * w
     if HAS_BIAS:
         y += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
-    tl.store(Y + rows64 * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows64[:, None] * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(
@@ -159,7 +193,10 @@ def _layer_norm_bwd_kernel(
         dy = tl.load(DY + rows64 * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+        # Shifted by the saved mean, then by its rounding error mean_j(zc) (see the header).
+        zc = tl.where(mask, z - mean[:, None], 0.0)
+        zc = tl.where(mask, zc - (tl.sum(zc, axis=1) / N)[:, None], 0.0)
+        xhat = zc * rstd[:, None]
         g = dy * w
         c1 = tl.sum(xhat * g, axis=1) / N  # mean_j(g * xhat)
         c2 = tl.sum(g, axis=1) / N  # mean_j(g)
@@ -181,10 +218,14 @@ def _layer_norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, or a contiguous copy when its last stride isn't 1: the kernels index columns as contiguous."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as (M, N) with unit column stride, a view when possible."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+    return _unit_stride(x.reshape(-1, x.shape[-1]))
 
 
 def _check_tensor(name: str, x: torch.Tensor) -> None:
@@ -228,6 +269,7 @@ def layer_norm_fwd(x, weight, bias, eps: float, residual=None):
     """Validate and launch the forward kernel. Returns (y, z, mean, rstd): y shaped like x, z the
     new residual stream x + residual (None without residual), mean/rstd fp32 of shape (M,)."""
     _check_inputs(x, residual, weight, bias)
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
     n = x.shape[-1]
     x2 = _rows(x)
     m = x2.shape[0]
@@ -265,7 +307,9 @@ def _num_programs(m: int, device: torch.device) -> int:
 def layer_norm_bwd(dy, z, weight, bias, mean, rstd, dz_out=None):
     """Launch the backward kernel and the final partial sums. z is the normalised input (x, or the
     new residual stream); dz_out the gradient reaching z directly (add_layer_norm's second output).
-    Returns (dz, dweight, dbias): dz shaped like z and in its dtype; dbias None without bias."""
+    Returns (dz, dweight, dbias): dz shaped like z and in its dtype, dweight/dbias shaped (N,) like
+    weight/bias and in their dtypes; dbias None without bias."""
+    weight = _unit_stride(weight)
     n = z.shape[-1]
     z2 = _rows(z)
     dy2 = _rows(dy)

@@ -5,7 +5,9 @@ Tolerance: the kernel's max abs error against float64 must be at most twice the 
 computation done by eager PyTorch in the same precision (layer_norm_ref(upcast=False), i.e.
 F.layer_norm in the input dtype), plus a floor of max(eps(dtype), 8 eps(fp32)) * max(1, max|ref|):
 a few fp32 ulps for the kernel's fp32 row reductions over N elements, or one ulp of the output
-dtype at its largest element, for tensors where PyTorch happens to be (nearly) exact.
+dtype at its largest element, for tensors where PyTorch happens to be (nearly) exact. Where PyTorch's
+own fp32 error is large (rows far from 0: 1000 + small noise), one test takes its error on the same
+rows without the offset instead, which LayerNorm ignores.
 """
 
 from __future__ import annotations
@@ -48,21 +50,26 @@ def _params(n, dtype, bias=True):
 
 
 def _leaves(tensors, dtype=None):
+    """Fresh autograd leaves: cast to dtype, or (dtype None) the tensors themselves with their strides
+    (a strided weight stays strided)."""
     return [
-        None if t is None else (t.detach().to(dtype) if dtype else t.detach().clone()).requires_grad_()
+        None if t is None else (t.detach().to(dtype) if dtype else t.detach()).requires_grad_()
         for t in tensors
     ]
 
 
-def _kernel(x, residual, weight, bias):
-    if residual is None:
-        return layer_norm(x, weight, bias, EPS)
-    return add_layer_norm(x, residual, weight, bias, EPS)
+def _kernel(eps):
+    def kernel(x, residual, weight, bias):
+        if residual is None:
+            return layer_norm(x, weight, bias, eps)
+        return add_layer_norm(x, residual, weight, bias, eps)
+
+    return kernel
 
 
-def _reference(upcast):
+def _reference(upcast, eps):
     def ref(x, residual, weight, bias):
-        return layer_norm_ref(x, weight, bias, EPS, residual=residual, upcast=upcast)
+        return layer_norm_ref(x, weight, bias, eps, residual=residual, upcast=upcast)
 
     return ref
 
@@ -76,13 +83,17 @@ def _run(fn, leaves, dy, dz):
     return outs, [t.grad if t is not None else None for t in leaves]
 
 
-def _check(x, residual, weight, bias, dy, dz=None):
-    """Kernel vs float64 reference vs same-precision PyTorch: outputs and every gradient."""
+def _check(x, residual, weight, bias, dy, dz=None, eps=EPS, baseline_x=None):
+    """Kernel vs float64 reference vs same-precision PyTorch: outputs and every gradient.
+    baseline_x, for layer_norm only: the x of the same-precision run instead of x, a better-conditioned
+    input with the same exact normalisation (x without its rows' common offset)."""
+    assert baseline_x is None or residual is None
     inputs = [x, residual, weight, bias]
     k_leaves = _leaves(inputs)
-    k_outs, k_grads = _run(_kernel, k_leaves, dy, dz)
-    r_outs, r_grads = _run(_reference(upcast=True), _leaves(inputs, torch.float64), dy, dz)
-    p_outs, p_grads = _run(_reference(upcast=False), _leaves(inputs), dy, dz)
+    k_outs, k_grads = _run(_kernel(eps), k_leaves, dy, dz)
+    r_outs, r_grads = _run(_reference(True, eps), _leaves(inputs, torch.float64), dy, dz)
+    baseline_inputs = inputs if baseline_x is None else [baseline_x, *inputs[1:]]
+    p_outs, p_grads = _run(_reference(False, eps), _leaves(baseline_inputs), dy, dz)
 
     for name, got, want, base in zip(["y", "z"], k_outs, r_outs, p_outs):
         assert got.shape == x.shape
@@ -151,6 +162,76 @@ def test_strided_rows():
     residual = torch.randn(3, 2, 48, device=DEVICE).transpose(0, 1)  # rows not evenly strided: copied
     weight, b = _params(48, torch.float32)
     _check(x, residual, weight, b, torch.randn(2, 3, 48, device=DEVICE), torch.randn(2, 3, 48, device=DEVICE))
+
+
+@pytest.mark.parametrize(
+    "residual_dtype, dtype, weight_step, bias_step",
+    [
+        (None, torch.float32, 2, 2),  # w[::2], b[::2]
+        (torch.bfloat16, torch.bfloat16, 3, 0),  # a stride-3 weight, a bias expanded from one value
+        (torch.float32, torch.float16, 2, None),  # autocast-style, no bias
+    ],
+    ids=["layer_norm", "add_layer_norm", "add_layer_norm_mixed"],
+)
+def test_strided_weight_and_bias(residual_dtype, dtype, weight_step, bias_step):
+    """Weight and bias views whose stride is not 1: the kernels index them as contiguous, so the
+    launchers copy them; their gradients come back shaped like them."""
+    shape = (2, 3, 40)
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    residual = torch.randn(shape, device=DEVICE).to(residual_dtype) if residual_dtype else None
+    param_dtype = residual_dtype or dtype
+    weight = (1 + 0.2 * torch.randn(40 * weight_step, device=DEVICE)).to(param_dtype)[::weight_step]
+    bias = None
+    if bias_step == 0:
+        bias = (0.2 * torch.randn((), device=DEVICE)).to(param_dtype).expand(40)
+    elif bias_step:
+        bias = (0.2 * torch.randn(40 * bias_step, device=DEVICE)).to(param_dtype)[::bias_step]
+    assert weight.stride(0) == weight_step and (bias is None or bias.stride(0) == bias_step)
+    dz = torch.randn(shape, device=DEVICE) if residual is not None else None
+    _check(x, residual, weight, bias, torch.randn(shape, device=DEVICE), dz)
+
+
+def _offset_rows(kind, shape):
+    """(offset, rows) in fp32: rows around a large common offset, a different one per row
+    (1000 + N(0, 1)), constant (zero variance) or the offset plus N(0, 1e-2) noise."""
+    offset = 1000 + torch.randn(*shape[:-1], 1, device=DEVICE)
+    noise = torch.randn(shape, device=DEVICE) if kind == "noisy" else torch.zeros(shape, device=DEVICE)
+    return offset, offset + 1e-2 * noise
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("eps", [1e-5, 1e-12])
+@pytest.mark.parametrize("kind", ["constant", "noisy"])
+@pytest.mark.parametrize("fused", [False, True], ids=["layer_norm", "add_layer_norm"])
+def test_rows_with_zero_variance_or_a_large_offset(fused, kind, eps, dtype):
+    """A constant row must normalise to exactly 0 (y = bias), at any eps, and a row of 1000 + small
+    noise no worse than PyTorch does: an fp32 mean of such rows is off by ulps of 1000, which rstd
+    then magnifies. In bfloat16, 1000 + N(0, 1e-2) rounds to a constant row."""
+    shape = (3, 100)
+    _, rows = _offset_rows(kind, shape)
+    x, residual = rows.to(dtype), None
+    if fused:
+        # Part of the offset comes in x: per-row multiples of 1/4, so that z = x + residual is exact
+        # near 1000 in fp32 and the reference normalises the same z as the kernel.
+        x = (0.25 * torch.randint(-8, 9, (shape[0], 1), device=DEVICE) + torch.zeros(shape, device=DEVICE)).to(dtype)
+        residual = rows.to(dtype)
+    weight, bias = _params(shape[-1], dtype)
+    dz = torch.randn(shape, device=DEVICE) if fused else None
+    _check(x, residual, weight, bias, torch.randn(shape, device=DEVICE), dz, eps=eps)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-12])
+def test_offset_rows_as_accurate_as_centred_rows(eps):
+    """LayerNorm ignores a common offset, and so should its error: y and every gradient of rows of
+    1000 + N(0, 1e-2) noise in fp32 must be as accurate as PyTorch's normalisation of the same rows
+    without the offset. (PyTorch's own fp32 error on the offset rows, ulps of 1000 in its mean times
+    rstd, is the looser bound the test above applies: a backward that recomputed xhat from the saved
+    fp32 mean alone would pass that one, at ~1e-3 relative error, and fail this one.)"""
+    shape = (3, 100)
+    offset, x = _offset_rows("noisy", shape)
+    centred = x - offset  # exact in fp32 (x is within a factor 2 of offset): x = offset + centred
+    weight, bias = _params(shape[-1], torch.float32)
+    _check(x, None, weight, bias, torch.randn(shape, device=DEVICE), eps=eps, baseline_x=centred)
 
 
 def test_parameter_gradients_are_deterministic():
