@@ -642,3 +642,52 @@ def test_schedules_follow_transformers(kind):
     if kind not in ("constant", "constant_with_warmup"):
         assert floored(total) == pytest.approx(0.1) or kind == "inverse_sqrt"
         assert min(floored(s) for s in range(warmup, total + 5)) >= 0.1 - 1e-12
+
+
+def test_flops_per_token_and_mfu_against_flop_counter(tmp_path, train_file, monkeypatch):
+    """The model's flops_per_token (6N + 12 L H hs T, the PaLM estimate pretrain's MFU uses) against
+    torch's FlopCounterMode over a real training step of the eager model, which counts every matmul
+    (attention's T x T scores in full, as SDPA's formula does): equal once the estimate's two
+    simplifications are taken out, each counted exactly: 6 FLOPs per token for every parameter
+    outside a matmul (biases, LayerNorm gains), and the LM head's missing last target per row."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gpt2 import GPT2, GPT2Config
+
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100, attn_impl="eager")
+    model = GPT2(config)
+    B, T = 2, 16
+    ids = torch.randint(0, config.vocab_size, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        model(ids, labels=ids).backward()
+    counted = counter.get_total_flops()
+    outside_matmuls = sum(p.numel() for p in model.parameters() if p.ndim < 2)
+    head = config.vocab_size * config.n_embd
+    estimate = model.flops_per_token(T) * B * T
+    assert estimate - counted == 6 * outside_matmuls * B * T + 6 * head * B  # exactly these two, nothing else
+    assert 0 < (estimate - counted) / counted < 0.04  # 3.7% for this toy; ~0.1% + 1/T of the head for GPT-2
+
+    # pretrain's MFU is tokens/s per device x flops_per_token / the device's peak.
+    monkeypatch.setattr(pretrain.training, "peak_flops", lambda name: 1e12)
+    assert run(["--train_file", train_file, *TINY, "--max_train_steps", 2, "--eval_steps", 2,
+                "--output_dir", tmp_path / "out"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "mfu" in r]
+    tiny = GPT2.from_pretrained(tmp_path / "out")
+    for r in logged:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * tiny.flops_per_token(32) / 1e12, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager(tmp_path, train_file):
+    """--compile (Accelerate's torch.compile, inductor, here on CPU) with --kernels sdpa: the same
+    losses as the uncompiled run, to fp32 rounding (inductor fuses and reorders fp32 arithmetic)."""
+    common = ["--train_file", train_file, *TINY, "--max_train_steps", 3, "--eval_steps", 3, "--kernels", "sdpa"]
+    assert run([*common, "--output_dir", tmp_path / "eager"]) == 0
+    _reset_accelerate()
+    assert run([*common, "--output_dir", tmp_path / "compiled", "--compile"]) == 0
+    eager, compiled = metrics(tmp_path / "eager", "train_loss"), metrics(tmp_path / "compiled", "train_loss")
+    assert list(eager) == list(compiled) == [1, 2, 3]
+    np.testing.assert_allclose([compiled[s] for s in eager], [eager[s] for s in eager], rtol=1e-5)
+    val = {name: metrics(tmp_path / name, "val_loss")[3] for name in ("eager", "compiled")}
+    np.testing.assert_allclose(val["compiled"], val["eager"], rtol=1e-5)
