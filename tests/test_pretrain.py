@@ -111,18 +111,10 @@ def test_outputs_and_exact_resume(tmp_path, train_file, capsys, monkeypatch):
 
     # killed right after the step-3 checkpoint, then resumed from the latest checkpoint: the same
     # batches, learning rates and losses as the straight run
-    save_checkpoint = pretrain.save_checkpoint
-
-    def save_then_die(accelerator, args, step, *rest):
-        path = save_checkpoint(accelerator, args, step, *rest)
-        if step == 3:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_die)
+    restore = _kill_after_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run([*common, "--output_dir", split, "--max_train_steps", 6])
-    monkeypatch.setattr(pretrain, "save_checkpoint", save_checkpoint)
+    restore()
     _reset_accelerate()
     assert run([*common, "--output_dir", split, "--max_train_steps", 6, "--resume_from_checkpoint", "latest"]) == 0
     assert "Resumed from" in capsys.readouterr().out
@@ -159,18 +151,10 @@ def test_streaming_trains_and_resumes_exactly(tmp_path, train_file, monkeypatch)
     common = ["--train_file", train_file, "--validation_file", valid, *TINY, "--streaming", "--shuffle_buffer_size", 50,
               "--eval_steps", 2, "--max_eval_samples", 8, "--max_train_steps", 4]
     assert run([*common, "--output_dir", tmp_path / "straight"]) == 0
-    save_checkpoint = pretrain.save_checkpoint
-
-    def save_then_die(accelerator, args, step, *rest):
-        path = save_checkpoint(accelerator, args, step, *rest)
-        if step == 2:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_die)
+    restore = _kill_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run([*common, "--output_dir", tmp_path / "split"])
-    monkeypatch.setattr(pretrain, "save_checkpoint", save_checkpoint)
+    restore()
     _reset_accelerate()
     assert run([*common, "--output_dir", tmp_path / "split", "--resume_from_checkpoint", "latest"]) == 0
     a, b = metrics(tmp_path / "straight", "train_loss"), metrics(tmp_path / "split", "train_loss")
