@@ -2,6 +2,7 @@
 
     python -m benchmarks.training                          # GPT-2 124M (and 355M), seq 1024, bf16, on a GPU
     python -m benchmarks.training --presets gpt2 --steps 50
+    python -m benchmarks.training --presets gpt2 --compile # also both compiled (pretrain.py --compile)
     python -m benchmarks.training --quick --output_dir /tmp/b   # a tiny model on CPU (interpreter), CI smoke
 
 Each run is the real pretraining script in its own process (accelerate's bf16 mixed precision),
@@ -35,7 +36,13 @@ POINT_FIELDS = ["preset", "block_size", "batch_size", "dtype", "provider"]  # on
 WARMUP_STEPS = 5  # excluded from the throughput medians
 
 
-def pretrain_command(args, preset: str, kernels: str, out_dir: Path, tokenizer: Path | None) -> list[str]:
+# provider -> (--kernels, --compile): the plain runs, and with --compile the compiled ones too.
+PROVIDERS = {"sdpa": ("sdpa", False), "triton": ("triton", False),
+             "sdpa+compile": ("sdpa", True), "triton+compile": ("triton", True)}
+
+
+def pretrain_command(args, preset: str, provider: str, out_dir: Path, tokenizer: Path | None) -> list[str]:
+    kernels, compiled = PROVIDERS[provider]
     cmd = [
         sys.executable, str(common.ROOT / "scripts" / "pretrain.py"),
         "--config_name", preset, "--kernels", kernels, "--output_dir", str(out_dir),
@@ -45,6 +52,8 @@ def pretrain_command(args, preset: str, kernels: str, out_dir: Path, tokenizer: 
         "--num_warmup_steps", str(max(1, args.steps // 10)), "--seed", "1234", "--sample_tokens", "8",
         "--vocab_size", str(args.vocab_size),
     ]
+    if compiled:
+        cmd.append("--compile")
     if args.config_overrides:
         cmd += ["--config_overrides", args.config_overrides]
     if tokenizer is not None:
@@ -52,13 +61,13 @@ def pretrain_command(args, preset: str, kernels: str, out_dir: Path, tokenizer: 
     return cmd
 
 
-def run_one(args, preset, kernels, out_dir, tokenizer, log_dir):
+def run_one(args, preset, provider, out_dir, tokenizer, log_dir):
     env = dict(os.environ, ACCELERATE_MIXED_PRECISION="no" if args.quick else "bf16", PYTHONUNBUFFERED="1")
     if args.quick:
         env["TRITON_INTERPRET"] = "1"
     shutil.rmtree(out_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
-    cmd = pretrain_command(args, preset, kernels, out_dir, tokenizer)
-    log = log_dir / f"training_{preset}_{kernels}.log"
+    cmd = pretrain_command(args, preset, provider, out_dir, tokenizer)
+    log = log_dir / f"training_{preset}_{provider.replace('+', '_')}.log"
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=common.ROOT)
     records = []
@@ -84,6 +93,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=common.int_at_least(1), default=None, help="per device")
     parser.add_argument("--vocab_size", type=int, default=None, help="BPE trained on the built-in corpus")
     parser.add_argument("--config_overrides", default=None)
+    parser.add_argument("--compile", action="store_true", help="also both kernel choices with pretrain.py --compile")
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--replot", action="store_true", help="measure nothing: rewrite training.md from the CSV")
     return parser.parse_args(argv)
@@ -109,10 +119,10 @@ def run(args) -> int:
     rows = common.read_csv(csv_path, SHAPE_FIELDS)
     for preset in args.presets:
         tokenizer = None
-        for kernels in ("sdpa", "triton"):
-            run_dir = work / f"{preset}_{kernels}"
-            code, records, log = run_one(args, preset, kernels, run_dir, tokenizer, work)
-            base = dict(benchmark="training", kernel="gpt2_train_step", provider=kernels, mode="fwd+bwd+step",
+        for provider in [p for p in PROVIDERS if args.compile or "+compile" not in p]:
+            run_dir = work / f"{preset}_{provider.replace('+', '_')}"
+            code, records, log = run_one(args, preset, provider, run_dir, tokenizer, work)
+            base = dict(benchmark="training", kernel="gpt2_train_step", provider=provider, mode="fwd+bwd+step",
                         dtype="fp32" if args.quick else "bf16", preset=preset, block_size=args.block_size,
                         batch_size=args.batch_size, **env)
             if code != 0 or not records:
@@ -120,7 +130,7 @@ def run(args) -> int:
                 status = "oom" if "out of memory" in tail.lower() else "error"
                 rows = common.save_rows([dict(base, metric="tokens_per_s", unit="tok/s", status=status, note=tail)],
                                         csv_path, SHAPE_FIELDS, POINT_FIELDS)
-                print(f"{preset} {kernels}: {status} (log {log})", file=sys.stderr)
+                print(f"{preset} {provider}: {status} (log {log})", file=sys.stderr)
                 continue
             tokenizer = tokenizer or run_dir  # the second run reuses the first one's tokenizer
             steady = records[WARMUP_STEPS:] if len(records) > WARMUP_STEPS else records
@@ -157,22 +167,24 @@ def summarize(rows, out_dir) -> str:
             return next((r for r in at if r["provider"] == provider and r["metric"] == metric), None)
 
         losses = {k: {r["step"]: r["p50"] for r in at if r["provider"] == k and r["metric"] == "train_loss"}
-                  for k in ("sdpa", "triton")}
+                  for k in PROVIDERS}
         steps = max((max(v) for v in losses.values() if v), default=0)
-        for kernels in ("sdpa", "triton"):
-            tps = get(kernels, "tokens_per_s")
+        for provider in PROVIDERS:
+            tps = get(provider, "tokens_per_s")
             if tps and tps["status"] != "ok":
-                body.append([f"{preset} ({batch_size}×{block_size}, {dtype})", kernels, tps["status"], None, None])
+                body.append([f"{preset} ({batch_size}×{block_size}, {dtype})", provider, tps["status"], None, None])
             elif tps:
-                mfu, peak = get(kernels, "mfu"), get(kernels, "peak_memory")
-                body.append([f"{preset} ({batch_size}×{block_size}, {dtype}, {steps} steps)", kernels, tps["p50"],
+                mfu, peak = get(provider, "mfu"), get(provider, "peak_memory")
+                body.append([f"{preset} ({batch_size}×{block_size}, {dtype}, {steps} steps)", provider, tps["p50"],
                              mfu["p50"] if mfu else None, peak["note"] if peak else None])
-        sdpa, triton = get("sdpa", "tokens_per_s"), get("triton", "tokens_per_s")
-        if sdpa and triton and sdpa["status"] == triton["status"] == "ok":
-            both = sorted(set(losses["sdpa"]) & set(losses["triton"]))
-            diff = max((abs(losses["sdpa"][s] - losses["triton"][s]) for s in both), default=float("nan"))
-            body.append([preset, "triton / sdpa", triton["p50"] / sdpa["p50"], None,
-                         f"max loss difference {diff:.4f} over {len(both)} steps"])
+        for suffix in ("", "+compile"):
+            sdpa, triton = get("sdpa" + suffix, "tokens_per_s"), get("triton" + suffix, "tokens_per_s")
+            if sdpa and triton and sdpa["status"] == triton["status"] == "ok":
+                a, b = losses["sdpa" + suffix], losses["triton" + suffix]
+                both = sorted(set(a) & set(b))
+                diff = max((abs(a[s] - b[s]) for s in both), default=float("nan"))
+                body.append([preset, f"triton / sdpa{suffix}", triton["p50"] / sdpa["p50"], None,
+                             f"max loss difference {diff:.4f} over {len(both)} steps"])
     lines += [
         f"Command: `python -m benchmarks.training`: scripts/pretrain.py, --kernels sdpa then triton, same data, "
         f"seed and tokenizer; medians over the steps after the first {WARMUP_STEPS}.", "",
