@@ -1,32 +1,39 @@
 #!/usr/bin/env bash
-# A GPU session's runs, as phases that each stop at their own time limit, so that one device
-# command (10 minutes at most there) always ends with its results packed:
+# One GPU call (a lent H200: 15 minutes of device time in all, machine start included), as phases
+# ordered by value that each stop at their own time limit, so the call always ends with its
+# results packed:
 #
-#   GIT_COMMIT=$(git describe --always --dirty) bash benchmarks/run_gpu.sh first    # the target points
-#   GIT_COMMIT=... bash benchmarks/run_gpu.sh second                                # then the rest
+#   GIT_COMMIT=$(git describe --always --dirty) bash benchmarks/run_gpu.sh          # the plan (~8 minutes)
+#   GIT_COMMIT=... bash benchmarks/run_gpu.sh tests attention-gpt2                  # chosen phases only
 #
-# Phases, in the order given (default: all but the groups):
-#   tests             the CUDA correctness tests at real sizes (pytest -m requires_cuda)
-#   attention-target  attention at the target point only: GPT-2 shape, T=1024, causal, bf16
-#   layer_norm-768    both LayerNorm kernels at hidden 768, bf16 (the target point)
-#   training-gpt2     end-to-end GPT-2 124M, --kernels triton against sdpa
-#   attention-gpt2    attention at every GPT-2 shape, bf16, causal and not
-#   attention         every attention suite and dtype
-#   layer_norm        the whole LayerNorm sweep
-#   training          GPT-2 124M and 355M
-#   first             = tests attention-target layer_norm-768 training-gpt2
-#   second            = attention-gpt2 layer_norm attention
+# The plan, in order (what each phase may take, BUDGET_SECONDS=480 in all):
+#   attention-target  attention at the target point: GPT-2 shape, T=1024, causal, bf16, fwd and
+#                     fwd+bwd against every SDPA backend                                      (110 s)
+#   layer_norm-768    LayerNorm and add+LayerNorm at hidden 768, 16k rows, bf16               (80 s)
+#   training-gpt2     GPT-2 124M training step, --kernels triton against sdpa                 (130 s)
+#   tests             the CUDA correctness tests at real sizes (pytest -m requires_cuda)      (110 s)
+#   training-compile  the same two, compiled (pretrain.py --compile)                          (what is left)
+#   attention-gpt2    attention at every GPT-2 shape, bf16, causal and not                    (what is left)
+#   layer_norm        the whole LayerNorm sweep                                               (what is left)
+# Other phases, by name: attention (every suite and dtype), training (GPT-2 124M and 355M).
+#
+# Compile and autotune time: GPT2_SUITE_AUTOTUNE=short (the default here) gives the autotuner 3-4
+# configs per head-dim class instead of the full lists; TRITON_CACHE_DIR is .triton_cache/, packed
+# into $OUT/triton_cache.tar.gz and unpacked again when a later call carries .triton_cache.tar.gz
+# (the run says how many compiled kernels it found there and how many it added);
+# TRITON_CACHE_AUTOTUNING=1 keeps autotune results across processes, TRITON_PRINT_AUTOTUNING=1
+# writes each key's chosen config into the phase logs.
 #
 # Results merge into benchmarks/results/<device>/ (a provider measured again at a point replaces
 # its old rows; the summaries are rebuilt from everything there) and, after every phase, are
-# packed with the logs into $OUT/results.tar.gz: untar it in the repository root and commit; the
-# next call carries them. Two calls made back to back without that each pack only their own
-# points: `python -m benchmarks.merge_results DIR...` merges them here.
+# packed with the logs into $OUT/results.tar.gz: untar it in the repository root and commit.
+# Two calls made without untarring in between each pack only their own points:
+# `python -m benchmarks.merge_results DIR...` merges them here.
 #
-# BUDGET_SECONDS (default 500) bounds the phases, leaving the 600-second command limit room to
-# pack; with less device time left than that, set it to what is left minus about 90. Each phase
-# also has its own cap below, and a phase with under a minute left is skipped (phases.txt says).
-# Exit status: 1 if a phase failed (other than by its time limit) or datasets is missing.
+# BUDGET_SECONDS (default 480) bounds the phases, leaving the 600-second command limit room to
+# pack; with less device time left than that, set it to what is left minus about 90. A phase with
+# under 45 s left is skipped (phases.txt says). Exit status: 1 if a phase failed (other than by
+# its time limit) or datasets is missing.
 #
 # The device image has no `datasets`: benchmarks/fetch_gpu_wheels.sh puts the wheels in .whl/
 # here; name .whl in the call's carry and they are installed below when missing.
@@ -37,11 +44,18 @@ out="${OUT:-/tmp/gpu-run}"
 logs=benchmarks/results/logs  # packed into the tarball: the device returns at most 8 files
 mkdir -p "$out" "$logs"
 : >"$out/phases.txt"
-deadline=$((SECONDS + ${BUDGET_SECONDS:-500}))
+deadline=$((SECONDS + ${BUDGET_SECONDS:-480}))
 failed=0
 note() { echo "$*" | tee -a "$out/phases.txt"; }
 
 [[ -n ${GIT_COMMIT:-} ]] || note "warning: GIT_COMMIT is unset; rows will name commit 'unknown' (no .git here)"
+
+export GPT2_SUITE_AUTOTUNE=${GPT2_SUITE_AUTOTUNE:-short} TRITON_CACHE_DIR="$PWD/.triton_cache"
+export TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1
+mkdir -p "$TRITON_CACHE_DIR"
+[[ -f .triton_cache.tar.gz ]] && tar -xzf .triton_cache.tar.gz
+cached_before=$(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l)
+note "triton cache: $cached_before compiled kernels carried in; autotune lists: $GPT2_SUITE_AUTOTUNE"
 
 if ! python3 -c "import datasets" 2>/dev/null && ls .whl/datasets-*.whl >/dev/null 2>&1; then
     # datasets, dill and multiprocess always; pyarrow and fsspec only where the image's version is
@@ -89,9 +103,11 @@ pack() {
             [[ -f $dir$bench.csv ]] && python3 -m "benchmarks.$bench" --replot --output_dir "$dir" >>"$logs/replot.log" 2>&1
         done
     done
+    note "triton cache: $(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l) compiled kernels ($cached_before carried in)" >/dev/null
     cp "$out/phases.txt" "$out/device.txt" "$logs/"
     for f in benchmarks/results/*/training_runs/*.log; do [[ -f $f ]] && cp "$f" "$logs/"; done
     tar -czf "$out/results.tar.gz" --exclude training_runs benchmarks/results
+    tar -czf "$out/triton_cache.tar.gz" .triton_cache
 }
 
 # run_phase NAME CAP_SECONDS COMMAND...: the command under min(cap, time left), its log in $logs.
@@ -99,7 +115,7 @@ run_phase() {
     local name=$1 cap=$2 left=$((deadline - SECONDS))
     shift 2
     ((left < cap)) && cap=$left
-    if ((cap < 60)); then
+    if ((cap < 45)); then
         note "== $name: skipped, ${left}s left"
         return
     fi
@@ -114,32 +130,35 @@ run_phase() {
 }
 
 phases=("$@")
-((${#phases[@]})) || phases=(tests attention-target layer_norm-768 training-gpt2 attention layer_norm training)
-expanded=()
+((${#phases[@]})) || phases=(attention-target layer_norm-768 training-gpt2 tests training-compile attention-gpt2 layer_norm)
+
+# QUICK=1: a dry run of the same plan on a CPU (tiny shapes, Triton's interpreter, results under
+# /tmp/gpu-dry-run), to check that it fits its budget before device time is spent on it.
+if [[ ${QUICK:-} == 1 ]]; then
+    quick=(--quick --output_dir /tmp/gpu-dry-run/quick) target=() ln768=() gpt2=(--presets gpt2-tiny) gpt2_shapes=()
+else
+    quick=() target=(--suite gpt2 --dtype bf16 --seqlens 1024 --causal causal) ln768=(--hidden 768 --dtype bf16)
+    gpt2=(--presets gpt2) gpt2_shapes=(--suite gpt2 --dtype bf16)
+fi
+attention=(python3 -m benchmarks.attention "${quick[@]}")
+layer_norm=(python3 -m benchmarks.layer_norm "${quick[@]}")
+training=(python3 -m benchmarks.training "${quick[@]}")
 for phase in "${phases[@]}"; do
     case $phase in
-        first) expanded+=(tests attention-target layer_norm-768 training-gpt2) ;;
-        second) expanded+=(attention-gpt2 layer_norm attention) ;;
-        *) expanded+=("$phase") ;;
-    esac
-done
-
-attention=(python3 -m benchmarks.attention)
-for phase in "${expanded[@]}"; do
-    case $phase in
-        tests) run_phase tests 210 python3 -m pytest -q -m requires_cuda tests -p no:cacheprovider ;;
-        attention-target) run_phase attention-target 150 "${attention[@]}" --suite gpt2 --dtype bf16 --seqlens 1024 --causal causal ;;
-        layer_norm-768) run_phase layer_norm-768 150 python3 -m benchmarks.layer_norm --hidden 768 --dtype bf16 ;;
-        training-gpt2) run_phase training-gpt2 240 python3 -m benchmarks.training --presets gpt2 ;;
-        attention-gpt2) run_phase attention-gpt2 240 "${attention[@]}" --suite gpt2 --dtype bf16 ;;
-        attention) run_phase attention 500 "${attention[@]}" ;;
-        layer_norm) run_phase layer_norm 500 python3 -m benchmarks.layer_norm ;;
-        training) run_phase training 500 python3 -m benchmarks.training ;;
+        attention-target) run_phase attention-target 110 "${attention[@]}" "${target[@]}" ;;
+        layer_norm-768) run_phase layer_norm-768 80 "${layer_norm[@]}" "${ln768[@]}" ;;
+        training-gpt2) run_phase training-gpt2 130 "${training[@]}" "${gpt2[@]}" ;;
+        tests) run_phase tests 110 python3 -m pytest -q -m requires_cuda tests -p no:cacheprovider ;;
+        training-compile) run_phase training-compile 480 "${training[@]}" "${gpt2[@]}" --providers sdpa+compile triton+compile ;;
+        attention-gpt2) run_phase attention-gpt2 480 "${attention[@]}" "${gpt2_shapes[@]}" ;;
+        layer_norm) run_phase layer_norm 480 "${layer_norm[@]}" ;;
+        attention) run_phase attention 480 "${attention[@]}" ;;
+        training) run_phase training 480 "${training[@]}" ;;
         *) note "unknown phase $phase"; failed=1 ;;
     esac
 done
 
-((${#expanded[@]})) && [[ -f $out/results.tar.gz ]] || pack
+[[ -f $out/results.tar.gz ]] || pack
 cat "$out/phases.txt"
 python3 -m benchmarks.targets  # the short table last: the device tool returns the output's tail
 exit $failed

@@ -2,7 +2,7 @@
 
     python -m benchmarks.training                          # GPT-2 124M (and 355M), seq 1024, bf16, on a GPU
     python -m benchmarks.training --presets gpt2 --steps 50
-    python -m benchmarks.training --presets gpt2 --compile # also both compiled (pretrain.py --compile)
+    python -m benchmarks.training --presets gpt2 --providers sdpa+compile triton+compile   # pretrain.py --compile
     python -m benchmarks.training --quick --output_dir /tmp/b   # a tiny model on CPU (interpreter), CI smoke
 
 Each run is the real pretraining script in its own process (accelerate's bf16 mixed precision),
@@ -36,7 +36,7 @@ POINT_FIELDS = ["preset", "block_size", "batch_size", "dtype", "provider"]  # on
 WARMUP_STEPS = 5  # excluded from the throughput medians
 
 
-# provider -> (--kernels, --compile): the plain runs, and with --compile the compiled ones too.
+# provider -> (--kernels, --compile); --providers picks (default: the two uncompiled ones).
 PROVIDERS = {"sdpa": ("sdpa", False), "triton": ("triton", False),
              "sdpa+compile": ("sdpa", True), "triton+compile": ("triton", True)}
 
@@ -93,7 +93,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=common.int_at_least(1), default=None, help="per device")
     parser.add_argument("--vocab_size", type=int, default=None, help="BPE trained on the built-in corpus")
     parser.add_argument("--config_overrides", default=None)
-    parser.add_argument("--compile", action="store_true", help="also both kernel choices with pretrain.py --compile")
+    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=["sdpa", "triton"],
+                        help="runs to make; +compile: pretrain.py --compile")
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--replot", action="store_true", help="measure nothing: rewrite training.md from the CSV")
     return parser.parse_args(argv)
@@ -119,7 +120,7 @@ def run(args) -> int:
     rows = common.read_csv(csv_path, SHAPE_FIELDS)
     for preset in args.presets:
         tokenizer = None
-        for provider in [p for p in PROVIDERS if args.compile or "+compile" not in p]:
+        for provider in args.providers:
             run_dir = work / f"{preset}_{provider.replace('+', '_')}"
             code, records, log = run_one(args, preset, provider, run_dir, tokenizer, work)
             base = dict(benchmark="training", kernel="gpt2_train_step", provider=provider, mode="fwd+bwd+step",
