@@ -10,15 +10,28 @@ head), halved when causal since only the lower triangle is computed; backward = 
 (five matmuls to the forward's two); forward+backward = 3.5 x forward. Grouped-query attention
 does the same work per query head, so H is the number of query heads.
 
-Every provider's output and gradients are first compared with a float64 reference (on the first
-batch element and the first K/V head group, to bound the reference's memory); a provider that
-disagrees is recorded as "mismatch" and not timed. Out-of-memory and unsupported points are
-recorded as such.
+Every provider's output and gradients are first compared with a float64 reference for every batch
+element and every head: the relative error of each (batch element, head) slice of out, dq, dk and
+dv, the worst of them recorded (its value in the check row, which tensor, batch element and head in
+its note). A provider that disagrees is recorded as "mismatch" and not timed. The reference is
+computed a slab of batch elements and K/V head groups at a time (REFERENCE_SCORES), so its memory
+is that of at most one K/V head group's scores, as before, while its work is the whole point's:
+about 3.5 x 4·B·H·T²·D float64 FLOPs, the causal mask saving none, plus some ten passes over the
+B·H·T² float64 scores. At the sweep's 16k tokens that is 0.2 TFLOP and ~16 GB of traffic at GPT-2's
+T=1024 (milliseconds) and 15 TFLOP and ~0.7 TB at the largest (H=32, D=128, T=16384): estimated at
+about a second per point on an H100 (fp64 tensor cores, ~60 TFLOP/s), not yet measured. Its
+float64 out and gradients are kept for all the providers: 4·B·H·T·D·8 bytes, 2 GiB at most here.
+
+Eager attention and SDPA's math backend are skipped where they would materialise more than
+MATERIALISED_SCORES_LIMIT scores; FlexAttention (torch.compile'd, causal block mask) is a peer at
+causal points on CUDA. Out-of-memory, unsupported and skipped points are recorded as such, with a
+note saying why.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from contextlib import nullcontext
@@ -43,12 +56,24 @@ POINT_FIELDS = ["kernel", "provider", "dtype", *SHAPE_FIELDS]
 # rounding of the inputs and output alone gives (~2^-8 and ~2^-11 relative).
 MISMATCH_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 TOKENS = 16384  # B * T, as in the FlashAttention papers
+# The float64 reference takes a slab of (batch elements, K/V head groups) at a time, holding at most
+# this many float64 scores (2 GiB; attention_ref keeps a few tensors that size for its backward),
+# or one K/V head group's (group, T, T) scores where that alone is more: memory stays bounded
+# however large B and H are, and small points take a few slabs rather than B x H_kv.
+REFERENCE_SCORES = 2**28
+# Eager attention and SDPA's math backend materialise the (T, T) scores of every head (the math
+# backend in fp32 even for bf16/fp16 inputs) and keep about five tensors that size for the
+# backward. Past 2^31 elements (8 GiB per fp32 copy; at 16k tokens: T > 2^17 / H, i.e. T=16384 at
+# H=12 and T >= 8192 at H=32) one forward+backward moves some 100 GB and holds ~40 GiB (estimates),
+# rising to seconds and out of memory at the sweep's largest points, and says nothing the fused
+# backends don't: they are skipped there (status "skipped").
+MATERIALISED_SCORES_LIMIT = 2**31
 
 
 def suites(quick: bool) -> dict[str, list[dict]]:
     """Named lists of shapes: dicts with B, H, H_kv, T, D."""
     if quick:
-        return {"quick": [dict(B=1, H=2, H_kv=1, T=17, D=32), dict(B=1, H=2, H_kv=2, T=40, D=32)]}
+        return {"quick": [dict(B=1, H=2, H_kv=1, T=17, D=32), dict(B=2, H=2, H_kv=2, T=40, D=32)]}
     seqlens = [512, 1024, 2048, 4096, 8192, 16384]
     return {
         "gpt2": [dict(B=TOKENS // t, H=12, H_kv=12, T=t, D=64) for t in seqlens],
@@ -73,12 +98,56 @@ def providers(quick: bool) -> dict:
     for name, backend in backends.items():
         if quick and name != "math":
             continue
-        table[f"sdpa-{name}"] = (sdpa, lambda backend=backend: sdpa_kernel(backend))
-    table["eager"] = (lambda q, k, v, causal: attention_ref(q, k, v, causal=causal, upcast=False), nullcontext)
+        fn = scores_limited(sdpa) if name == "math" else sdpa
+        table[f"sdpa-{name}"] = (fn, lambda backend=backend: sdpa_kernel(backend))
+    eager = scores_limited(lambda q, k, v, causal: attention_ref(q, k, v, causal=causal, upcast=False))
+    table["eager"] = (eager, nullcontext)
+    table["flex"] = (flex_attention_provider(), nullcontext)
     return table
 
 
-PROVIDER_ORDER = ["ours", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "eager"]
+PROVIDER_ORDER = ["ours", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "eager", "flex"]
+
+
+def scores_limited(fn):
+    """fn, refusing (as "skipped") inputs whose B·H·T² scores exceed MATERIALISED_SCORES_LIMIT."""
+
+    def limited(q, k, v, causal):
+        scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+        if scores > MATERIALISED_SCORES_LIMIT:
+            raise common.NotMeasured("skipped", f"B·H·T² = {scores:,} materialised scores > "
+                                     f"{MATERIALISED_SCORES_LIMIT:,} (MATERIALISED_SCORES_LIMIT): tens of GiB and "
+                                     "up to seconds per repeat")
+        return fn(q, k, v, causal)
+
+    return limited
+
+
+def flex_attention_provider():
+    """FlexAttention (torch.nn.attention.flex_attention) under torch.compile with a causal block mask:
+    a peer at causal points (skipped at the others), CUDA only (it has no backward on CPU, and is
+    slow without compiling). The block mask is built once per sequence length, outside the timed
+    call, as a model builds it once for all its layers. run() resets Dynamo before each point, so
+    each point compiles once for its own shape (tens of seconds each, the first one most)."""
+    unavailable = common.peer_unavailable("torch.nn.attention.flex_attention", "needs torch >= 2.5",
+                                          "FlexAttention has no backward on CPU")
+    if unavailable:
+        return unavailable
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    @functools.lru_cache(maxsize=4)
+    def causal_block_mask(T, device):
+        return create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T, device=device)
+
+    def flex(q, k, v, causal):
+        if not causal:
+            raise common.NotMeasured("skipped", "a causal-attention peer: measured at causal points only")
+        return compiled(q, k, v, block_mask=causal_block_mask(q.shape[2], str(q.device)),
+                        enable_gqa=q.shape[1] != k.shape[1])
+
+    return flex
 
 
 def matmul_tflops() -> float:
@@ -103,27 +172,47 @@ def make_inputs(shape, dtype, device):
     return q, k, v, dout
 
 
-def reference_slice(q, k, v, dout, causal):
-    """float64 output and gradients for batch 0 and the query heads of K/V head 0."""
+def reference_slabs(B: int, H_kv: int, group_scores: int) -> list[tuple[slice, slice]]:
+    """(batch elements, K/V heads) slices that cover every batch element and K/V head once, each
+    holding at most REFERENCE_SCORES scores (group_scores per K/V head group), or one group."""
+    groups = max(1, REFERENCE_SCORES // group_scores)  # K/V head groups per slab
+    if groups >= H_kv:  # whole batch elements fit
+        per = groups // H_kv
+        return [(slice(b, min(b + per, B)), slice(0, H_kv)) for b in range(0, B, per)]
+    return [(slice(b, b + 1), slice(g, min(g + groups, H_kv))) for b in range(B) for g in range(0, H_kv, groups)]
+
+
+def reference(q, k, v, dout, causal) -> list[torch.Tensor]:
+    """float64 out, dq, dk, dv for every batch element and head, computed a slab at a time (see
+    reference_slabs; the cost is in the module docstring)."""
     from kernels import attention_ref
 
-    group = q.shape[1] // k.shape[1]
-    q0, k0, v0 = (x[:1, :n].detach().double().requires_grad_() for x, n in ((q, group), (k, 1), (v, 1)))
-    out = attention_ref(q0, k0, v0, causal=causal, upcast=True)
-    out.backward(dout[:1, :group].double())
-    return out.detach(), q0.grad, k0.grad, v0.grad
+    B, H, T, _ = q.shape
+    group = H // k.shape[1]
+    full = [torch.empty(x.shape, dtype=torch.float64, device=x.device) for x in (q, q, k, v)]  # out, dq, dk, dv
+    for batch, kv_heads in reference_slabs(B, k.shape[1], group * T * T):
+        heads = slice(kv_heads.start * group, kv_heads.stop * group)  # their query heads
+        qs, ks, vs = (x[batch, h].detach().double().requires_grad_() for x, h in ((q, heads), (k, kv_heads),
+                                                                                   (v, kv_heads)))
+        out = attention_ref(qs, ks, vs, causal=causal, upcast=True)
+        out.backward(dout[batch, heads].double())
+        for dest, part, h in zip(full, (out.detach(), qs.grad, ks.grad, vs.grad), (heads, heads, kv_heads, kv_heads)):
+            dest[batch, h] = part
+    return full
 
 
-def check(fn, ctx, q, k, v, dout, causal, ref) -> float:
-    """Largest relative error of out, dq, dk, dv against the float64 reference slice."""
-    group = q.shape[1] // k.shape[1]
+def check(fn, ctx, q, k, v, dout, causal, ref) -> tuple[float, str]:
+    """The largest relative error of out, dq, dk, dv against the float64 reference, over every
+    (batch element, head) slice of each, and which one it is."""
     q.grad = k.grad = v.grad = None
     with ctx():
         out = fn(q, k, v, causal)
     out.backward(dout)
-    got = (out[:1, :group], q.grad[:1, :group], k.grad[:1, :1], v.grad[:1, :1])
+    got = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
     q.grad = k.grad = v.grad = None
-    return max(common.relative_error(g, r) for g, r in zip(got, ref))
+    worst = [(*common.worst_relative_error(g, r, lead=2), name) for (name, g), r in zip(got.items(), ref)]
+    err, (b, h), name = max(worst, key=lambda w: w[0])
+    return err, f"worst: {name} at batch {b}, {'K/V head' if name in ('dk', 'dv') else 'head'} {h}"
 
 
 def time_modes(fn, ctx, q, k, v, dout, causal, quick):
@@ -158,7 +247,7 @@ def run_point(suite, shape, dtype_name, causal, table, env, quick, device):
                 causal=int(causal), **shape, **env)
     try:
         q, k, v, dout = make_inputs(shape, dtype, device)
-        ref = reference_slice(q, k, v, dout, causal)
+        ref = reference(q, k, v, dout, causal)
     except RuntimeError as err:
         status = "oom" if common.is_oom(err) else "error"
         return [dict(base, provider="reference", mode="check", metric="status", status=status, note=str(err)[:200])]
@@ -166,23 +255,26 @@ def run_point(suite, shape, dtype_name, causal, table, env, quick, device):
     for name, (fn, ctx) in table.items():
         row = dict(base, provider=name)
         try:
-            err = check(fn, ctx, q, k, v, dout, causal, ref)
+            err, worst = check(fn, ctx, q, k, v, dout, causal, ref)
+        except common.NotMeasured as e:
+            rows += common.untimed(row, MODES, e.status, e.note)
+            continue
         except RuntimeError as e:
             status = "oom" if common.is_oom(e) else "unsupported"
-            rows += [dict(row, mode=m, metric="time", unit="ms", status=status, note=str(e).split("\n")[0][:200])
-                     for m in MODES]
+            rows += common.untimed(row, MODES, status, str(e).split("\n")[0][:200])
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             continue
         ok = math.isfinite(err) and err <= MISMATCH_TOL[dtype]
-        rows.append(dict(row, mode="check", metric="rel_err", unit="", p50=err, status="ok" if ok else "mismatch"))
+        rows.append(dict(row, mode="check", metric="rel_err", unit="", p50=err, status="ok" if ok else "mismatch",
+                         note=worst))
         if not ok:
-            rows += [dict(row, mode=m, metric="time", unit="ms", status="mismatch") for m in MODES]
+            rows += common.untimed(row, MODES, "mismatch", f"rel_err {err:.3g} > {MISMATCH_TOL[dtype]:g}, {worst}")
             continue
         try:
             timed = time_modes(fn, ctx, q, k, v, dout, causal, quick)
         except RuntimeError as e:
             status = "oom" if common.is_oom(e) else "error"
-            rows += [dict(row, mode=m, metric="time", unit="ms", status=status, note=str(e)[:200]) for m in MODES]
+            rows += common.untimed(row, MODES, status, str(e)[:200])
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             continue
         for mode, (p50, p20, p80, peak) in timed.items():
@@ -208,7 +300,8 @@ def summarize(rows, out_dir) -> str:
         common.stamp(rows),
         "Command: `python -m benchmarks.attention`. Median TFLOP/s of triton.testing.do_bench; FLOPs = "
         "4·B·H·T²·D forward, halved when causal; backward 2.5×, forward+backward 3.5×. "
-        "speedup = best SDPA backend's median time / ours. oom / unsupported / mismatch: not timed.",
+        "speedup = best SDPA backend's median time / ours. oom / unsupported / skipped / mismatch: not timed "
+        "(the CSV's note says why).",
         f"Measured bf16 matrix product (8192³, torch): {common.fmt(ceiling)} TFLOP/s.",
         "",
     ]
@@ -314,6 +407,9 @@ def run(args) -> int:
     for suite, shape in shapes:
         for dtype_name in dtypes:
             for causal in causals:
+                # A fresh torch.compile (FlexAttention's) per point: one compiled function across every
+                # shape and dtype would pass Dynamo's recompile limit and silently fall back to eager.
+                torch._dynamo.reset()
                 point = run_point(suite, shape, dtype_name, causal, table, env, args.quick, device)
                 rows = common.save_rows(point, csv_path, SHAPE_FIELDS, POINT_FIELDS)
                 print(f"{suite} {shape} {dtype_name} causal={causal}: " + progress(point), file=sys.stderr)

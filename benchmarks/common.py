@@ -2,8 +2,10 @@
 summary and the plots.
 
 Long format: one row per (point, provider, mode, metric), so anyone can re-plot with pandas.
-A point that could not be measured keeps its row with status "oom", "unsupported" or
-"mismatch" and empty numbers, never a zero.
+A point that could not be measured keeps its row with status "oom", "unsupported" (cannot run
+here: an optional peer not installed, a shape it refuses), "skipped" (could run, but not usefully:
+CUDA-only on a CPU, a shape too large to be worth its time) or "mismatch", a note saying why, and
+empty numbers, never a zero.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -104,6 +108,17 @@ def measure(fn, quick: bool, grad_to_none=None) -> tuple[float, float, float]:
     return elapsed, elapsed, elapsed
 
 
+def measure_cudagraph(fn, grad_to_none=None) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentile milliseconds of fn() replayed from a CUDA graph
+    (triton.testing.do_bench_cudagraph: some 20 ms of calls captured in one graph, so the host's
+    launch cost is left out, which a kernel of 10 to 20 µs is not far above). CUDA only. There is no
+    L2 flush between the calls: where a point's tensors fit in L2, part of its reads may hit there."""
+    from triton.testing import do_bench_cudagraph
+
+    p50, p20, p80 = do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
+    return p50, p20, p80
+
+
 def peak_memory_mb(fn) -> float | None:
     """Peak device memory fn() allocates above what was already allocated, in MB (None on CPU)."""
     if not torch.cuda.is_available():
@@ -120,10 +135,56 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, in float64."""
+def worst_relative_error(out: torch.Tensor, ref: torch.Tensor, lead: int) -> tuple[float, tuple[int, ...]]:
+    """The largest ||out - ref|| / ||ref|| over the slices that fix the first `lead` indices (lead=1:
+    each row; lead=2: each (batch element, head); lead=0: the whole tensor), in float64, and the
+    index of that slice. One wrong slice is not averaged away, as it is in a norm over the whole
+    tensor (one head in 32 off by 10% moves that by under 2%). NaN counts as infinitely wrong."""
     out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+    dims = tuple(range(lead, ref.dim()))
+    errors = torch.linalg.vector_norm(out - ref, dim=dims) / torch.linalg.vector_norm(ref, dim=dims).clamp_min(1e-300)
+    errors = errors.nan_to_num(nan=math.inf)
+    worst = errors.argmax()
+    return errors.reshape(-1)[worst].item(), tuple(int(i) for i in torch.unravel_index(worst, errors.shape))
+
+
+class NotMeasured(Exception):
+    """Raised by a provider that is not measured at a point, with the status its rows get
+    ("unsupported" or "skipped", as in the module docstring) and a note saying why."""
+
+    def __init__(self, status: str, note: str):
+        super().__init__(note)
+        self.status, self.note = status, note
+
+
+def not_measured(status: str, note: str):
+    """A provider that is never measured here: calling it raises NotMeasured(status, note)."""
+
+    def provider(*args, **kwargs):
+        raise NotMeasured(status, note)
+
+    return provider
+
+
+def peer_unavailable(module: str, install: str, why_cuda_only: str):
+    """For an optional peer provider (another project's kernel, CUDA only): a stand-in provider
+    when it cannot be measured here, else None. "unsupported" when `module` is not installed
+    (found without importing it), "skipped" on a machine without CUDA."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        found = False
+    if not found:
+        return not_measured("unsupported", f"not installed ({install})")
+    if not torch.cuda.is_available():
+        return not_measured("skipped", f"CUDA only: {why_cuda_only}")
+    return None
+
+
+def untimed(row: dict, modes, status: str, note: str | None = None) -> list[dict]:
+    """A provider's rows at a point where it was not timed: one empty "time" row per mode, with
+    the status and the note saying why."""
+    return [dict(row, mode=m, metric="time", unit="ms", status=status, note=note) for m in modes]
 
 
 def write_csv(rows: list[dict], path: Path, shape_fields: list[str]) -> None:

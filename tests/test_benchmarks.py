@@ -5,6 +5,7 @@ import importlib
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from conftest import expect_input_error
 
 from benchmarks import attention as attention_bench
+from benchmarks import common
 from benchmarks import layer_norm as layer_norm_bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +30,10 @@ def test_attention_quick(tmp_path):
     providers = {r["provider"] for r in rows}
     assert {"ours", "sdpa-math", "eager"} <= providers
     checks = [r for r in rows if r["metric"] == "rel_err"]
-    assert checks and all(r["status"] == "ok" for r in checks)
+    assert checks and all(r["status"] == "ok" and r["note"].startswith("worst: ") for r in checks)
+    if not torch.cuda.is_available():  # FlexAttention has no backward on CPU
+        flex = [r for r in rows if r["provider"] == "flex"]
+        assert flex and all(r["status"] == "skipped" and r["note"].startswith("CUDA only") for r in flex)
     tput = [r for r in rows if r["metric"] == "throughput"]
     assert {r["mode"] for r in tput} == {"fwd", "bwd", "fwd+bwd"}
     assert all(float(r["p50"]) > 0 and r["device"] and r["commit"] and r["date"] for r in tput)
@@ -96,8 +101,20 @@ def test_layer_norm_quick(tmp_path):
     assert all(r["status"] == "ok" for r in rows if r["metric"] == "rel_err")
     bandwidth = [r for r in rows if r["metric"] == "bandwidth"]
     assert {(r["provider"], r["mode"]) for r in bandwidth} >= {("ours", "fwd"), ("torch", "fwd+bwd")}
+    # Each point's yardstick is a copy of its own size, measured with it, and "of copy" is over that.
+    copies = {(r["kernel"], r["dtype"], r["rows"], r["hidden"]): float(r["p50"]) for r in bandwidth
+              if r["provider"] == "copy"}
+    assert len(copies) == 2 * 2 and all(r["mode"] == "copy" for r in bandwidth if r["provider"] == "copy")
+    for r in bandwidth:
+        if r["provider"] == "ours":
+            frac = next(f for f in rows if f["metric"] == "fraction_of_copy" and
+                        all(f[k] == r[k] for k in ("kernel", "provider", "mode", "dtype", "rows", "hidden")))
+            copy = copies[(r["kernel"], r["dtype"], r["rows"], r["hidden"])]
+            assert float(frac["p50"]) == pytest.approx(float(r["p50"]) / copy)
+    assert not any(r["metric"].endswith("_cudagraph") for r in rows) or torch.cuda.is_available()
     assert (tmp_path / "layer_norm.md").exists()
     assert layer_norm_bench.main(["--replot", "--output_dir", str(tmp_path)]) == 0
+    assert "| copy | ours / copy | ours (graph) |" in (tmp_path / "layer_norm.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -244,3 +261,203 @@ def test_merge_results_from_two_calls(tmp_path, monkeypatch):
     assert checks == {(r["causal"], r["p50"]) for r in read_rows(second / "attention.csv")
                       if r["metric"] == "rel_err" and r["provider"] == "ours"}
     assert "non-causal" in (dest / "attention.md").read_text()
+
+
+def whole_tensor_error(out, ref) -> float:
+    """The old checks' measure: ||out - ref|| / ||ref|| over the whole tensor."""
+    return common.worst_relative_error(out, ref, lead=0)[0]
+
+
+def wrong_in_one_head(batch, head, shape):
+    """Our attention with one head of one batch element scaled by 1.1 (its output, and so dq too)."""
+    ours, _ = attention_bench.providers(quick=True)["ours"]
+    scale = torch.ones(shape["B"], shape["H"], 1, 1)
+    scale[batch, head] = 1.1
+    return lambda q, k, v, causal: ours(q, k, v, causal) * scale
+
+
+def test_attention_check_covers_every_batch_element_and_head():
+    """One wrong head of a batch element other than the first, in a K/V head group other than the
+    first: the check finds it and names it, where the old check (batch 0, first K/V group) passed."""
+    shape = dict(B=2, H=4, H_kv=2, T=9, D=32)
+    wrong = wrong_in_one_head(batch=1, head=3, shape=shape)
+    q, k, v, dout = attention_bench.make_inputs(shape, torch.float32, "cpu")
+    ref = attention_bench.reference(q, k, v, dout, causal=True)
+    tol = attention_bench.MISMATCH_TOL[torch.float32]
+
+    out = wrong(q, k, v, True)
+    out.backward(dout)
+    group = shape["H"] // shape["H_kv"]
+    old_slices = (out[:1, :group], q.grad[:1, :group], k.grad[:1, :1], v.grad[:1, :1])
+    assert max(whole_tensor_error(g, r[:1, :g.shape[1]]) for g, r in zip(old_slices, ref)) < tol
+
+    err, where = attention_bench.check(wrong, nullcontext, q, k, v, dout, True, ref)
+    assert err == pytest.approx(0.1, rel=1e-3) and "at batch 1, head 3" in where
+    env = dict(device="cpu", commit="x", date="d")
+    rows = attention_bench.run_point("quick", shape, "fp32", True, {"wrong": (wrong, nullcontext)}, env, True, "cpu")
+    check_row = next(r for r in rows if r["metric"] == "rel_err")
+    assert check_row["status"] == "mismatch" and "batch 1, head 3" in check_row["note"]
+    assert {r["status"] for r in rows if r["metric"] == "time"} == {"mismatch"}
+
+
+def test_reference_slab_by_slab_equals_all_at_once(monkeypatch):
+    """The float64 reference, a slab of (batch elements, K/V head groups) at a time: the slabs
+    cover every batch element and K/V head once, each within the budget (or one group), and give
+    the same out and gradients as attention_ref over the whole tensors."""
+    from kernels import attention_ref
+
+    B, H_kv, group_scores = 3, 4, 81
+    for budget in (1, 2 * 81, 5 * 81, 12 * 81, 10**9):
+        monkeypatch.setattr(attention_bench, "REFERENCE_SCORES", budget)
+        slabs = attention_bench.reference_slabs(B, H_kv, group_scores)
+        covered = [(b, g) for bs, gs in slabs for b in range(B)[bs] for g in range(H_kv)[gs]]
+        assert sorted(covered) == [(b, g) for b in range(B) for g in range(H_kv)], budget
+        assert all(len(range(B)[bs]) * len(range(H_kv)[gs]) * group_scores <= max(budget, group_scores)
+                   for bs, gs in slabs)
+
+    shape = dict(B=3, H=4, H_kv=2, T=9, D=16)
+    q, k, v, dout = attention_bench.make_inputs(shape, torch.float32, "cpu")
+    whole = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = attention_ref(*whole, causal=True, upcast=True)
+    out.backward(dout.double())
+    expected = [out.detach()] + [t.grad for t in whole]
+    for budget in (1, 10**9):  # one K/V head group per slab; everything in one
+        monkeypatch.setattr(attention_bench, "REFERENCE_SCORES", budget)
+        for got, want in zip(attention_bench.reference(q, k, v, dout, causal=True), expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_eager_and_math_skipped_past_the_score_limit(tmp_path, monkeypatch):
+    """Eager attention and SDPA's math backend are not run where they would materialise more than
+    MATERIALISED_SCORES_LIMIT (2^31) scores: status "skipped" with the reason, not timed."""
+    table = attention_bench.providers(quick=True)
+    meta = dict(device="meta")
+    for name in ("eager", "sdpa-math"):
+        fn, _ = table[name]
+        q = k = torch.empty(1, 1, 46341, 8, **meta)  # 46341^2 > 2^31
+        with pytest.raises(common.NotMeasured, match="materialised scores") as caught:
+            fn(q, k, k, True)
+        assert caught.value.status == "skipped"
+    eager, _ = table["eager"]
+    for B, H, T in ((16, 12, 1024), (2, 16, 8192)):  # the GPT-2 target point; exactly 2^31
+        assert eager(torch.empty(B, H, T, 8, **meta), *[torch.empty(B, H, T, 8, **meta)] * 2, True).is_meta
+
+    monkeypatch.setattr(attention_bench, "MATERIALISED_SCORES_LIMIT", 2 * 9 * 9 - 1)  # below B·H·T² = 162
+    monkeypatch.setattr(attention_bench, "suites", lambda quick: {"quick": [dict(B=1, H=2, H_kv=1, T=9, D=32)]})
+    assert attention_bench.main(["--quick", "--causal", "causal", "--output_dir", str(tmp_path)]) == 0
+    rows = read_rows(tmp_path / "attention.csv")
+    for name in ("eager", "sdpa-math"):
+        mine = [r for r in rows if r["provider"] == name]
+        assert {r["status"] for r in mine} == {"skipped"} and {r["mode"] for r in mine} == {"fwd", "bwd", "fwd+bwd"}
+        assert all("B·H·T² = 162 materialised scores > 161" in r["note"] and r["p50"] == "" for r in mine)
+    assert any(r["provider"] == "ours" and r["metric"] == "throughput" for r in rows)
+
+
+def test_optional_peers_unsupported_when_not_installed(monkeypatch):
+    """Liger-Kernel and FlexAttention, when their package is missing, are "unsupported" with the
+    note "not installed (...)", measured nothing; a peer that is installed is "skipped" on a
+    machine without CUDA."""
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # as if not installed: import fails, find_spec is None
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.flex_attention", None)
+    peers = [layer_norm_bench.providers("layer_norm", quick=True)["liger"],
+             attention_bench.providers(quick=True)["flex"][0]]
+    for peer, hint in zip(peers, ['pip install -e ".[peers]"', "needs torch >= 2.5"]):
+        with pytest.raises(common.NotMeasured) as caught:
+            peer(*[torch.zeros(1, 1, 4, 8)] * 4)
+        assert (caught.value.status, caught.value.note) == ("unsupported", f"not installed ({hint})")
+
+    env = dict(device="cpu", commit="x", date="d")
+    table = {"liger": peers[0]}
+    rows = layer_norm_bench.run_point("layer_norm", 5, 16, "fp32", table, env, True, "cpu", cuda_graphs=False)
+    liger = [r for r in rows if r["provider"] == "liger"]
+    assert [(r["mode"], r["status"], r.get("p50")) for r in liger] == [("fwd", "unsupported", None),
+                                                                   ("fwd+bwd", "unsupported", None)]
+    assert common.peer_unavailable("no_such_package.ops", "pip install it", "why") is not None
+    if not torch.cuda.is_available():
+        with pytest.raises(common.NotMeasured, match="CUDA only: why") as caught:
+            common.peer_unavailable("torch", "pip install torch", "why")()
+        assert caught.value.status == "skipped"
+
+
+def test_layer_norm_check_names_one_wrong_row(monkeypatch):
+    """Every row is checked on its own: one row of y off by 3e-4 (fp32) is a mismatch naming that
+    row, though the old check, one relative error over the whole tensors, stays under tolerance."""
+    ours = layer_norm_bench.providers("layer_norm", quick=True)["ours"]
+    scale = torch.ones(33, 1)
+    scale[5] = 1 + 3e-4
+    table = {"ours": ours, "wrong": lambda x, r, w, b: tuple(o * scale for o in ours(x, r, w, b))}
+    seen = []  # (got, ref) of each provider checked, in the table's order
+    real_check = layer_norm_bench.check
+
+    def spy(got, ref, names):
+        seen.append((got, ref))
+        return real_check(got, ref, names)
+
+    monkeypatch.setattr(layer_norm_bench, "check", spy)
+    env = dict(device="cpu", commit="x", date="d")
+    rows = layer_norm_bench.run_point("layer_norm", 33, 64, "fp32", table, env, True, "cpu", cuda_graphs=False)
+    checks = {r["provider"]: r for r in rows if r["metric"] == "rel_err"}
+    assert checks["ours"]["status"] == "ok"
+    assert checks["wrong"]["status"] == "mismatch"
+    assert checks["wrong"]["note"] in ("worst: y, row 5", "worst: dx, row 5")  # dx is scaled with y
+    assert {r["status"] for r in rows if r["provider"] == "wrong" and r["metric"] == "time"} == {"mismatch"}
+    got, ref = seen[1]  # "wrong"
+    assert max(whole_tensor_error(g, r) for g, r in zip(got, ref)) < layer_norm_bench.MISMATCH_TOL[torch.float32]
+
+
+def test_layer_norm_cuda_graph_rows(monkeypatch):
+    """With CUDA graphs (on a GPU) every timed provider and mode also gets time_cudagraph and
+    bandwidth_cudagraph rows; one whose capture fails is "unsupported" there and keeps its other
+    rows. (measure_cudagraph itself is faked: there are no CUDA graphs on a CPU.)"""
+    calls = []
+
+    def fake_cudagraph(fn, grad_to_none=None):
+        calls.append(fn)
+        if len(calls) == 3:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        return 0.5, 0.4, 0.6
+
+    monkeypatch.setattr(common, "measure_cudagraph", fake_cudagraph)
+    table = {name: fn for name, fn in layer_norm_bench.providers("layer_norm", quick=True).items() if name != "liger"}
+    env = dict(device="cpu", commit="x", date="d")
+    rows = layer_norm_bench.run_point("layer_norm", 7, 32, "fp32", table, env, True, "cpu", cuda_graphs=True)
+    graphed = {(r["provider"], r["mode"], r["metric"]): r for r in rows if r["metric"].endswith("_cudagraph")}
+    nbytes = {"fwd": 2 * 7 * 32 * 4, "fwd+bwd": 5 * 7 * 32 * 4}
+    for mode in ("fwd", "fwd+bwd"):
+        assert graphed[("ours", mode, "time_cudagraph")]["p50"] == 0.5
+        assert graphed[("ours", mode, "bandwidth_cudagraph")]["p50"] == pytest.approx(nbytes[mode] / 0.5 / 1e6)
+    failed = graphed[("torch", "fwd", "time_cudagraph")]
+    assert failed["status"] == "unsupported" and failed["note"] == "operation not permitted when stream is capturing"
+    assert ("torch", "fwd", "bandwidth_cudagraph") not in graphed
+    assert graphed[("torch", "fwd+bwd", "time_cudagraph")]["status"] == "ok" and len(calls) == 4
+
+
+@pytest.mark.requires_cuda
+def test_layer_norm_cuda_graphs_on_gpu():
+    """The real do_bench_cudagraph over our kernels' forward and forward+backward (autograd included)
+    and F.layer_norm's, at a small GPT-2-width point; Liger timed too where it is installed."""
+    table = layer_norm_bench.providers("layer_norm", quick=True)  # no torch.compile: minutes
+    env = dict(device="gpu", commit="x", date="d")
+    rows = layer_norm_bench.run_point("layer_norm", 1024, 768, "bf16", table, env, False, "cuda", cuda_graphs=True)
+    assert all(r["status"] == "ok" for r in rows if r["metric"] == "rel_err" and r["provider"] in ("ours", "torch"))
+    graphed = {(r["provider"], r["mode"]): r for r in rows if r["metric"] == "time_cudagraph"}
+    for provider in ("ours", "torch"):
+        for mode in ("fwd", "fwd+bwd"):
+            assert graphed[(provider, mode)]["status"] == "ok" and graphed[(provider, mode)]["p50"] > 0
+
+
+def test_layer_norm_copy_target_uses_the_same_size_copy(tmp_path):
+    """The fraction-of-copy target reads ours' fraction at hidden 768, which is over the copy of
+    that point's size, and names that copy's bandwidth (not another point's)."""
+    from benchmarks import targets
+
+    stamp = dict(benchmark="layer_norm", dtype="bf16", rows=16384, device="GPU X", date="2026-01-01",
+                 commit="abc1234", status="ok")
+    rows = [dict(stamp, kernel="layer_norm", hidden=768, provider="ours", mode="fwd", metric="bandwidth", p50=2000.0),
+            dict(stamp, kernel="layer_norm", hidden=768, provider="ours", mode="fwd", metric="fraction_of_copy",
+                 p50=0.8),
+            dict(stamp, kernel="layer_norm", hidden=768, provider="copy", mode="copy", metric="bandwidth", p50=2500.0),
+            dict(stamp, kernel="layer_norm", hidden=4096, provider="copy", mode="copy", metric="bandwidth", p50=3000.0)]
+    common.write_csv(rows, tmp_path / "layer_norm.csv", layer_norm_bench.SHAPE_FIELDS)
+    _, _, _, ln_copy, _ = targets.check(tmp_path)
+    assert ln_copy["value"] == 0.8 and ln_copy["measured"] == "ours 2000 GB/s, same-size copy 2500 GB/s"
