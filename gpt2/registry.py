@@ -149,8 +149,13 @@ def resolve_kernels(choice: str, device_type: str | None = None, dropout: float 
 
 
 def check_available(attn_impl: str, norm_impl: str) -> None:
-    """Raise KernelUnavailableError, saying why and what to use, when a chosen implementation can't run here."""
+    """Raise KernelUnavailableError, saying why and what to use, when a chosen implementation can't run here.
+
+    Where the triton kernels can run, it imports them: that registers their torch.ops.gpt2_suite
+    operators and FLOP formulas as soon as a model chooses them, before a FlopCounterMode (which
+    copies the formulas it knows when it is created) or a compile would meet them."""
     if "triton" in (attn_impl, norm_impl):
         reason = triton_unavailable_reason()
         if reason:
             raise KernelUnavailableError(reason)
+        import kernels  # noqa: F401

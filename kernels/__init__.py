@@ -1,9 +1,13 @@
 """Our Triton kernels: fused flash attention and LayerNorm, forward and backward.
 
 Depends on torch and triton only. Importing this package compiles and launches nothing; the
-kernels are compiled on first call. (The name collides with the Hugging Face hub's `kernels`
-package; transformers probes that one by version, and this package deliberately defines no
-``__version__``, so transformers sees no hub `kernels` here.)
+kernels are compiled on first call. Importing it registers the PyTorch custom operators behind the
+public functions, torch.ops.gpt2_suite.{flash_attention, layer_norm, add_layer_norm} and their
+backward ops, so that torch.compile(fullgraph=True), torch.export and FlopCounterMode see each
+kernel as one op (kernels/utils.py says why they are custom_ops, the op files what they are).
+(The name collides with the Hugging Face hub's `kernels` package; transformers probes that one by
+version, and this package deliberately defines no ``__version__``, so transformers sees no hub
+`kernels` here.)
 """
 
 from kernels.attention import attention_ref, flash_attention

@@ -24,6 +24,34 @@ Contract
 * CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, for tests).
 * No attention dropout, no attention mask other than causal, no Tq != Tk.
 
+Operators (registered when this module is imported; see kernels/utils.py for why ``custom_op``)
+-------------------------------------------------------------------------------------------
+``flash_attention`` validates its inputs (the ValueErrors above; CPU tensors only under the
+interpreter) and calls the PyTorch custom operator
+
+    gpt2_suite::flash_attention(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale)
+        -> (Tensor out, Tensor lse)
+
+whose autograd formula calls
+
+    gpt2_suite::flash_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
+        Tensor lse, bool causal, float? softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)
+
+(returns unnamed in the schemas; lse is non-differentiable and not returned by ``flash_attention``).
+On CUDA the ops run the launchers below; on CPU they run them too under the interpreter, and
+otherwise the same math in plain PyTorch (fp32 inside, scores materialised), so an exported or
+compiled graph holding the ops has a meaning off-GPU. Their fake implementations allocate exactly
+as the launchers do (out, dq, dk, dv as (B, H, T, D) views of (B, T, H, D) storage; lse (B, H, T)
+fp32). torch.compile(fullgraph=True) and torch.export keep each op as one opaque node.
+
+FLOPs: both ops carry torch.utils.flop_counter formulas, torch's own for SDPA, so FlopCounterMode
+counts them exactly as it counts ``scaled_dot_product_attention`` on CUDA: the full T x T square,
+causal or not (no halving for the mask), every query head (K/V heads of GQA counted as if repeated);
+forward 4 B H T^2 D (QK^T and PV), backward 10 B H T^2 D (S recomputed, then dP, dV, dQ, dK). The
+forward equals what the matmuls of eager attention count; the backward counts the recomputation of
+S (2 B H T^2 D) that eager autograd does not do. FlopCounterMode copies the formula registry when
+it is created: import this package (building a model with attn_impl="triton" does) first.
+
 Algorithm (FlashAttention-2, Dao 2023, arXiv:2307.08691; Triton tutorial 06)
 -------------------------------------------------------------------------
 Forward: one program per (BLOCK_M query rows, batch, head). It streams K/V in BLOCK_N blocks and
@@ -72,6 +100,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.utils import flop_counter
 
 from kernels import utils
 from kernels.utils import LN2, LOG2E
@@ -131,8 +160,15 @@ def _autotune_list(by_head_dim: dict[int, list[triton.Config]], interpret_config
 
 def _prune(block_names: tuple[str, str], by_head_dim: dict[int, list[triton.Config]]):
     """early_config_prune for a (outer, inner) tile pair: the configs of the head dim's class
-    with no tile longer than the (power-of-two) sequence needs, or else the class's smallest."""
+    with no tile longer than the (power-of-two) sequence needs, or else the class's smallest.
+
+    Plain loops and comparisons only: dynamo traces a pruner wherever it traces an autotuned
+    launch (a ``wrap_triton`` call; our ops are opaque to it, so not theirs), and
+    ``min(..., key=lambda ...)`` broke its graph."""
     outer_name, inner_name = block_names
+
+    def area(config):
+        return config.kwargs[outer_name] * config.kwargs[inner_name]
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -142,7 +178,13 @@ def _prune(block_names: tuple[str, str], by_head_dim: dict[int, list[triton.Conf
         # (The interpreter's single pinned config belongs to no class: keep it.)
         candidates = [c for c in configs if _config_key(c) in in_class] or configs
         kept = [c for c in candidates if max(c.kwargs[outer_name], c.kwargs[inner_name]) <= t_cap]
-        return kept or [min(candidates, key=lambda c: c.kwargs[outer_name] * c.kwargs[inner_name])]
+        if kept:
+            return kept
+        smallest = candidates[0]  # the first of the smallest tile area, as min() would pick
+        for config in candidates[1:]:
+            if area(config) < area(smallest):
+                smallest = config
+        return [smallest]
 
     return prune
 
@@ -488,6 +530,19 @@ def _empty_bhtd(b, h, t, d, dtype, device) -> torch.Tensor:
     return utils.empty((b, t, h, d), dtype, device).transpose(1, 2)
 
 
+def _fwd_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse), allocated: out (B, H, T, D) in q's dtype, laid out as _empty_bhtd; lse (B, H, T)
+    fp32. The launcher, the CPU implementation and the fake implementation all allocate here, so
+    their outputs' strides agree by construction."""
+    b, h, t, d = q.shape
+    return _empty_bhtd(b, h, t, d, q.dtype, q.device), utils.empty((b, h, t), torch.float32, q.device)
+
+
+def _bwd_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv), allocated like q, k, v but each laid out as _empty_bhtd."""
+    return tuple(_empty_bhtd(*x.shape, x.dtype, x.device) for x in (q, k, v))
+
+
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -550,6 +605,10 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _scale(head_dim: int, softmax_scale: float | None) -> float:
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
 def _t_bucket(t: int) -> int:
     """The autotune key for the sequence length: its power-of-two ceiling (capped), so a new
     length does not retune unless the best tiles could change."""
@@ -563,9 +622,8 @@ def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None):
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     b, h, t, d = q.shape
     h_kv = k.shape[1]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    out = _empty_bhtd(b, h, t, d, q.dtype, q.device)
-    lse = utils.empty((b, h, t), torch.float32, q.device)
+    scale = _scale(d, softmax_scale)
+    out, lse = _fwd_outputs(q)
     if out.numel() == 0:
         return out, lse
 
@@ -592,12 +650,10 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | 
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     b, h, t, d = q.shape
     h_kv = k.shape[1]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    scale = _scale(d, softmax_scale)
     qk_scale = scale * LOG2E.value  # log2(e): scores in log2 units
     block_d = _block_d(d)
-    dq = _empty_bhtd(b, h, t, d, q.dtype, q.device)
-    dk = _empty_bhtd(b, h_kv, t, d, k.dtype, k.device)
-    dv = _empty_bhtd(b, h_kv, t, d, v.dtype, v.device)
+    dq, dk, dv = _bwd_outputs(q, k, v)
     if dq.numel() == 0:
         return dq, dk, dv
     delta = utils.empty((b, h, t), torch.float32, q.device)
@@ -646,24 +702,119 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | 
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Custom operators: torch.ops.gpt2_suite.flash_attention and .flash_attention_backward
 # ----------------------------------------------------------------------------------------------
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale):
-        out, lse = attention_fwd(q, k, v, causal, softmax_scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal = causal
-        ctx.softmax_scale = softmax_scale
-        return out
+def _scores_math(q, k, v, causal: bool, scale: float):
+    """(S, K, V) in fp32 for the math implementations: K and V repeated to q's heads (B, H, T, D),
+    S = scale Q K^T (B, H, T, T), -inf above the diagonal when causal."""
+    n_rep = q.shape[1] // k.shape[1]
+    k32 = k.float().repeat_interleave(n_rep, dim=1)
+    v32 = v.float().repeat_interleave(n_rep, dim=1)
+    s = (q.float() @ k32.transpose(-2, -1)) * scale
+    if causal:
+        t = q.shape[2]
+        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return s, k32, v32
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale)
-        return dq, dk, dv, None, None
+
+def _attention_fwd_math(q, k, v, causal: bool, softmax_scale: float | None):
+    """attention_fwd in plain PyTorch, fp32 inside, materialising the scores: the op's CPU
+    implementation without the interpreter. Same outputs, layout and dtypes as the kernel's."""
+    s, _, v32 = _scores_math(q, k, v, causal, _scale(q.shape[-1], softmax_scale))
+    out, lse = _fwd_outputs(q)
+    lse.copy_(torch.logsumexp(s, dim=-1))
+    out.copy_(torch.exp(s - lse[..., None]) @ v32)  # P V
+    return out, lse
+
+
+def _attention_bwd_math(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None):
+    """attention_bwd in plain PyTorch, fp32 inside, by the derivation in the module docstring."""
+    b, h, t, d = q.shape
+    h_kv = k.shape[1]
+    n_rep = h // h_kv
+    scale = _scale(d, softmax_scale)
+    s, k32, v32 = _scores_math(q, k, v, causal, scale)
+    q32, do32 = q.float(), dout.float()
+    p = torch.exp(s - lse[..., None])  # P = exp(S - lse)
+    dp = do32 @ v32.transpose(-2, -1)  # dP = dO V^T
+    delta = (do32 * out.float()).sum(-1, keepdim=True)  # delta = rowsum(dO * O)
+    ds = p * (dp - delta)  # dS = P * (dP - delta)
+    dq, dk, dv = _bwd_outputs(q, k, v)
+    dq.copy_(scale * (ds @ k32))  # dQ = scale dS K
+    # dK = scale dS^T Q, dV = P^T dO, summed over the n_rep query heads of each K/V head
+    dk.copy_((scale * (ds.transpose(-2, -1) @ q32)).view(b, h_kv, n_rep, t, d).sum(2))
+    dv.copy_((p.transpose(-2, -1) @ do32).view(b, h_kv, n_rep, t, d).sum(2))
+    return dq, dk, dv
+
+
+def _fwd_cpu(q, k, v, causal, softmax_scale):
+    """On CPU: our kernels under the interpreter, else the same math in PyTorch."""
+    fwd = attention_fwd if utils.interpreting() else _attention_fwd_math
+    return fwd(q, k, v, causal, softmax_scale)
+
+
+def _bwd_cpu(dout, q, k, v, out, lse, causal, softmax_scale):
+    bwd = attention_bwd if utils.interpreting() else _attention_bwd_math
+    return bwd(dout, q, k, v, out, lse, causal, softmax_scale)
+
+
+def _fwd_fake(q, k, v, causal, softmax_scale):
+    return _fwd_outputs(q)
+
+
+def _bwd_fake(dout, q, k, v, out, lse, causal, softmax_scale):
+    return _bwd_outputs(q, k, v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.gpt2_suite.flash_attention_backward(
+        dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale
+    )
+    return dq, dk, dv, None, None
+
+
+def _kv_as_query_heads(q_shape, kv_shape) -> tuple[int, ...]:
+    """K/V's shape with q's head count: FLOPs are those of every query head scoring its keys."""
+    return (q_shape[0], q_shape[1], *kv_shape[2:])
+
+
+def _fwd_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch's formula for SDPA's forward (QK^T and PV, full T x T square)."""
+    return flop_counter.sdpa_flop_count(
+        q_shape, _kv_as_query_heads(q_shape, k_shape), _kv_as_query_heads(q_shape, v_shape)
+    )
+
+
+def _bwd_flop(dout_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch's formula for SDPA's backward (S recomputed, then dV, dP, dQ, dK: five matmuls)."""
+    return flop_counter.sdpa_backward_flop_count(
+        dout_shape, q_shape, _kv_as_query_heads(q_shape, k_shape), _kv_as_query_heads(q_shape, v_shape)
+    )
+
+
+utils.define_op(
+    "flash_attention_backward",
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? softmax_scale)"
+    " -> (Tensor, Tensor, Tensor)",
+    cuda=attention_bwd, cpu=_bwd_cpu, fake=_bwd_fake, flop_formula=_bwd_flop,
+)
+utils.define_op(
+    "flash_attention",
+    "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale) -> (Tensor, Tensor)",
+    cuda=attention_fwd, cpu=_fwd_cpu, fake=_fwd_fake,
+    backward=_backward, setup_context=_setup_context, flop_formula=_fwd_flop,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,9 +833,14 @@ def flash_attention(
 
     q: (B, H, T, D); k, v: (B, H_kv, T, D) with H_kv dividing H; float16/bfloat16/float32;
     D <= 256; any T. softmax_scale defaults to 1/sqrt(D). Differentiable in q, k and v.
+    Calls torch.ops.gpt2_suite.flash_attention (its lse output stays internal).
     See the module docstring for the full contract.
     """
-    return FlashAttentionFunction.apply(q, k, v, causal, softmax_scale)
+    _check_inputs(q, k, v)  # here, before the op: the op's CPU implementation would accept CPU tensors
+    out, _ = torch.ops.gpt2_suite.flash_attention(
+        q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale)
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

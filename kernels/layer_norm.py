@@ -35,6 +35,30 @@ constant row gets var = 0 and y = bias exactly.
 * bias=None is supported (no bias term, no dbias).
 * CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, for tests).
 
+Operators (registered when this module is imported; see kernels/utils.py for why ``custom_op``)
+-------------------------------------------------------------------------------------------
+The public functions validate their inputs (the ValueErrors of the launcher; CPU tensors only
+under the interpreter) and call the PyTorch custom operators
+
+    gpt2_suite::layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps)
+        -> (Tensor y, Tensor mean, Tensor rstd)
+    gpt2_suite::add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor? bias, float eps)
+        -> (Tensor y, Tensor z, Tensor mean, Tensor rstd)
+
+whose autograd formulas call
+
+    gpt2_suite::layer_norm_backward(Tensor dy, Tensor z, Tensor weight, Tensor? bias, Tensor mean,
+        Tensor rstd, Tensor? dz_out) -> (Tensor dz, Tensor dweight, Tensor dbias)
+
+(returns unnamed in the schemas; dbias is empty, shape (0,), without a bias, since a schema has no
+optional outputs; mean and rstd are non-differentiable and not returned by the public functions).
+On CUDA the ops run the launchers below; on CPU they run them too under the interpreter, and
+otherwise the same math in plain PyTorch (fp32 inside), so an exported or compiled graph holding
+the ops has a meaning off-GPU. Their fake implementations allocate exactly as the launchers do
+(y, z, dz contiguous; mean, rstd (M,) fp32; dweight, dbias (N,) contiguous). torch.compile and
+torch.export keep each op as one opaque node. No FLOP formula: FlopCounterMode counts no FLOPs for
+F.layer_norm either, so a triton model and a torch one report the same totals.
+
 Algorithm: each forward program normalises a tile of ROWS whole rows held in registers (Triton
 tutorial 05; LayerNorm itself: Ba et al. 2016, arXiv:1607.06450). The shifted statistics: Chan,
 Golub & LeVeque, "Algorithms for computing the sample variance", The American Statistician 37, 1983.
@@ -63,6 +87,8 @@ config under the interpreter.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +254,22 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return _unit_stride(x.reshape(-1, x.shape[-1]))
 
 
+def _out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    """y's (and z's) dtype: x's, or the promotion of x's and the residual's, as x + residual has."""
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+def _fwd_outputs(x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(y, z, mean, rstd), allocated: y (and z, None without residual) contiguous, shaped like x;
+    mean, rstd fp32 of shape (M,), M = the rows of x. The launcher, the CPU implementation and the
+    fake implementation all allocate here, so their outputs' strides agree by construction."""
+    m = math.prod(x.shape[:-1])
+    shape, dtype = (m, x.shape[-1]), _out_dtype(x, residual)
+    y = utils.empty(shape, dtype, x.device).view(x.shape)
+    z = utils.empty(shape, dtype, x.device).view(x.shape) if residual is not None else None
+    return y, z, utils.empty((m,), torch.float32, x.device), utils.empty((m,), torch.float32, x.device)
+
+
 def _check_tensor(name: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"layer_norm: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -256,8 +298,8 @@ def _check_inputs(x, residual, weight, bias) -> None:
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (n,):
             raise ValueError(f"layer_norm: {name} must have shape ({n},) to match x's last dim, got {tuple(t.shape)}")
-    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    max_n = MAX_FUSED_BYTES // torch.empty((), dtype=out_dtype).element_size()
+    out_dtype = _out_dtype(x, residual)
+    max_n = MAX_FUSED_BYTES // out_dtype.itemsize
     if n > max_n:
         raise ValueError(
             f"layer_norm supports a normalised size up to {max_n} for {out_dtype} "
@@ -273,27 +315,22 @@ def layer_norm_fwd(x, weight, bias, eps: float, residual=None):
     n = x.shape[-1]
     x2 = _rows(x)
     m = x2.shape[0]
-    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = utils.empty((m, n), out_dtype, x.device)
-    mean = utils.empty((m,), torch.float32, x.device)
-    rstd = utils.empty((m,), torch.float32, x.device)
-    residual2 = z = None
+    y, z, mean, rstd = _fwd_outputs(x, residual)
+    y2 = y.view(m, n)
+    residual2 = z2 = None
     if residual is not None:
         residual2 = _rows(residual)
-        z = utils.empty((m, n), out_dtype, x.device)
+        z2 = z.view(m, n)
     if m > 0 and n > 0:
         _layer_norm_fwd_kernel[lambda meta: (triton.cdiv(m, meta["ROWS"]),)](
             x2, residual2 if residual2 is not None else x2, weight, bias if bias is not None else weight,
-            y, z if z is not None else y, mean, rstd,
+            y2, z2 if z2 is not None else y2, mean, rstd,
             x2.stride(0), residual2.stride(0) if residual2 is not None else 0,
-            y.stride(0), z.stride(0) if z is not None else 0,
+            y2.stride(0), z2.stride(0) if z2 is not None else 0,
             m, n, eps,
             HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
             BLOCK_N=triton.next_power_of_2(n),
         )
-    y = y.view(x.shape)
-    if z is not None:
-        z = z.view(x.shape)
     return y, z, mean, rstd
 
 
@@ -308,7 +345,8 @@ def layer_norm_bwd(dy, z, weight, bias, mean, rstd, dz_out=None):
     """Launch the backward kernel and the final partial sums. z is the normalised input (x, or the
     new residual stream); dz_out the gradient reaching z directly (add_layer_norm's second output).
     Returns (dz, dweight, dbias): dz shaped like z and in its dtype, dweight/dbias shaped (N,) like
-    weight/bias and in their dtypes; dbias None without bias."""
+    weight/bias and in their dtypes; dbias None without bias (an empty tensor from the op, whose
+    schema has no optional outputs)."""
     weight = _unit_stride(weight)
     n = z.shape[-1]
     z2 = _rows(z)
@@ -340,33 +378,157 @@ def layer_norm_bwd(dy, z, weight, bias, mean, rstd, dz_out=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Custom operators: torch.ops.gpt2_suite.layer_norm, .add_layer_norm and .layer_norm_backward
 # ----------------------------------------------------------------------------------------------
 
 
-class LayerNormFunction(torch.autograd.Function):
-    """y = LN(x) or, with a residual, (y, z) = (LN(x + residual), x + residual)."""
+def _layer_norm_fwd_math(x, weight, bias, eps: float, residual=None):
+    """layer_norm_fwd in plain PyTorch, fp32 inside: the ops' CPU implementation without the
+    interpreter. Same outputs, layout and dtypes as the kernel's."""
+    y, z, mean, rstd = _fwd_outputs(x, residual)
+    n = x.shape[-1]
+    if z is not None:
+        z.copy_(x + residual)  # rounded to the stream's dtype before it is normalised, as the kernel does
+    z32 = (z if z is not None else x).float().reshape(-1, n)
+    pivot = z32[:, :1]  # the shifted statistics of the module docstring
+    s = (z32 - pivot).mean(-1, keepdim=True)  # mean - p
+    zc = (z32 - pivot) - s  # z - mean
+    rstd.copy_(torch.rsqrt((zc * zc).mean(-1) + eps))
+    mean.copy_((pivot + s).view(-1))
+    y32 = zc * rstd[:, None] * weight.float()
+    y.copy_((y32 + bias.float() if bias is not None else y32).view(x.shape))
+    return y, z, mean, rstd
 
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        y, z, mean, rstd = layer_norm_fwd(x, weight, bias, eps, residual)
-        ctx.has_residual = residual is not None
-        ctx.x_dtype = x.dtype
-        ctx.residual_dtype = residual.dtype if residual is not None else None
-        ctx.save_for_backward(z if z is not None else x, weight, bias, mean, rstd)
-        ctx.set_materialize_grads(False)
-        return (y, z) if z is not None else y
 
-    @staticmethod
-    def backward(ctx, dy, dz_out=None):
-        z, weight, bias, mean, rstd = ctx.saved_tensors
-        if dy is None:  # only the residual stream was used downstream
-            dy = torch.zeros_like(z)
-        dz, dweight, dbias = layer_norm_bwd(dy, z, weight, bias, mean, rstd, dz_out)
-        if not ctx.has_residual:
-            return dz, None, dweight, dbias, None
-        # z = x + residual: both receive dz (the same tensor when dtypes agree, as for torch's add).
-        return dz.to(ctx.x_dtype), dz.to(ctx.residual_dtype), dweight, dbias, None
+def _layer_norm_bwd_math(dy, z, weight, bias, mean, rstd, dz_out=None):
+    """layer_norm_bwd in plain PyTorch, fp32 inside, by the derivation in the module docstring."""
+    n = z.shape[-1]
+    z32, dy32 = z.float().reshape(-1, n), dy.float().reshape(-1, n)
+    zc = z32 - mean[:, None]  # shifted by the saved mean, then by its rounding error, as the kernel
+    xhat = (zc - zc.mean(-1, keepdim=True)) * rstd[:, None]
+    g = dy32 * weight.float()  # the gradient reaching xhat
+    c1 = (g * xhat).mean(-1, keepdim=True)
+    c2 = g.mean(-1, keepdim=True)
+    dz32 = (g - (xhat * c1 + c2)) * rstd[:, None]
+    if dz_out is not None:
+        dz32 = dz32 + dz_out.float().reshape(-1, n)
+    dweight = (dy32 * xhat).sum(0).to(weight.dtype)
+    dbias = dy32.sum(0).to(bias.dtype) if bias is not None else None
+    return dz32.to(z.dtype).view(z.shape), dweight, dbias
+
+
+def _fwd_cpu(x, weight, bias, eps, residual=None):
+    """On CPU: our kernels under the interpreter, else the same math in PyTorch."""
+    fwd = layer_norm_fwd if utils.interpreting() else _layer_norm_fwd_math
+    return fwd(x, weight, bias, eps, residual)
+
+
+# The ops' implementations: layer_norm returns (y, mean, rstd), add_layer_norm (y, z, mean, rstd).
+def _norm_fwd(x, weight, bias, eps):
+    y, _, mean, rstd = layer_norm_fwd(x, weight, bias, eps)
+    return y, mean, rstd
+
+
+def _norm_fwd_cpu(x, weight, bias, eps):
+    y, _, mean, rstd = _fwd_cpu(x, weight, bias, eps)
+    return y, mean, rstd
+
+
+def _norm_fwd_fake(x, weight, bias, eps):
+    y, _, mean, rstd = _fwd_outputs(x, None)
+    return y, mean, rstd
+
+
+def _add_norm_fwd(x, residual, weight, bias, eps):
+    return layer_norm_fwd(x, weight, bias, eps, residual)
+
+
+def _add_norm_fwd_cpu(x, residual, weight, bias, eps):
+    return _fwd_cpu(x, weight, bias, eps, residual)
+
+
+def _add_norm_fwd_fake(x, residual, weight, bias, eps):
+    return _fwd_outputs(x, residual)
+
+
+def _no_bias_grad(weight: torch.Tensor) -> torch.Tensor:
+    """The backward op's third output without a bias: empty (a schema has no optional outputs)."""
+    return torch.empty((0,), dtype=weight.dtype, device=weight.device)
+
+
+def _bwd(dy, z, weight, bias, mean, rstd, dz_out):
+    dz, dweight, dbias = layer_norm_bwd(dy, z, weight, bias, mean, rstd, dz_out)
+    return dz, dweight, dbias if dbias is not None else _no_bias_grad(weight)
+
+
+def _bwd_cpu(dy, z, weight, bias, mean, rstd, dz_out):
+    bwd = layer_norm_bwd if utils.interpreting() else _layer_norm_bwd_math
+    dz, dweight, dbias = bwd(dy, z, weight, bias, mean, rstd, dz_out)
+    return dz, dweight, dbias if dbias is not None else _no_bias_grad(weight)
+
+
+def _bwd_fake(dy, z, weight, bias, mean, rstd, dz_out):
+    def like(t):  # as the launcher returns them: contiguous, shaped and typed like t
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    return like(z), like(weight), like(bias) if bias is not None else _no_bias_grad(weight)
+
+
+def _norm_setup_context(ctx, inputs, output):
+    x, weight, bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _add_norm_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _eps = inputs
+    _y, z, mean, rstd = output
+    ctx.x_dtype, ctx.residual_dtype = x.dtype, residual.dtype
+    ctx.save_for_backward(z, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _normalised_grads(ctx, dy, dz_out):
+    """(dz, dweight, dbias) through torch.ops.gpt2_suite.layer_norm_backward."""
+    z, weight, bias, mean, rstd = ctx.saved_tensors
+    if dy is None:  # only the residual stream was used downstream
+        dy = torch.zeros_like(z)
+    dz, dweight, dbias = torch.ops.gpt2_suite.layer_norm_backward(dy, z, weight, bias, mean, rstd, dz_out)
+    return dz, dweight, dbias if bias is not None else None
+
+
+def _norm_backward(ctx, dy, _dmean, _drstd):
+    dz, dweight, dbias = _normalised_grads(ctx, dy, None)
+    return dz, dweight, dbias, None
+
+
+def _add_norm_backward(ctx, dy, dz_out, _dmean, _drstd):
+    dz, dweight, dbias = _normalised_grads(ctx, dy, dz_out)
+    # z = x + residual: both receive dz (the same tensor when dtypes agree, as for torch's add).
+    return dz.to(ctx.x_dtype), dz.to(ctx.residual_dtype), dweight, dbias, None
+
+
+utils.define_op(
+    "layer_norm_backward",
+    "(Tensor dy, Tensor z, Tensor weight, Tensor? bias, Tensor mean, Tensor rstd, Tensor? dz_out)"
+    " -> (Tensor, Tensor, Tensor)",
+    cuda=_bwd, cpu=_bwd_cpu, fake=_bwd_fake,
+)
+utils.define_op(
+    "layer_norm",
+    "(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
+    cuda=_norm_fwd, cpu=_norm_fwd_cpu, fake=_norm_fwd_fake,
+    backward=_norm_backward, setup_context=_norm_setup_context,
+)
+utils.define_op(
+    "add_layer_norm",
+    "(Tensor x, Tensor residual, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    cuda=_add_norm_fwd, cpu=_add_norm_fwd_cpu, fake=_add_norm_fwd_fake,
+    backward=_add_norm_backward, setup_context=_add_norm_setup_context,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,15 +537,21 @@ class LayerNormFunction(torch.autograd.Function):
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last dimension, like F.layer_norm(x, (N,), weight, bias, eps)."""
-    return LayerNormFunction.apply(x, None, weight, bias, eps)
+    """LayerNorm over the last dimension, like F.layer_norm(x, (N,), weight, bias, eps).
+    Calls torch.ops.gpt2_suite.layer_norm (its mean and rstd outputs stay internal)."""
+    _check_inputs(x, None, weight, bias)  # here, before the op: its CPU implementation would accept CPU tensors
+    y, _, _ = torch.ops.gpt2_suite.layer_norm(x, weight, bias, float(eps))
+    return y
 
 
 def add_layer_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LN(x + residual), x + residual) in one pass over the residual stream."""
-    return LayerNormFunction.apply(x, residual, weight, bias, eps)
+    """(LN(x + residual), x + residual) in one pass over the residual stream.
+    Calls torch.ops.gpt2_suite.add_layer_norm."""
+    _check_inputs(x, residual, weight, bias)
+    y, z, _, _ = torch.ops.gpt2_suite.add_layer_norm(x, residual, weight, bias, float(eps))
+    return y, z
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,17 +14,46 @@ here once, so the ops agree on them and a test flips one switch for both:
   interpreter; anything else is refused with a message naming the CPU alternative.
 * ``LOG2E``, ``LN2``: the base-2 conversion constants, as ``tl.constexpr`` so ``@triton.jit`` code
   can use them (``from kernels.utils import LOG2E``); ``LOG2E.value`` is the float on the host.
+* ``define_op(name, schema, ...)``: registers one PyTorch custom operator
+  ``torch.ops.gpt2_suite.<name>`` (``OP_NAMESPACE``) with its CUDA and CPU implementations, its fake
+  (meta) implementation, its autograd formula and its FLOP formula, once per process.
 
-Depends on torch and triton only; nothing runs at import time.
+Why ``torch.library.custom_op`` and not ``torch.library.triton_op``
+-------------------------------------------------------------------
+A ``triton_op`` is traced: its fake implementation *is* its Python body, run on fake tensors, with
+each launch wrapped by ``wrap_triton`` so that dynamo/inductor see the Triton kernels themselves.
+Under Triton's interpreter (TRITON_INTERPRET=1, the CPU test suite) ``@triton.jit`` makes an
+``InterpretedFunction``, not a kernel that tracing can capture: the body, run as the fake
+implementation, launches it on fake tensors and fails ("Cannot access data pointer of Tensor", as
+tried with torch 2.13 and a one-kernel triton_op). No CPU test could then compile, export or
+opcheck a model with our kernels, and a GPU would run a registration that CI never ran.
+
+A ``custom_op`` is opaque: dynamo, AOTAutograd, torch.export and FlopCounterMode see one node with
+a schema, a fake implementation gives its outputs' metadata without running it, and at run time
+the node calls our launcher, which validates, allocates and launches the autotuned kernels exactly
+as in eager mode. The same registration runs on every machine, so the CPU suite tests the one a
+GPU uses. (torch.library.custom_op, register_kernel/register_fake/register_autograd and opcheck
+all exist since torch 2.4: the GPU image's 2.11 and CI's 2.13 run the same code.)
+
+On a GPU, inductor treats such an op as an extern (fallback) kernel: the compiled graph calls it
+once per use, the surrounding matmuls and pointwise ops are still fused and generated around it,
+and the op itself remains our single fused Triton launch (flash attention, or LN with its residual
+add). What inductor gives up is fusing *into* our kernels (a prologue or epilogue), which a
+hand-fused kernel has little to gain from, and autotuning them itself (our ``triton.autotune`` does).
+
+Depends on torch and triton only; nothing runs at import time beyond the registrations of the op
+files (no kernel is compiled or launched).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils import flop_counter
 
 LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln 2 = log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # ln 2: log(x) = log2(x) * LN2
@@ -66,3 +95,41 @@ def check_device(op: str, name: str, x: torch.Tensor, cpu_alternative: str) -> N
             else ""
         )
     )
+
+
+OP_NAMESPACE = "gpt2_suite"  # torch.ops.gpt2_suite.flash_attention, ...
+
+
+def define_op(
+    name: str,
+    schema: str,
+    *,
+    cuda: Callable,
+    cpu: Callable,
+    fake: Callable,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+    flop_formula: Callable | None = None,
+) -> torch._ops.OpOverloadPacket:
+    """Register ``torch.ops.gpt2_suite.<name>`` (functional: it mutates none of its inputs) and
+    return it. cuda and cpu are its implementations on those devices, fake gives its outputs'
+    shapes, strides and dtypes from the inputs' without computing them, backward/setup_context its
+    autograd formula (torch.library.register_autograd), flop_formula its count for
+    torch.utils.flop_counter.FlopCounterMode (called with the inputs' shapes, as torch's own).
+
+    Registration happens once per process: when the op already exists (an op file imported a
+    second time, under another module name), the existing registration stays and is returned.
+    """
+    namespace = getattr(torch.ops, OP_NAMESPACE)
+    if not hasattr(namespace, name):
+        op = torch.library.custom_op(
+            f"{OP_NAMESPACE}::{name}", cuda, mutates_args=(), device_types="cuda", schema=schema
+        )
+        op.register_kernel("cpu", cpu)
+        op.register_fake(fake)
+        if backward is not None:
+            op.register_autograd(backward, setup_context=setup_context)
+    packet = getattr(namespace, name)
+    if flop_formula is not None and packet not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(packet)(flop_formula)
+    return packet

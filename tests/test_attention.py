@@ -238,6 +238,32 @@ def test_autotuner_times_only_the_head_dim_class(monkeypatch, by_head_dim, inter
     assert prune([interpret_config], {"T_BUCKET": 16, "BLOCK_D": 64}) == [interpret_config]
 
 
+@pytest.mark.parametrize("by_head_dim, names", [
+    (attention.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N")),
+    (attention.BWD_DKDV_CONFIGS, ("BLOCK_N1", "BLOCK_M1")),
+    (attention.BWD_DQ_CONFIGS, ("BLOCK_M2", "BLOCK_N2")),
+], ids=["fwd", "dkdv", "dq"])
+def test_pruner_traces_without_graph_breaks(monkeypatch, by_head_dim, names):
+    """Dynamo traces a pruner wherever it traces an autotuned launch. Short sequences (T <= 32)
+    take the fallback to the class's smallest tile, which was min(..., key=lambda ...) and broke
+    the graph; traced in one graph now, the pruner picks what it picks in eager mode."""
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
+    every = attention._autotune_list(by_head_dim, attention.FWD_INTERPRET_CONFIG)
+    prune = attention._prune(names, by_head_dim)
+    outer, inner = names
+    cases = [{"T_BUCKET": t_bucket, "BLOCK_D": block_d} for t_bucket in (16, 32, 1024) for block_d in (64, 256)]
+
+    def tile_areas(x):
+        return [x * sum(c.kwargs[outer] * c.kwargs[inner] for c in prune(every, args)) for args in cases]
+
+    torch._dynamo.reset()
+    try:
+        traced = torch.compile(tile_areas, fullgraph=True, backend="eager")(torch.ones(()))
+    finally:
+        torch._dynamo.reset()
+    assert [t.item() for t in traced] == [t.item() for t in tile_areas(torch.ones(()))]
+
+
 def test_hub_kernels_package_is_not_detected():
     """Our package is also importable as `kernels`, like the hub's; transformers must not take it
     for that one (which it gates on kernels >= 0.18) and must still import its models."""

@@ -1,4 +1,7 @@
-"""Convergence: a tiny GPT-2 trained a few steps with our Triton kernels (attention and fused
+"""A tiny GPT-2 with our Triton kernels, end to end: it trains like PyTorch's SDPA and F.layer_norm
+(convergence), compiles into one graph forward and backward, counts FLOPs, and exports.
+
+Convergence: a tiny GPT-2 trained a few steps with our Triton kernels (attention and fused
 add+LayerNorm) follows the same loss curve as with PyTorch's SDPA and F.layer_norm.
 
 Both runs start from identical weights and train on identical data in float32. The kernels agree
@@ -16,10 +19,15 @@ does, so the two runs differ only by fp32 rounding: measured, the losses agree t
 
 from __future__ import annotations
 
+import collections
 import copy
+import io
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+from torch.utils.flop_counter import FlopCounterMode
 
 import kernels
 from gpt2 import GPT2, GPT2Config
@@ -88,3 +96,125 @@ def test_triton_kernels_train_like_torch(monkeypatch):
     for name, want in reference_grads.items():
         err = (our_grads[name] - want).abs().max().item()
         assert err <= GRAD_RTOL * want.abs().max().item() + 1e-12, f"step-0 gradient of {name}: max error {err:.2e}"
+
+
+def _tiny_triton_model(**overrides):
+    values = dict(vocab_size=97, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                  attn_impl="triton", norm_impl="triton")
+    return GPT2(GPT2Config(**{**values, **overrides})).to(DEVICE)
+
+
+def _recording_backend(graphs: list):
+    """AOTAutograd with no compiler (as backend="aot_eager"), keeping the forward and backward graphs
+    it captures: the aten-level graphs in which our ops must appear, as opaque nodes."""
+
+    def keep(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return make_boxed_func(graph_module.forward)
+
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+
+def _our_ops(graph_module) -> collections.Counter:
+    return collections.Counter(
+        node.target.name() for node in graph_module.graph.nodes
+        if node.op == "call_function" and str(node.target).startswith("gpt2_suite.")
+    )
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield torch._dynamo.utils.counters
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("t, variant", [
+    (17, {}),  # learned positions, every head its own K/V
+    (17, dict(n_kv_head=1, position_embedding="rope")),  # T <= 32: the autotune-prune fallback's lengths
+    (32, dict(n_kv_head=1, position_embedding="rope")),
+    (128, dict(n_kv_head=1, position_embedding="rope")),  # several query and key blocks
+], ids=["mha-17", "gqa-rope-17", "gqa-rope-32", "gqa-rope-128"])
+def test_compiled_model_is_one_graph_forward_and_backward(fresh_dynamo, t, variant):
+    """torch.compile(model, fullgraph=True) of a triton GPT-2 captures the whole forward, and
+    AOTAutograd the whole backward, each as one graph holding our ops as opaque nodes (so dynamo
+    never traces Triton, nor its interpreter here). The compiled graphs run the same kernels as
+    eager mode on the same inputs: loss and every gradient bitwise equal on CPU (on CUDA, within a
+    few fp32 ulps, in case a cuBLAS call gets differently laid-out operands)."""
+    torch.manual_seed(0)
+    model = _tiny_triton_model(**variant)
+    input_ids = torch.randint(0, 97, (2, t), device=DEVICE)
+    eager_loss = model(input_ids, labels=input_ids)
+    eager_loss.backward()
+    eager_grads = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    graphs = []
+    compiled = torch.compile(model, backend=_recording_backend(graphs), fullgraph=True)
+    loss = compiled(input_ids, labels=input_ids)
+    loss.backward()
+
+    assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
+    assert len(graphs) == 2, f"{len(graphs)} graphs: expected one forward and one backward"
+    n_layer = model.config.n_layer
+    assert _our_ops(graphs[0]) == {"gpt2_suite::flash_attention": n_layer, "gpt2_suite::add_layer_norm": 2 * n_layer,
+                                   "gpt2_suite::layer_norm": 1}
+    assert _our_ops(graphs[1]) == {"gpt2_suite::flash_attention_backward": n_layer,
+                                   "gpt2_suite::layer_norm_backward": 2 * n_layer + 1}
+    ulps = 0 if DEVICE == "cpu" else 4
+    for name, got, want in [("loss", loss, eager_loss)] + [
+        (name, p.grad, eager_grads[name]) for name, p in model.named_parameters()
+    ]:
+        bound = ulps * torch.finfo(want.dtype).eps * want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=0, atol=bound, msg=name)
+
+
+def _flops(model, input_ids):
+    """FlopCounterMode's totals, (forward, backward), for one training step."""
+    with FlopCounterMode(display=False) as forward:
+        loss = model(input_ids, labels=input_ids)
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    return forward.get_total_flops(), backward.get_total_flops()
+
+
+def test_flop_counter_counts_triton_attention_as_eager_attention():
+    """FlopCounterMode sees our attention (it used to count none of it). Forward, the triton model
+    counts exactly what the same model with eager attention counts through its two matmuls per
+    layer. Backward, ours follows torch's SDPA formula (the one FlopCounterMode applies to SDPA's
+    CUDA kernels), which also counts the recomputation of S = QK^T: 2 B H T^2 D per layer more than
+    eager autograd's four matmuls. LayerNorm counts nothing in either (as F.layer_norm)."""
+    model = _tiny_triton_model(n_head=4, n_kv_head=2, position_embedding="rope")
+    b, t = 2, 20
+    input_ids = torch.randint(0, 97, (b, t), device=DEVICE)
+    triton_flops = _flops(model, input_ids)
+    eager_flops = _flops(model.set_kernels(attn_impl="eager", norm_impl="torch"), input_ids)
+    cfg = model.config
+    recompute = cfg.n_layer * 2 * b * cfg.n_head * t * t * cfg.head_dim
+    assert triton_flops[0] == eager_flops[0] > 0
+    assert triton_flops[1] == eager_flops[1] + recompute
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # torch.export.load's own, in torch 2.13
+def test_export_carries_the_ops():
+    """torch.export of a triton GPT-2, with a dynamic sequence length, holds our ops as nodes through
+    run_decompositions (what AOTInductor starts from) and a save/load round trip; the exported
+    program computes what the model computes, at lengths other than the traced one."""
+    model = _tiny_triton_model(n_head=4, n_kv_head=2, position_embedding="rope").eval()
+    seq_len = torch.export.Dim("seq_len", min=2, max=model.config.n_positions)
+    program = torch.export.export(
+        model, (torch.randint(0, 97, (2, 20), device=DEVICE),), dynamic_shapes={"input_ids": {1: seq_len}}
+    )
+    program = program.run_decompositions()
+    assert set(_our_ops(program.graph_module)) == {
+        "gpt2_suite::flash_attention", "gpt2_suite::add_layer_norm", "gpt2_suite::layer_norm"
+    }
+    saved = io.BytesIO()
+    torch.export.save(program, saved)
+    saved.seek(0)
+    loaded = torch.export.load(saved).module()
+    for t in (20, 33):
+        input_ids = torch.randint(0, 97, (2, t), device=DEVICE)
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids), model(input_ids)), t
