@@ -663,10 +663,12 @@ def test_flops_per_token_and_mfu_against_flop_counter(tmp_path, train_file, monk
 
 
 @pytest.mark.slow
-def test_compile_trains_like_eager(tmp_path, train_file):
-    """--compile (Accelerate's torch.compile, inductor, here on CPU) with --kernels sdpa: the same
-    losses as the uncompiled run, to fp32 rounding (inductor fuses and reorders fp32 arithmetic)."""
-    common = ["--train_file", train_file, *TINY, "--max_train_steps", 3, "--eval_steps", 3, "--kernels", "sdpa"]
+@pytest.mark.parametrize("kernels", ["sdpa", "triton"])
+def test_compile_trains_like_eager(tmp_path, train_file, kernels):
+    """--compile (Accelerate's torch.compile, inductor, here on CPU): the same losses as the
+    uncompiled run, to fp32 rounding (inductor fuses and reorders fp32 arithmetic). With triton,
+    our kernels are custom ops that inductor calls as they are (here: in Triton's interpreter)."""
+    common = ["--train_file", train_file, *TINY, "--max_train_steps", 3, "--eval_steps", 3, "--kernels", kernels]
     assert run([*common, "--output_dir", tmp_path / "eager"]) == 0
     _reset_accelerate()
     assert run([*common, "--output_dir", tmp_path / "compiled", "--compile"]) == 0
