@@ -9,6 +9,9 @@ before any timing. Registers are not speed: only the benchmarks say which config
 
     python -m benchmarks.resources                 # attention at D=64, 128, 256; LayerNorm at 768, 1600, 8192
     python -m benchmarks.resources --out benchmarks/results/compiler
+    GPT2_SUITE_AUTOTUNE=short python -m benchmarks.resources --time --width 64 --width 768
+        # seconds per compile, one at a time in a fresh cache: what a first GPU call's autotuning
+        # spends compiling (the short lists; unset the variable for the full ones)
 
 Needs a Triton build with the NVIDIA backend (the Linux wheels) and must run without
 TRITON_INTERPRET. Also used by the tests' compile checks (`compile_kernel`).
@@ -23,6 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -30,7 +34,7 @@ from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
 
 # Runtime (non-constexpr) arguments of our kernels that are not tensors; strides are i32 too.
 SCALAR_TYPES = {
-    "H": "i32", "T": "i32", "T_BUCKET": "i32", "M": "i32", "N": "i32", "rows_per_program": "i32",
+    "H": "i32", "T": "i32", "T_BUCKET": "i32", "M": "i32", "N": "i32", "rows_per_program": "i32", "programs": "i32",
     "qk_scale": "fp32", "softmax_scale": "fp32", "eps": "fp32",
 }
 # Tensor arguments that are fp32 whatever the input dtype (statistics and partial sums).
@@ -117,10 +121,10 @@ def _tried_configs(kernel, **args):
     return prune(kernel.configs, args) if prune else kernel.configs
 
 
-def jobs(family: str | None, dtype: str = "bf16"):
+def jobs(family: str | None, dtype: str = "bf16", widths: list[int] | None = None):
     """(label, job) for every (kernel, shape, config) the autotuner would try at the long-sequence
     bucket: attention at D = 64, 128, 256, causal and not; LayerNorm at GPT-2 small and XL widths
-    and 8192."""
+    and 8192 (only those in `widths`, when given)."""
     import triton
 
     for (module, name), flags in KERNELS.items():
@@ -134,6 +138,8 @@ def jobs(family: str | None, dtype: str = "bf16"):
             shapes = [(n, dict(BLOCK_N=triton.next_power_of_2(n), **flags), dict(BLOCK_N=triton.next_power_of_2(n)))
                       for n in (768, 1600, 8192)]
         for width, shape, prune_args in shapes:
+            if widths and width not in widths:
+                continue
             for config in _tried_configs(kernel, **prune_args):
                 tile = "x".join(str(v) for v in config.kwargs.values())
                 if module == "layer_norm":
@@ -147,7 +153,10 @@ def jobs(family: str | None, dtype: str = "bf16"):
 def _compile_job(job) -> dict:
     module, name, constexprs, dtype, num_warps, num_stages = job
     try:
-        return resource_usage(compile_kernel(_kernel(module, name), constexprs, dtype, 90, num_warps, num_stages))
+        kernel = _kernel(module, name)
+        start = time.perf_counter()
+        compiled = compile_kernel(kernel, constexprs, dtype, 90, num_warps, num_stages)
+        return {**resource_usage(compiled), "compile_s": time.perf_counter() - start}
     except Exception as e:  # an invalid config (e.g. out of shared memory at compile time) is a result too
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
 
@@ -162,6 +171,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, help="also write resources.md there")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", choices=["attention", "layer_norm"], help="one kernel family")
+    parser.add_argument("--width", type=int, action="append",
+                        help="only this head dim (attention) or row size (LayerNorm); repeatable")
+    parser.add_argument("--time", action="store_true",
+                        help="compile one config at a time (--jobs 1) in a fresh Triton cache and report the "
+                             "seconds each compile takes, and their sum per kernel")
     return parser.parse_args(argv)
 
 
@@ -174,12 +188,15 @@ def run(args) -> int:
 
     import triton
 
-    todo = list(jobs(args.only))
-    with ProcessPoolExecutor(args.jobs) as pool:
-        usages = list(pool.map(_compile_job, [job for _, job in todo]))
+    todo = list(jobs(args.only, widths=args.width))
+    with tempfile.TemporaryDirectory() as fresh_cache:
+        if args.time:  # no cache hits, no competing compiles: what one process's autotuning pays
+            os.environ["TRITON_CACHE_DIR"] = fresh_cache
+        with ProcessPoolExecutor(1 if args.time else args.jobs) as pool:
+            usages = list(pool.map(_compile_job, [job for _, job in todo]))
 
     header = ["kernel", "width", "causal", "dtype", "tile", "warps", "stages", "registers", "stack_bytes",
-              "local_ops", "shared_KiB", "hgmma", "hmma", "verdict"]
+              "local_ops", "shared_KiB", "hgmma", "hmma", "verdict"] + (["compile_s"] if args.time else [])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     lines = [f"Compiled for sm_90 by Triton {triton.__version__} on {date}; no GPU involved. stack_bytes > 0 or "
              f"local_ops > 0: spills to local memory. Shared memory limit per block: "
@@ -187,7 +204,7 @@ def run(args) -> int:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (label, _), usage in zip(todo, usages):
         if "error" in usage:
-            row = [*label.values(), "", "", "", "", "", "", usage["error"]]
+            row = [*label.values(), "", "", "", "", "", "", usage["error"]] + ([""] if args.time else [])
         else:
             verdict = []
             if usage["stack_bytes"] or usage["local_ops"]:
@@ -196,7 +213,17 @@ def run(args) -> int:
                 verdict.append("too much shared memory")
             row = [*label.values(), usage["registers"], usage["stack_bytes"], usage["local_ops"],
                    round(usage["shared_bytes"] / 1024, 1), usage["hgmma"], usage["hmma"], ", ".join(verdict) or "ok"]
+            if args.time:
+                row.append(f"{usage['compile_s']:.2f}")
         lines.append("| " + " | ".join(str(v) for v in row) + " |")
+    if args.time:
+        lines += ["", "| kernel | width | causal | configs | compile seconds |", "|---|---|---|---|---|"]
+        totals: dict[tuple, list[float]] = {}
+        for (label, _), usage in zip(todo, usages):
+            totals.setdefault((label["kernel"], label["width"], label["causal"]), []).append(usage.get("compile_s", 0))
+        for (kernel, width, causal), seconds in totals.items():
+            lines.append(f"| {kernel} | {width} | {causal} | {len(seconds)} | {sum(seconds):.1f} |")
+        lines.append(f"| all | | | {len(usages)} | {sum(u.get('compile_s', 0) for u in usages):.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -16,7 +16,8 @@ Contract
   the saved logsumexp are float32; values are rounded to the input dtype only when stored.
   float32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32`` (IEEE fp32 unless TF32 is on).
 * D: any head size 1..256; tiles use the next power of two (at least 16) and mask the padding,
-  so 32, 64 and 128 run unpadded. T: any length >= 1 (no multiple-of-block requirement).
+  so 32, 64 and 128 run unpadded. T: any length 1..MAX_SEQ_LEN (2,097,120; no multiple-of-block
+  requirement). Any B * H (the heads are on grid axis 0, the sequence blocks on axis 1).
   Causal masking is top-left aligned, which is the only alignment for equal query/key lengths;
   cached decoding with fewer queries than keys belongs to SDPA.
 * Inputs may be strided (e.g. views of a fused qkv projection); only the last dimension must be
@@ -54,10 +55,13 @@ it is created: import this package (building a model with attn_impl="triton" doe
 
 Algorithm (FlashAttention-2, Dao 2023, arXiv:2307.08691; Triton tutorial 06)
 -------------------------------------------------------------------------
-Forward: one program per (BLOCK_M query rows, batch, head). It streams K/V in BLOCK_N blocks and
+Forward: one program per (batch, head, BLOCK_M query rows); causal programs take the query blocks
+heaviest (last) first. It streams K/V in BLOCK_N blocks and
 keeps the online-softmax state per row: running max m, running sum l and the unnormalised output
 acc. Work is in base 2: scores are scaled by ``qk_scale = softmax_scale * log2(e)`` so exp() is a
-single exp2. Per block:  m' = max(m, rowmax(S)),  p = exp2(S - m'),  alpha = exp2(m - m'),
+single exp2; in unmasked blocks the scale is applied inside exp2's argument, ``qk * qk_scale - m'``
+as one FMA per score, with m' from the raw scores' row max (a negative softmax_scale is moved onto
+q first, exactly). Per block:  m' = max(m, rowmax(S)),  p = exp2(S - m'),  alpha = exp2(m - m'),
 l = alpha l + rowsum(p),  acc = alpha acc + p V.  At the end out = acc / l and
 ``lse = (m + log2 l) * ln 2`` (natural-log logsumexp of the scaled scores, fp32, shape (B, H, T))
 is saved for the backward pass. With ``causal``, key blocks entirely above the diagonal are never
@@ -78,10 +82,12 @@ With S = scale Q K^T, P = exp(S - lse) (lse recomputed from nothing else), O = P
 (the softmax Jacobian: dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik)). ``delta`` is computed once by a
 preprocess kernel as rowsum(dO * O), in fp32. Then two kernels recompute P block by block from
 q, k and lse:
-* ``_attn_bwd_dkdv_kernel``: one program per (BLOCK_N1 keys, batch, K/V head). It loops over the
+* ``_attn_bwd_dkdv_kernel``: one program per (batch, K/V head, BLOCK_N1 keys). It loops over the
   query heads sharing that K/V head and over their query blocks, accumulating dK and dV in
   registers, so the GQA sum happens inside one program in a fixed order.
-* ``_attn_bwd_dq_kernel``: one program per (BLOCK_M2 queries, batch, head), looping over keys.
+* ``_attn_bwd_dq_kernel``: one program per (batch, head, BLOCK_M2 queries), looping over keys;
+  heaviest query blocks first when causal, as in the forward (dK/dV's first key blocks are its
+  heaviest already).
 Every output element is written by exactly one program: no atomics, bitwise-deterministic.
 Cost: the dq kernel recomputes P and dP a second time (about 1.4x the FLOPs of a fused
 atomic-add backward), the price of determinism. With GQA the dkdv grid has H/H_kv times fewer
@@ -89,6 +95,8 @@ programs, each doing H/H_kv times more work.
 
 Tuning: block sizes, warps and pipeline stages are autotuned from the module-level config lists
 below (chosen for H100/A100), keyed on head size, causality, dtype and the power-of-two bucket of T.
+GPT2_SUITE_AUTOTUNE=short, set before this module is imported, swaps in the short lists (3-4
+configs per head-dim class) so that a first GPU call compiles a fraction of the configs.
 Under the interpreter one small pinned config is used, so CPU tests are fast and repeatable and
 still cover the multi-block and diagonal-split logic (BLOCK_M = 2 BLOCK_N).
 """
@@ -107,6 +115,9 @@ from kernels.utils import LN2, LOG2E
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+# Sequence blocks go on grid axis 1, which CUDA caps at 65,535 programs; no config's row block on
+# that axis (BLOCK_M, BLOCK_N1, BLOCK_M2, the preprocess block) is under 32 rows.
+MAX_SEQ_LEN = 65535 * 32
 
 
 def _tiles(names: tuple[str, str], by_head_dim: dict[int, list[tuple]]) -> dict[int, list[triton.Config]]:
@@ -146,6 +157,31 @@ BWD_DQ_CONFIGS = _tiles(("BLOCK_M2", "BLOCK_N2"), {
     256: [(64, 16, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
 })
 BWD_DQ_INTERPRET_CONFIG = triton.Config({"BLOCK_M2": 64, "BLOCK_N2": 32}, num_warps=4, num_stages=1)
+
+# The short lists (GPT2_SUITE_AUTOTUNE=short, for a GPU session whose first calls must compile
+# quickly): 3-4 configs of each class's full list (all of it where it has no more), picked from the
+# compiler report (results/compiler/resources.md: no spills, wgmma tiles) and the configs Triton's
+# tutorial 06 pins (forward 128 x 64 on 4 warps; backward dK/dV 32 x 128 and dQ 128 x 32, here on
+# 8 warps where 4 spill), plus one 64-row tile for short sequences and occupancy.
+FWD_SHORT_CONFIGS = _tiles(("BLOCK_M", "BLOCK_N"), {
+    64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+})
+BWD_DKDV_SHORT_CONFIGS = _tiles(("BLOCK_M1", "BLOCK_N1"), {
+    64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3)],
+    128: [(32, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3)],
+    256: [(16, 32, 4, 2)],
+})
+BWD_DQ_SHORT_CONFIGS = _tiles(("BLOCK_M2", "BLOCK_N2"), {
+    64: [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    256: [(64, 16, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
+})
+# What the autotuner gets, fixed when this module is imported (kernels/utils.py: autotune_choice).
+FWD_TUNED = utils.autotune_choice(FWD_CONFIGS, FWD_SHORT_CONFIGS)
+BWD_DKDV_TUNED = utils.autotune_choice(BWD_DKDV_CONFIGS, BWD_DKDV_SHORT_CONFIGS)
+BWD_DQ_TUNED = utils.autotune_choice(BWD_DQ_CONFIGS, BWD_DQ_SHORT_CONFIGS)
 
 
 def _config_key(config: triton.Config) -> tuple:
@@ -235,27 +271,47 @@ def _store_tile(base, rows, stride_row, cols, n_rows, value, HEAD_DIM: tl.conste
 
 
 @triton.jit
+def _query_block(CAUSAL: tl.constexpr):
+    """This program's query block, from grid axis 1. Causal blocks get heavier down the sequence
+    (block i visits i + 1 key blocks), so causal programs take them heaviest first: the GPU
+    dispatches programs in order (axis 0, every head, fastest), and the last to start, which set
+    the tail, are then the lightest (longest-processing-time-first, as FlashAttention-3 schedules)."""
+    if CAUSAL:
+        block = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        block = tl.program_id(1)
+    return block
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over key blocks [lo, hi). MASK: 0 none (every key valid and visible),
     1 causal diagonal (key <= query; also excludes keys >= T for every real query row),
-    2 sequence tail (key < T)."""
+    2 sequence tail (key < T). qk_scale >= 0 (attention_fwd moves a negative scale's sign onto q).
+    The masked loops are a few blocks long: no software pipelining there (num_stages=1)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASK > 0 else None):
         offs_n = start_n + offs_n0
         k = _load_tile(k_base, offs_n, stride_kt, offs_d, T, HEAD_DIM, MASK > 0)
         v = _load_tile(v_base, offs_n, stride_vt, offs_d, T, HEAD_DIM, MASK > 0)
-        s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        if MASK == 1:
-            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
-        elif MASK == 2:
-            s = tl.where(offs_n[None, :] < T, s, float("-inf"))
+        qk = _dot(q, tl.trans(k), None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N) raw scores
         # Every row has seen at least one visible key before (or in) its first masked block, so
         # m_new is finite and no exp2(-inf - -inf) NaN can arise.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
+        if MASK == 0:
+            # max(s) = max(qk) * qk_scale for qk_scale >= 0, so s - m_new is one FMA per score.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))
+        else:
+            s = qk * qk_scale  # log2 units; scaled before masking, so qk_scale = 0 meets no -inf * 0
+            if MASK == 1:
+                s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+            else:
+                s = tl.where(offs_n[None, :] < T, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -265,9 +321,9 @@ def _attn_fwd_inner(
 
 
 @triton.autotune(
-    configs=_autotune_list(FWD_CONFIGS, FWD_INTERPRET_CONFIG),
+    configs=_autotune_list(FWD_TUNED, FWD_INTERPRET_CONFIG),
     key=["T_BUCKET", "HEAD_DIM", "CAUSAL"],
-    prune_configs_by={"early_config_prune": _prune(("BLOCK_M", "BLOCK_N"), FWD_CONFIGS)},
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_M", "BLOCK_N"), FWD_TUNED)},
 )
 @triton.jit
 def _attn_fwd_kernel(
@@ -282,8 +338,8 @@ def _attn_fwd_kernel(
 ):
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "BLOCK_N must divide BLOCK_M (causal diagonal split)")
     tl.static_assert(BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
-    start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)  # b * H + h
+    pid_bh = tl.program_id(0)  # b * H + h (the grid: _grid)
+    start_m = _query_block(CAUSAL) * BLOCK_M
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     off_hkv = off_h // N_REP  # the K/V head this query head shares
@@ -331,8 +387,8 @@ def _attn_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(dO * O) in fp32, shape (B, H, T)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -354,7 +410,7 @@ def _attn_bwd_dkdv_inner(
     query rows >= T read zeros: q = dO = 0 and lse = delta = 0 there, so their P^T dO and
     dS^T Q terms vanish without a score mask)."""
     offs_m0 = tl.arange(0, BLOCK_M1)
-    for start_m in range(lo, hi, BLOCK_M1):
+    for start_m in tl.range(lo, hi, BLOCK_M1, num_stages=1 if MASK > 0 else None):  # masked: a few steps
         offs_m = start_m + offs_m0
         q = _load_tile(q_base, offs_m, stride_qt, offs_d, T, HEAD_DIM, MASK > 0)
         do = _load_tile(do_base, offs_m, stride_dot, offs_d, T, HEAD_DIM, MASK > 0)
@@ -376,9 +432,9 @@ def _attn_bwd_dkdv_inner(
 
 
 @triton.autotune(
-    configs=_autotune_list(BWD_DKDV_CONFIGS, BWD_DKDV_INTERPRET_CONFIG),
+    configs=_autotune_list(BWD_DKDV_TUNED, BWD_DKDV_INTERPRET_CONFIG),
     key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "N_REP"],
-    prune_configs_by={"early_config_prune": _prune(("BLOCK_N1", "BLOCK_M1"), BWD_DKDV_CONFIGS)},
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_N1", "BLOCK_M1"), BWD_DKDV_TUNED)},
 )
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -395,8 +451,9 @@ def _attn_bwd_dkdv_kernel(
 ):
     tl.static_assert(BLOCK_N1 % BLOCK_M1 == 0, "BLOCK_M1 must divide BLOCK_N1 (causal diagonal split)")
     tl.static_assert(BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
-    start_n = tl.program_id(0) * BLOCK_N1
-    pid_bhkv = tl.program_id(1)  # b * H_kv + h_kv
+    pid_bhkv = tl.program_id(0)  # b * H_kv + h_kv
+    # Key block n meets the queries from n on when causal: program 0 is already the heaviest.
+    start_n = tl.program_id(1) * BLOCK_N1
     H_KV = H // N_REP
     off_b = (pid_bhkv // H_KV).to(tl.int64)
     off_hkv = (pid_bhkv % H_KV).to(tl.int64)
@@ -449,7 +506,7 @@ def _attn_bwd_dq_inner(
     """Accumulate dQ of one query block over key blocks [lo, hi). MASK: 0 none, 1 causal
     diagonal (key <= query), 2 sequence tail (key < T)."""
     offs_n0 = tl.arange(0, BLOCK_N2)
-    for start_n in range(lo, hi, BLOCK_N2):
+    for start_n in tl.range(lo, hi, BLOCK_N2, num_stages=1 if MASK > 0 else None):  # masked: a few steps
         offs_n = start_n + offs_n0
         k = _load_tile(k_base, offs_n, stride_kt, offs_d, T, HEAD_DIM, MASK > 0)
         v = _load_tile(v_base, offs_n, stride_vt, offs_d, T, HEAD_DIM, MASK > 0)
@@ -466,9 +523,9 @@ def _attn_bwd_dq_inner(
 
 
 @triton.autotune(
-    configs=_autotune_list(BWD_DQ_CONFIGS, BWD_DQ_INTERPRET_CONFIG),
+    configs=_autotune_list(BWD_DQ_TUNED, BWD_DQ_INTERPRET_CONFIG),
     key=["T_BUCKET", "HEAD_DIM", "CAUSAL"],
-    prune_configs_by={"early_config_prune": _prune(("BLOCK_M2", "BLOCK_N2"), BWD_DQ_CONFIGS)},
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_M2", "BLOCK_N2"), BWD_DQ_TUNED)},
 )
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -484,8 +541,8 @@ def _attn_bwd_dq_kernel(
 ):
     tl.static_assert(BLOCK_M2 % BLOCK_N2 == 0, "BLOCK_N2 must divide BLOCK_M2 (causal diagonal split)")
     tl.static_assert(BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
-    start_m = tl.program_id(0) * BLOCK_M2
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    start_m = _query_block(CAUSAL) * BLOCK_M2
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     off_hkv = off_h // N_REP
@@ -580,6 +637,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"flash_attention: head_dim differs: q has {d}, k/v have {d_kv}")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"flash_attention supports head_dim 1..{MAX_HEAD_DIM} (32, 64, 128 unpadded), got {d}")
+    if t > MAX_SEQ_LEN:
+        raise ValueError(f"flash_attention supports seq_len up to {MAX_SEQ_LEN}, got {t}")
     if t_kv != t:
         raise ValueError(
             f"flash_attention needs equal query and key lengths, got q seq_len {t} and k/v seq_len {t_kv}; "
@@ -609,6 +668,18 @@ def _scale(head_dim: int, softmax_scale: float | None) -> float:
     return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
 
 
+def _grid(heads: int, t: int, block: int) -> tuple[int, int]:
+    """A launch grid: (B * heads, sequence blocks of `block` rows). The heads go on axis 0 (up to
+    2^31 - 1 programs), the blocks on axis 1, whose CUDA limit 65,535 MAX_SEQ_LEN keeps them under."""
+    return heads, triton.cdiv(t, block)
+
+
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    """Each (B, H, T, D) tensor's batch, head and row strides, in order: the kernels' stride_*
+    arguments (the last dimension's stride is 1)."""
+    return [stride for x in tensors for stride in x.stride()[:3]]
+
+
 def _t_bucket(t: int) -> int:
     """The autotune key for the sequence length: its power-of-two ceiling (capped), so a new
     length does not retune unless the best tiles could change."""
@@ -626,20 +697,16 @@ def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None):
     out, lse = _fwd_outputs(q)
     if out.numel() == 0:
         return out, lse
+    if scale < 0:  # scale Q K^T = |scale| (-Q) K^T exactly; the kernel's scores need a scale >= 0
+        q, scale = -q, -scale
 
-    def grid(meta):
-        return (triton.cdiv(t, meta["BLOCK_M"]), b * h)
-
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        h, t, _t_bucket(t), scale * LOG2E.value,  # qk_scale = scale * log2(e)
-        N_REP=h // h_kv, HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=bool(causal),
-        DOT_PRECISION=_dot_precision(q.dtype),
-    )
+    with utils.launch_device(q):
+        _attn_fwd_kernel[lambda meta: _grid(b * h, t, meta["BLOCK_M"])](
+            q, k, v, out, lse, *_strides(q, k, v, out),
+            h, t, _t_bucket(t), scale * LOG2E.value,  # qk_scale = scale * log2(e)
+            N_REP=h // h_kv, HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=bool(causal),
+            DOT_PRECISION=_dot_precision(q.dtype),
+        )
     return out, lse
 
 
@@ -662,42 +729,22 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | 
     )
 
     preprocess_block = 64 if block_d <= 128 else 32
-    _attn_bwd_preprocess_kernel[(triton.cdiv(t, preprocess_block), b * h)](
-        out, dout, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        h, t,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=preprocess_block,
-    )
-
-    def dkdv_grid(meta):
-        return (triton.cdiv(t, meta["BLOCK_N1"]), b * h_kv)
-
-    _attn_bwd_dkdv_kernel[dkdv_grid](
-        q, k, v, dout, lse, delta, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        h, t, _t_bucket(t), qk_scale, scale,
-        **statics,
-    )
-
-    def dq_grid(meta):
-        return (triton.cdiv(t, meta["BLOCK_M2"]), b * h)
-
-    _attn_bwd_dq_kernel[dq_grid](
-        q, k, v, dout, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        h, t, _t_bucket(t), qk_scale, scale,
-        **statics,
-    )
+    with utils.launch_device(q):
+        _attn_bwd_preprocess_kernel[_grid(b * h, t, preprocess_block)](
+            out, dout, delta, *_strides(out, dout),
+            h, t,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=preprocess_block,
+        )
+        _attn_bwd_dkdv_kernel[lambda meta: _grid(b * h_kv, t, meta["BLOCK_N1"])](
+            q, k, v, dout, lse, delta, dk, dv, *_strides(q, k, v, dout, dk, dv),
+            h, t, _t_bucket(t), qk_scale, scale,
+            **statics,
+        )
+        _attn_bwd_dq_kernel[lambda meta: _grid(b * h, t, meta["BLOCK_M2"])](
+            q, k, v, dout, lse, delta, dq, *_strides(q, k, v, dout, dq),
+            h, t, _t_bucket(t), qk_scale, scale,
+            **statics,
+        )
     return dq, dk, dv
 
 

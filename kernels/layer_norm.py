@@ -80,9 +80,11 @@ For ``add_layer_norm``, z is also an output, so its incoming gradient dz_out add
 inputs receive it: dx = dresidual = dz + dz_out (cast to each input's dtype).
 dweight/dbias are reduced deterministically: each backward program owns a contiguous range of
 rows, accumulates fp32 partial sums in registers and writes one row of a (programs, N) fp32
-buffer; a final ``sum(0)`` over that buffer gives the result. No atomics, no locks.
+buffer; a second small kernel sums that buffer's rows in a fixed order (fp32) and stores the
+result in the weight's (bias's) dtype, in one launch for both. No atomics, no locks.
 
-Tuning: ROWS and num_warps are autotuned per row size from LN_CONFIGS (H100/A100); one pinned
+Tuning: ROWS and num_warps are autotuned per row size from LN_CONFIGS (H100/A100), or from
+LN_SHORT_CONFIGS when GPT2_SUITE_AUTOTUNE=short is set before this module is imported; one pinned
 config under the interpreter.
 """
 
@@ -107,8 +109,15 @@ LN_CONFIGS = [
     triton.Config({"ROWS": rows}, num_warps=w)
     for rows, w in [(1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8)]
 ]
+# The short list (GPT2_SUITE_AUTOTUNE=short, kernels/utils.py): 4 of LN_CONFIGS that compile
+# without spills at 768 to 8192 (results/compiler/resources.md) and leave every row size a config
+# after pruning: several rows on 4 or 8 warps for GPT-2 widths, one row on 4 or 16 for long rows.
+LN_SHORT_CONFIGS = [triton.Config({"ROWS": rows}, num_warps=w) for rows, w in [(1, 4), (4, 4), (4, 8), (1, 16)]]
+LN_TUNED = utils.autotune_choice(LN_CONFIGS, LN_SHORT_CONFIGS)  # fixed when this module is imported
 # Under the interpreter every program costs milliseconds of Python, whatever its size: many rows.
 LN_INTERPRET_CONFIG = triton.Config({"ROWS": 16}, num_warps=4)
+# The dweight/dbias reduction: a fixed tile, (partial rows per step, columns per program).
+DWDB_ROWS, DWDB_COLS = 32, 64
 
 
 def _prune_tiles(max_per_thread: int):
@@ -149,7 +158,7 @@ def _residual_stream(X, RESIDUAL, RESIDUAL_OUT, x_offsets, res_offsets, mask, HA
 
 
 @triton.autotune(
-    configs=utils.autotune_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
+    configs=utils.autotune_configs(LN_TUNED, LN_INTERPRET_CONFIG),
     key=["N", "HAS_RESIDUAL"],
     prune_configs_by={"early_config_prune": _prune_tiles(64)},
 )
@@ -190,7 +199,7 @@ def _layer_norm_fwd_kernel(
 
 
 @triton.autotune(
-    configs=utils.autotune_configs(LN_CONFIGS, LN_INTERPRET_CONFIG),
+    configs=utils.autotune_configs(LN_TUNED, LN_INTERPRET_CONFIG),
     key=["N", "HAS_DRESIDUAL"],
     prune_configs_by={"early_config_prune": _prune_tiles(32)},
 )
@@ -237,6 +246,29 @@ def _layer_norm_bwd_kernel(
     tl.store(DW_PARTIAL + partial, dw, mask=tl.arange(0, BLOCK_N) < N)
     if HAS_BIAS:
         tl.store(DB_PARTIAL + partial, db, mask=tl.arange(0, BLOCK_N) < N)
+
+
+@triton.jit
+def _layer_norm_dwdb_kernel(
+    DW_PARTIAL, DB_PARTIAL, DW, DB, programs, N,
+    HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+):
+    """Columns [pid * COLS, ...) of dweight (and dbias): the sum over the (programs, N) fp32
+    partials, ROWS at a time in a fixed order, in fp32, stored in DW's (DB's) dtype."""
+    cols = tl.program_id(0) * COLS + tl.arange(0, COLS)
+    col_mask = cols < N
+    dw = tl.zeros([ROWS, COLS], tl.float32)
+    db = tl.zeros([ROWS, COLS], tl.float32)
+    for row_start in range(0, programs, ROWS):
+        rows = row_start + tl.arange(0, ROWS)
+        offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        mask = (rows < programs)[:, None] & col_mask[None, :]
+        dw += tl.load(DW_PARTIAL + offsets, mask=mask, other=0.0)
+        if HAS_BIAS:
+            db += tl.load(DB_PARTIAL + offsets, mask=mask, other=0.0)
+    tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,15 +354,16 @@ def layer_norm_fwd(x, weight, bias, eps: float, residual=None):
         residual2 = _rows(residual)
         z2 = z.view(m, n)
     if m > 0 and n > 0:
-        _layer_norm_fwd_kernel[lambda meta: (triton.cdiv(m, meta["ROWS"]),)](
-            x2, residual2 if residual2 is not None else x2, weight, bias if bias is not None else weight,
-            y2, z2 if z2 is not None else y2, mean, rstd,
-            x2.stride(0), residual2.stride(0) if residual2 is not None else 0,
-            y2.stride(0), z2.stride(0) if z2 is not None else 0,
-            m, n, eps,
-            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            BLOCK_N=triton.next_power_of_2(n),
-        )
+        with utils.launch_device(x):
+            _layer_norm_fwd_kernel[lambda meta: (triton.cdiv(m, meta["ROWS"]),)](
+                x2, residual2 if residual2 is not None else x2, weight, bias if bias is not None else weight,
+                y2, z2 if z2 is not None else y2, mean, rstd,
+                x2.stride(0), residual2.stride(0) if residual2 is not None else 0,
+                y2.stride(0), z2.stride(0) if z2 is not None else 0,
+                m, n, eps,
+                HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+                BLOCK_N=triton.next_power_of_2(n),
+            )
     return y, z, mean, rstd
 
 
@@ -364,17 +397,33 @@ def layer_norm_bwd(dy, z, weight, bias, mean, rstd, dz_out=None):
         if db_partial is not None:
             db_partial.zero_()
     else:
-        _layer_norm_bwd_kernel[(programs,)](
-            z2, weight, dy2, dz, dres2 if dres2 is not None else dz,
-            dw_partial, db_partial if db_partial is not None else dw_partial, mean, rstd,
-            z2.stride(0), dy2.stride(0), dz.stride(0), dres2.stride(0) if dres2 is not None else 0,
-            m, n, rows_per_program,
-            HAS_DRESIDUAL=dres2 is not None, HAS_BIAS=bias is not None,
-            BLOCK_N=triton.next_power_of_2(n),
-        )
-    dweight = dw_partial.sum(0).to(weight.dtype)
-    dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None
+        with utils.launch_device(z):
+            _layer_norm_bwd_kernel[(programs,)](
+                z2, weight, dy2, dz, dres2 if dres2 is not None else dz,
+                dw_partial, db_partial if db_partial is not None else dw_partial, mean, rstd,
+                z2.stride(0), dy2.stride(0), dz.stride(0), dres2.stride(0) if dres2 is not None else 0,
+                m, n, rows_per_program,
+                HAS_DRESIDUAL=dres2 is not None, HAS_BIAS=bias is not None,
+                BLOCK_N=triton.next_power_of_2(n),
+            )
+    dweight, dbias = _sum_partials(dw_partial, db_partial, weight.dtype, bias.dtype if bias is not None else None)
     return dz.view(z.shape), dweight, dbias
+
+
+def _sum_partials(dw_partial, db_partial, weight_dtype: torch.dtype, bias_dtype: torch.dtype | None):
+    """(dweight, dbias): the column sums of the (programs, N) fp32 partials (db_partial None without
+    a bias), in a fixed order, in fp32, returned in weight's and bias's dtypes; one launch for both."""
+    programs, n = dw_partial.shape
+    dweight = utils.empty((n,), weight_dtype, dw_partial.device)
+    dbias = utils.empty((n,), bias_dtype, dw_partial.device) if db_partial is not None else None
+    if n > 0:
+        with utils.launch_device(dw_partial):
+            _layer_norm_dwdb_kernel[(triton.cdiv(n, DWDB_COLS),)](
+                dw_partial, db_partial if db_partial is not None else dw_partial,
+                dweight, dbias if dbias is not None else dweight, programs, n,
+                HAS_BIAS=db_partial is not None, ROWS=DWDB_ROWS, COLS=DWDB_COLS,
+            )
+    return dweight, dbias
 
 
 # ----------------------------------------------------------------------------------------------

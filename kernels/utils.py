@@ -7,6 +7,13 @@ here once, so the ops agree on them and a test flips one switch for both:
   test suite) instead of compiling them for a GPU.
 * ``autotune_configs(configs, interpret_config)``: the autotune list on a GPU, one pinned config
   under the interpreter (where every config costs seconds of Python and timing means nothing).
+* ``autotune_choice(full, short)``: which of an op's two autotune lists it tunes over, by the
+  environment switch ``GPT2_SUITE_AUTOTUNE`` (``full``, the default, or ``short``: 3-4 configs per
+  head-dim class, for a GPU session whose first calls must compile quickly). Autotune lists are
+  built when ``@triton.autotune`` decorates a kernel, so the switch is read when an op file is
+  imported: set it before the first ``import kernels`` (setting it later changes nothing).
+* ``launch_device(x)``: a context that makes x's CUDA device current around a launch, since Triton
+  launches on the current device (a no-op for CPU tensors).
 * ``POISON_OUTPUTS`` and ``empty(shape, dtype, device)``: output allocation behind one debug
   switch; when a test sets it, every buffer a kernel writes starts as NaN, so an element the
   kernel forgets to write shows up.
@@ -47,6 +54,7 @@ files (no kernel is compiled or launched).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -71,6 +79,25 @@ def interpreting() -> bool:
 def autotune_configs(configs: list[triton.Config], interpret_config: triton.Config) -> list[triton.Config]:
     """The autotune list on a GPU; the single pinned config under the interpreter."""
     return [interpret_config] if interpreting() else configs
+
+
+AUTOTUNE_ENV = "GPT2_SUITE_AUTOTUNE"  # "full" (default) or "short"; read when an op file is imported
+
+
+def autotune_choice(full, short):
+    """full, or short when GPT2_SUITE_AUTOTUNE=short (an unset or empty variable means full).
+    Any other value raises ValueError naming the two choices."""
+    value = os.environ.get(AUTOTUNE_ENV) or "full"
+    if value not in ("full", "short"):
+        raise ValueError(f"{AUTOTUNE_ENV} must be 'full' or 'short', got {value!r}")
+    return short if value == "short" else full
+
+
+def launch_device(x: torch.Tensor):
+    """torch.cuda.device(x.device) for a CUDA tensor, else a no-op context: Triton launches on the
+    current CUDA device, so a launcher wraps its launches in this and a tensor on cuda:1 works
+    while cuda:0 is current."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:

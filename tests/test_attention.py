@@ -13,10 +13,13 @@ floor = max(eps(dtype), 8 eps(fp32)) * max(1, max|ref|).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -108,9 +111,13 @@ def test_matches_float64_reference(b, h, h_kv, t, d, causal, dtype):
     _check_against_references(q, k, v, dout, causal)
 
 
-def test_custom_softmax_scale():
-    q, k, v = _inputs(1, 2, 1, 37, 32, torch.float32)
-    _check_against_references(q, k, v, torch.randn_like(q), causal=True, softmax_scale=0.3)
+@pytest.mark.parametrize("softmax_scale, causal", [(0.3, True), (-0.3, True), (-0.3, False), (0.0, True)])
+def test_custom_softmax_scale(softmax_scale, causal):
+    """Any scale: the forward takes unmasked blocks' row max from the raw scores (an FMA per score),
+    which needs a scale >= 0, so a negative one is moved onto q; 0 must not meet -inf * 0 in masked
+    blocks. T = 100 spans unmasked blocks below the diagonal and the masked diagonal/tail ones."""
+    q, k, v = _inputs(1, 2, 1, 100, 32, torch.float32)
+    _check_against_references(q, k, v, torch.randn_like(q), causal=causal, softmax_scale=softmax_scale)
 
 
 def test_strided_inputs_as_the_model_makes_them():
@@ -183,6 +190,7 @@ def test_registry_routes_to_kernel():
             lambda: (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 1, 8, 32)),
             "same shape",
         ),
+        (lambda: (torch.zeros(1, 1, 1, 16).expand(1, 1, attention.MAX_SEQ_LEN + 1, 16),) * 3, "seq_len up to"),
     ],
 )
 def test_unsupported_inputs_say_what_is_wrong(make, message):
@@ -262,6 +270,101 @@ def test_pruner_traces_without_graph_breaks(monkeypatch, by_head_dim, names):
     finally:
         torch._dynamo.reset()
     assert [t.item() for t in traced] == [t.item() for t in tile_areas(torch.ones(()))]
+
+
+def test_short_autotune_lists_are_part_of_the_full_ones():
+    """GPT2_SUITE_AUTOTUNE=short: each head-dim class keeps 3-4 configs of its full list (all of a
+    list of fewer), so every short config has the divisibility and the no-spill report of the full."""
+    for full, short in ((attention.FWD_CONFIGS, attention.FWD_SHORT_CONFIGS),
+                        (attention.BWD_DKDV_CONFIGS, attention.BWD_DKDV_SHORT_CONFIGS),
+                        (attention.BWD_DQ_CONFIGS, attention.BWD_DQ_SHORT_CONFIGS)):
+        assert short.keys() == full.keys()
+        for head_dim_class, configs in short.items():
+            keys = [attention._config_key(c) for c in configs]
+            assert len(set(keys)) == len(keys) and set(keys) <= set(map(attention._config_key, full[head_dim_class]))
+            assert min(3, len(full[head_dim_class])) <= len(keys) <= 4
+
+
+def test_autotune_switch_picks_the_list(monkeypatch):
+    full, short = ["full"], ["short"]
+    for value, expected in ((None, full), ("", full), ("full", full), ("short", short)):
+        if value is None:
+            monkeypatch.delenv(utils.AUTOTUNE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(utils.AUTOTUNE_ENV, value)
+        assert utils.autotune_choice(full, short) is expected
+    monkeypatch.setenv(utils.AUTOTUNE_ENV, "fast")
+    with pytest.raises(ValueError, match="'full' or 'short'"):
+        utils.autotune_choice(full, short)
+
+
+# The switch is read when the op files are imported (the autotune lists are built at decoration):
+# import them fresh, without the interpreter (whose single pinned config would hide the lists).
+_AUTOTUNE_SCRIPT = textwrap.dedent(
+    """
+    import importlib
+    A = importlib.import_module("kernels.attention")
+    L = importlib.import_module("kernels.layer_norm")
+
+    def keys(configs):
+        return sorted(map(A._config_key, configs))
+
+    for kernel, short in ((A._attn_fwd_kernel, A.FWD_SHORT_CONFIGS),
+                          (A._attn_bwd_dkdv_kernel, A.BWD_DKDV_SHORT_CONFIGS),
+                          (A._attn_bwd_dq_kernel, A.BWD_DQ_SHORT_CONFIGS)):
+        assert keys(kernel.configs) == sorted(set(keys(c for cs in short.values() for c in cs))), kernel
+    for kernel in (L._layer_norm_fwd_kernel, L._layer_norm_bwd_kernel):
+        assert keys(kernel.configs) == keys(L.LN_SHORT_CONFIGS), kernel
+    print("short")
+    """
+)
+
+
+def test_short_switch_is_read_at_import():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env[utils.AUTOTUNE_ENV] = "short"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", _AUTOTUNE_SCRIPT], env=env, cwd=root, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "short", result.stderr[-2000:]
+
+
+def test_grid_keeps_axis_1_within_cudas_limit():
+    """B * H on axis 0 (2^31 - 1), the sequence blocks on axis 1 (65,535): B * H = 100,000 launches,
+    and so does the longest sequence at the smallest row block any config puts on axis 1."""
+    assert attention._grid(100_000, 1024, 64) == (100_000, 16)
+    row_blocks = [c.kwargs[name] for by_head_dim, name in ((attention.FWD_CONFIGS, "BLOCK_M"),
+                                                          (attention.BWD_DKDV_CONFIGS, "BLOCK_N1"),
+                                                          (attention.BWD_DQ_CONFIGS, "BLOCK_M2"))
+                  for configs in by_head_dim.values() for c in configs]
+    row_blocks += [attention.FWD_INTERPRET_CONFIG.kwargs["BLOCK_M"],
+                   attention.BWD_DKDV_INTERPRET_CONFIG.kwargs["BLOCK_N1"],
+                   attention.BWD_DQ_INTERPRET_CONFIG.kwargs["BLOCK_M2"], 32]  # 32: the smallest preprocess block
+    assert attention._grid(1, attention.MAX_SEQ_LEN, min(row_blocks))[1] <= 65535
+
+
+def test_launches_run_under_the_inputs_device():
+    """Triton launches on the current CUDA device: the launchers enter the inputs' device first."""
+    assert isinstance(utils.launch_device(torch.empty(0)), contextlib.nullcontext)
+    cuda_guard = utils.launch_device(_FakeCudaTensor(torch.device("cuda", 1)))
+    assert isinstance(cuda_guard, torch.cuda.device) and cuda_guard.idx == 1
+
+
+class _FakeCudaTensor:
+    """Only a .device: enough for launch_device, without a GPU."""
+
+    def __init__(self, device):
+        self.device = device
+
+
+@pytest.mark.requires_cuda
+def test_inputs_on_a_second_gpu():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    q, k, v = (x.to("cuda:1") for x in _inputs(1, 2, 2, 300, 64, torch.bfloat16))
+    with torch.cuda.device(0):
+        _check_against_references(q, k, v, torch.randn_like(q), causal=True)
 
 
 def test_hub_kernels_package_is_not_detected():

@@ -310,7 +310,41 @@ def test_autotune_prune_keeps_tiles_within_limits(max_per_thread):
             assert per_thread >= 2 or c.num_warps == 1 or fallback
 
 
-# Compiles (no launch) both kernels for sm_90 and sm_80 with the real Triton compiler and ptxas, in
+def test_short_autotune_list_is_part_of_the_full_one():
+    """GPT2_SUITE_AUTOTUNE=short tunes over LN_SHORT_CONFIGS: configs of LN_CONFIGS, which leave
+    every row size up to 32768 at least one config after pruning (no fallback needed for N <= 16384)."""
+    full = {(c.kwargs["ROWS"], c.num_warps) for c in ln_module.LN_CONFIGS}
+    short = [(c.kwargs["ROWS"], c.num_warps) for c in ln_module.LN_SHORT_CONFIGS]
+    assert 3 <= len(short) <= 4 and set(short) <= full
+    for max_per_thread in (64, 32):
+        prune = ln_module._prune_tiles(max_per_thread)
+        for block_n in (2**i for i in range(4, 15)):
+            kept = prune(ln_module.LN_SHORT_CONFIGS, {"BLOCK_N": block_n})
+            assert kept and all(c in ln_module.LN_SHORT_CONFIGS for c in kept), (max_per_thread, block_n)
+
+
+@pytest.mark.parametrize("programs, n, weight_dtype, bias_dtype", [
+    (70, 100, torch.bfloat16, torch.float32),  # several row steps, a partial last one, a partial column tile
+    (1, 64, torch.float32, None),
+    (33, 129, torch.float16, torch.float16),
+])
+def test_partial_sums_in_a_fixed_order_and_the_parameters_dtype(programs, n, weight_dtype, bias_dtype):
+    """dweight/dbias: the partials' column sums, fp32 inside, rounded once to each parameter's
+    dtype, and bitwise repeatable."""
+    dw_partial = torch.randn(programs, n, device=DEVICE)
+    db_partial = torch.randn(programs, n, device=DEVICE) if bias_dtype is not None else None
+    dweight, dbias = ln_module._sum_partials(dw_partial, db_partial, weight_dtype, bias_dtype)
+    pairs = [(dweight, dw_partial, weight_dtype)] + ([(dbias, db_partial, bias_dtype)] if bias_dtype else [])
+    for got, partial, dtype in pairs:
+        ref = partial.double().sum(0)
+        assert got.dtype == dtype and got.shape == (n,)
+        bound = torch.finfo(dtype).eps * ref.abs() + 8 * torch.finfo(torch.float32).eps * programs
+        assert ((got.double() - ref).abs() <= bound).all()
+    again = ln_module._sum_partials(dw_partial, db_partial, weight_dtype, bias_dtype)
+    assert torch.equal(again[0], dweight) and (dbias is None or torch.equal(again[1], dbias))
+
+
+# Compiles (no launch) the three kernels for sm_90 and sm_80 with the real Triton compiler and ptxas, in
 # a process without TRITON_INTERPRET: proof on a GPU-less machine that they are GPU code.
 _COMPILE_SCRIPT = textwrap.dedent(
     """
@@ -323,6 +357,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
         flags = dict(HAS_BIAS=True, BLOCK_N=block_n, ROWS=rows)
         compile_kernel(L._layer_norm_fwd_kernel, dict(HAS_RESIDUAL=True, **flags), dtype, cc, warps)
         compile_kernel(L._layer_norm_bwd_kernel, dict(HAS_DRESIDUAL=True, **flags), dtype, cc, warps)
+        compile_kernel(L._layer_norm_dwdb_kernel, dict(HAS_BIAS=True, ROWS=L.DWDB_ROWS, COLS=L.DWDB_COLS),
+                       dtype, cc)
     print("compiled")
     """
 )
