@@ -150,14 +150,7 @@ def test_streaming_trains_and_resumes_exactly(tmp_path, train_file, monkeypatch)
     valid.write_text(Path(train_file).read_text()[:5000])
     common = ["--train_file", train_file, "--validation_file", valid, *TINY, "--streaming", "--shuffle_buffer_size", 50,
               "--eval_steps", 2, "--max_eval_samples", 8, "--max_train_steps", 4]
-    assert run([*common, "--output_dir", tmp_path / "straight"]) == 0
-    restore = _kill_after_checkpoint(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        run([*common, "--output_dir", tmp_path / "split"])
-    restore()
-    _reset_accelerate()
-    assert run([*common, "--output_dir", tmp_path / "split", "--resume_from_checkpoint", "latest"]) == 0
-    a, b = metrics(tmp_path / "straight", "train_loss"), metrics(tmp_path / "split", "train_loss")
+    a, b = _straight_and_resumed(common, tmp_path, monkeypatch, kill_at=2)
     assert list(a) == [1, 2, 3, 4] and a == b
     assert metrics(tmp_path / "straight", "val_loss")[4] < metrics(tmp_path / "straight", "val_loss")[0]
 
@@ -353,20 +346,26 @@ def _kill_after_checkpoint(monkeypatch, at_step: int):
     return lambda: monkeypatch.setattr(pretrain, "save_checkpoint", save_checkpoint)
 
 
+def _straight_and_resumed(argv, tmp_path, monkeypatch, kill_at: int):
+    """train_loss by step of an uninterrupted run (tmp_path/straight) and of one killed right after
+    its step-`kill_at` checkpoint and resumed from the latest checkpoint (tmp_path/split)."""
+    assert run([*argv, "--output_dir", tmp_path / "straight"]) == 0
+    restore = _kill_after_checkpoint(monkeypatch, kill_at)
+    with pytest.raises(KeyboardInterrupt):
+        run([*argv, "--output_dir", tmp_path / "split"])
+    restore()
+    _reset_accelerate()
+    assert run([*argv, "--output_dir", tmp_path / "split", "--resume_from_checkpoint", "latest"]) == 0
+    return metrics(tmp_path / "straight", "train_loss"), metrics(tmp_path / "split", "train_loss")
+
+
 @pytest.mark.slow
 def test_exact_resume_with_dropout(tmp_path, train_file, monkeypatch):
     """Dropout draws from the global RNG: a resumed run must draw the same numbers as an
     uninterrupted one, so its losses are the same to the bit."""
     common = ["--train_file", train_file, *TINY, "--eval_steps", 2, "--max_train_steps", 4]
     common[common.index("--config_overrides") + 1] += ",dropout=0.1"
-    assert run([*common, "--output_dir", tmp_path / "straight"]) == 0
-    restore = _kill_after_checkpoint(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        run([*common, "--output_dir", tmp_path / "split"])
-    restore()
-    _reset_accelerate()
-    assert run([*common, "--output_dir", tmp_path / "split", "--resume_from_checkpoint", "latest"]) == 0
-    a, b = metrics(tmp_path / "straight", "train_loss"), metrics(tmp_path / "split", "train_loss")
+    a, b = _straight_and_resumed(common, tmp_path, monkeypatch, kill_at=2)
     assert list(a) == list(b) == [1, 2, 3, 4]
     assert a == b
 
