@@ -48,12 +48,25 @@ class LayerNorm(nn.Module):
 
 
 def rotary_tables(config: GPT2Config, positions: torch.Tensor, dtype):
-    """cos and sin, (T, head_dim), for rotating channel pairs (i, i + D/2) by position * theta_i."""
+    """cos and sin for rotating channel pairs (i, i + D/2) by position * theta_i: (T, head_dim) for
+    positions (T,), or (B, 1, T, head_dim) for per-row positions (B, T)."""
     half = config.head_dim // 2
     inv_freq = config.rope_theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, D)
+    if positions.dim() == 2:
+        angles = angles[:, None]  # (B, 1, T, D): one table per row, shared by the heads
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) each token's position within its own document (ids non-decreasing along T): the
+    positions to use when every document should start at position 0."""
+    t = torch.arange(document_ids.shape[1], device=document_ids.device)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, t, 0).cummax(dim=1).values  # where the token's document starts
+    return t - first
 
 
 def apply_rotary(x, cos, sin):
@@ -74,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary=None, kv_cache=None):
+    def forward(self, x, rotary=None, kv_cache=None, document_ids=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
@@ -87,7 +100,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, nkv, T_past + T, hs)
         dropout_p = self.config.dropout if self.training else 0.0
-        y = ATTENTION[self.config.attn_impl](q, k, v, causal=True, dropout_p=dropout_p)  # (B, nh, T, hs)
+        y = ATTENTION[self.config.attn_impl](q, k, v, causal=True, dropout_p=dropout_p,
+                                             document_ids=document_ids)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -111,9 +125,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, residual, rotary=None, kv_cache=None):
+    def forward(self, x, residual, rotary=None, kv_cache=None, document_ids=None):
         h, residual = self.ln_1(x, residual)  # residual += x; h = ln_1(residual)
-        x = self.attn(h, rotary, kv_cache)
+        x = self.attn(h, rotary, kv_cache, document_ids)
         h, residual = self.ln_2(x, residual)  # residual += attention output
         return self.mlp(h), residual  # the MLP output is added by the next LayerNorm
 
@@ -161,8 +175,11 @@ class GPT2(nn.Module):
         self.config.attn_impl, self.config.norm_impl = attn_impl, norm_impl
         return self
 
-    def hidden_states(self, input_ids, kv_caches=None):
-        """The final LayerNorm's output, (B, T, C). With KV caches, input_ids continue the cached prefix."""
+    def hidden_states(self, input_ids, kv_caches=None, document_ids=None, position_ids=None):
+        """The final LayerNorm's output, (B, T, C). With KV caches, input_ids continue the cached
+        prefix. document_ids (B, T): attention stays within each document (packed rows);
+        position_ids (B, T): positions other than 0..T-1 (document_positions(document_ids)
+        restarts them at every document)."""
         B, T = input_ids.shape
         past = kv_caches[0].length if kv_caches else 0
         if past + T > self.config.n_positions:
@@ -170,7 +187,7 @@ class GPT2(nn.Module):
                 f"sequence of {past + T} tokens is longer than the model's context (n_positions="
                 f"{self.config.n_positions})"
             )
-        positions = torch.arange(past, past + T, device=input_ids.device)
+        positions = torch.arange(past, past + T, device=input_ids.device) if position_ids is None else position_ids
         x = self.transformer.wte(input_ids)  # (B, T, C)
         rotary = None
         if self.config.position_embedding == "learned":
@@ -180,11 +197,12 @@ class GPT2(nn.Module):
         x = self.transformer.drop(x)
         residual = None
         for i, block in enumerate(self.transformer.h):
-            x, residual = block(x, residual, rotary, kv_caches[i] if kv_caches else None)
+            x, residual = block(x, residual, rotary, kv_caches[i] if kv_caches else None, document_ids)
         h, _ = self.transformer.ln_f(x, residual)
         return h
 
-    def forward(self, input_ids, labels=None, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"):
+    def forward(self, input_ids, labels=None, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
+                document_ids=None, position_ids=None):
         """Logits (B, T, vocab) without labels. With labels (aligned with input_ids; the shift to
         next-token targets happens here, as in Hugging Face), the next-token cross-entropy: the mean
         over non-ignored targets, their sum with reduction="sum" (for token-weighted averages), or,
@@ -192,8 +210,9 @@ class GPT2(nn.Module):
 
         The loss never materialises the whole batch's logits: linear_cross_entropy computes them
         chunk by chunk (softmax and loss in fp32) and keeps only the gradient it needs (gpt2/loss.py).
+        document_ids and position_ids: see hidden_states.
         """
-        h = self.hidden_states(input_ids)
+        h = self.hidden_states(input_ids, document_ids=document_ids, position_ids=position_ids)
         if labels is None:
             return self.lm_head(h)
         targets = labels[:, 1:]

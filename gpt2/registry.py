@@ -32,15 +32,37 @@ def _causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
     return cols <= rows + offset
 
 
-def eager_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None):
-    """The readable reference: softmax(q k^T * scale + mask) v, materialising the scores."""
+def document_mask(document_ids: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, 1, T, T) bool, True where query i may attend to key j: the same document (ids (B, T),
+    non-decreasing along T) and, when causal, j <= i. The dense form of what our kernel does."""
+    mask = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    if causal:
+        t = document_ids.shape[1]
+        mask = mask & _causal_mask(t, t, document_ids.device)
+    return mask[:, None]
+
+
+def _check_documents(document_ids, q, k) -> None:
+    if q.shape[2] != k.shape[2]:
+        raise InputError("document_ids mask whole sequences; cached decoding (fewer queries than keys) takes none")
+    if document_ids.shape != (q.shape[0], q.shape[2]):
+        raise InputError(f"document_ids must be (batch, seq_len) = {(q.shape[0], q.shape[2])}, "
+                         f"got {tuple(document_ids.shape)}")
+
+
+def eager_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, document_ids=None):
+    """The readable reference: softmax(q k^T * scale + mask) v, materialising the scores. With
+    document_ids (B, T), a query sees only keys of its own document."""
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:  # grouped-query: each K/V head serves n_rep query heads
         k = k.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, D)
         v = v.repeat_interleave(n_rep, dim=1)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    if causal:
+    if document_ids is not None:
+        _check_documents(document_ids, q, k)
+        scores = scores.masked_fill(~document_mask(document_ids, causal), float("-inf"))
+    elif causal:
         mask = _causal_mask(q.shape[2], k.shape[2], q.device)
         scores = scores.masked_fill(~mask, float("-inf"))
     # Softmax in at least fp32, so half-precision scores don't lose the small probabilities.
@@ -50,11 +72,16 @@ def eager_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None):
     return probs @ v  # (B, H, Tq, D)
 
 
-def sdpa_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None):
-    """PyTorch's scaled_dot_product_attention (flash / memory-efficient / cuDNN / math)."""
+def sdpa_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, document_ids=None):
+    """PyTorch's scaled_dot_product_attention (flash / memory-efficient / cuDNN / math). With
+    document_ids it takes the dense (B, 1, T, T) mask, which rules out its fused flash backend: O(T^2)
+    memory, and slow (our triton kernel skips other documents' blocks instead)."""
     t_q, t_k = q.shape[2], k.shape[2]
     mask = None
-    if causal and t_q != t_k and t_q > 1:
+    if document_ids is not None:
+        _check_documents(document_ids, q, k)
+        mask, causal = document_mask(document_ids, causal), False  # the mask holds the causal part
+    elif causal and t_q != t_k and t_q > 1:
         # is_causal aligns top-left; a KV cache needs bottom-right. One query sees every key.
         mask = _causal_mask(t_q, t_k, q.device)
     return F.scaled_dot_product_attention(
@@ -67,16 +94,20 @@ def sdpa_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None):
     )
 
 
-def triton_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None):
+def triton_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, document_ids=None):
     """Our fused flash attention (kernels/attention.py). Cached decoding, where Tq < Tk, goes
     through SDPA: one query row per step is memory-bound and gains nothing from a fused kernel."""
     if q.shape[2] != k.shape[2]:
-        return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale)
+        return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                              document_ids=document_ids)
     if dropout_p > 0.0:  # GPT2Config refuses this combination; a direct caller gets the same answer
         raise InputError("the triton attention kernel has no attention dropout; set dropout=0 or attn_impl='sdpa'")
     from kernels import flash_attention
 
-    return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    if document_ids is None:
+        return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    _check_documents(document_ids, q, k)
+    return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, document_ids=document_ids)
 
 
 def torch_norm(x, weight, bias, eps):

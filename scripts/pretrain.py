@@ -123,6 +123,8 @@ def validate_args(args) -> None:
         args.checkpointing_steps = int(args.checkpointing_steps)
     if args.streaming and (args.num_train_epochs or args.checkpointing_steps == "epoch"):
         raise InputError("--streaming runs by --max_train_steps; a stream has no known epoch length")
+    if args.restart_positions and not args.document_masking:
+        raise InputError("--restart_positions needs --document_masking (positions restart at each document)")
     if args.with_tracking:
         args.report_to = check_trackers(args.report_to)
 
@@ -163,6 +165,11 @@ def _add_data_flags(d) -> None:
     d.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="documents, with --streaming")
     d.add_argument("--preprocessing_num_workers", type=int, default=None)
     d.add_argument("--max_eval_samples", type=int, default=None, help="cap the validation blocks")
+    d.add_argument("--document_masking", action="store_true",
+                   help="attention stays within each document of a packed row (end-of-text ends one); fast "
+                        "with --kernels triton, a dense T x T mask (slow) with sdpa/eager")
+    d.add_argument("--restart_positions", action="store_true",
+                   help="with --document_masking: positions start at 0 in every document")
 
 
 def _add_model_flags(m) -> None:
@@ -455,6 +462,8 @@ def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
     """(train loader, eval loader, packing stats or None). Map-style loaders go through prepare;
     streams are split between ranks by split_dataset_by_node already and are not prepared (prepare
     would shard them a second time)."""
+    # --document_masking: every batch also carries its rows' document ids, from the end-of-text token.
+    collate = gdata.WithDocumentIds(eos_token_id(tokenizer), args.restart_positions) if args.document_masking else None
     if args.streaming:
         train = gdata.PackedStream(
             raw["train"], tokenizer, block_size, rank=accelerator.process_index,
@@ -467,8 +476,10 @@ def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
         )
         if args.max_eval_samples:
             valid = list(itertools.islice(valid, args.max_eval_samples))
-        return (DataLoader(train, batch_size=args.per_device_train_batch_size, generator=_loader_rng(args)),
-                DataLoader(valid, batch_size=args.per_device_eval_batch_size, generator=_loader_rng(args)), None)
+        return (DataLoader(train, batch_size=args.per_device_train_batch_size, generator=_loader_rng(args),
+                           collate_fn=collate),
+                DataLoader(valid, batch_size=args.per_device_eval_batch_size, generator=_loader_rng(args),
+                           collate_fn=collate), None)
     with accelerator.main_process_first():
         lm, stats = gdata.tokenize_and_pack(
             raw, tokenizer, block_size, text_column=args.text_column, num_proc=args.preprocessing_num_workers
@@ -484,8 +495,9 @@ def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
             f"or a smaller --block_size / --per_device_train_batch_size"
         )
     train = DataLoader(lm["train"], shuffle=True, drop_last=True, batch_size=args.per_device_train_batch_size,
-                       generator=_loader_rng(args))
-    valid = DataLoader(validation, batch_size=args.per_device_eval_batch_size, generator=_loader_rng(args))
+                       generator=_loader_rng(args), collate_fn=collate)
+    valid = DataLoader(validation, batch_size=args.per_device_eval_batch_size, generator=_loader_rng(args),
+                       collate_fn=collate)
     return train, valid, stats
 
 
@@ -579,7 +591,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
     for batch in micro_batches:
         input_ids = batch["input_ids"].to(accelerator.device)
         with accelerator.accumulate(model):
-            nll_sum = model(input_ids, labels=input_ids, reduction="sum")
+            nll_sum = model(input_ids, labels=input_ids, reduction="sum", **documents(batch, accelerator.device))
             # DDP averages gradients over ranks and accelerator.backward divides by ga; undo both
             # so the gradient is that of (sum of NLL over the step's tokens) / (its token count).
             accelerator.backward(nll_sum * (world * ga) / step_tokens)
@@ -698,6 +710,12 @@ def validate(run: Run, write) -> None:
     run.metrics.log({"val_loss": loss, "val_perplexity": ppl}, run.step)
 
 
+def documents(batch: dict, device) -> dict:
+    """The model's document arguments a batch carries: none, or its document_ids
+    (--document_masking) and position_ids (--restart_positions), on device."""
+    return {name: batch[name].to(device) for name in ("document_ids", "position_ids") if name in batch}
+
+
 def _loader_rng(args) -> torch.Generator:
     """A DataLoader's own generator. Without one, every new iterator (each evaluation, the first
     batch after a resume) draws its seed from the global RNG, which dropout draws from too, so a
@@ -716,7 +734,8 @@ def evaluate(model, dataloader, accelerator: Accelerator, prepared: bool) -> tup
     nll, count = nll.to(accelerator.device), count.to(accelerator.device)
     for batch in dataloader:
         input_ids = batch["input_ids"].to(accelerator.device)
-        token_nll = model(input_ids, labels=input_ids, reduction="none")  # (B, T-1), chunked: no full logits
+        token_nll = model(input_ids, labels=input_ids, reduction="none",  # (B, T-1), chunked: no full logits
+                          **documents(batch, accelerator.device))
         seq_nll, seq_count = token_nll.sum(1).double(), (input_ids[:, 1:] != IGNORE_INDEX).sum(1).double()
         if prepared:
             seq_nll, seq_count = accelerator.gather_for_metrics((seq_nll, seq_count))
@@ -903,6 +922,12 @@ def banner(run: Run, model: GPT2, stats) -> str:
         f"without embeddings): {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, "
         f"context {config.n_positions}",
         f"  kernels    attention {config.attn_impl}, LayerNorm {config.norm_impl} (--kernels {args.kernels})",
+    ]
+    if args.document_masking:
+        lines.append("  documents  masked: a token attends only to its own document (end-of-text ends one)"
+                     + ("; positions restart per document" if args.restart_positions else "")
+                     + ("" if config.attn_impl == "triton" else f"; {config.attn_impl} takes a dense T x T mask: slow"))
+    lines += [
         f"  tokenizer  {run.tokenizer.get_vocab_size():,} tokens, end-of-text id {eos_token_id(run.tokenizer)}",
         f"  data       {args.dataset_name or args.train_file or gdata.BUILTIN_CORPUS}"
         + (" (streaming)" if args.streaming else ""),
