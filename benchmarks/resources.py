@@ -132,7 +132,9 @@ def jobs(family: str | None, dtype: str = "bf16", widths: list[int] | None = Non
             continue
         kernel = _kernel(module, name)
         if module == "attention":  # (width, constexprs, the autotuner's prune arguments)
-            shapes = [(d, dict(N_REP=1, HEAD_DIM=d, BLOCK_D=d, CAUSAL=causal, DOT_PRECISION="tf32"),
+            # Without document_ids, as a plain launch passes them (HAS_DOCS off, no bounds tensors).
+            shapes = [(d, dict(N_REP=1, HEAD_DIM=d, BLOCK_D=d, CAUSAL=causal, DOT_PRECISION="tf32", HAS_DOCS=False,
+                               DOC_START=None, DOC_END=None),
                        dict(T_BUCKET=16384, BLOCK_D=d)) for d in (64, 128, 256) for causal in (True, False)]
         else:
             shapes = [(n, dict(BLOCK_N=triton.next_power_of_2(n), **flags), dict(BLOCK_N=triton.next_power_of_2(n)))

@@ -2,10 +2,11 @@
 
 Contract
 --------
-``flash_attention(q, k, v, causal=True, softmax_scale=None) -> out``
+``flash_attention(q, k, v, causal=True, softmax_scale=None, document_ids=None) -> out``
 
     S   = softmax_scale * Q K^T            (T x T per head; never materialised)
-    P   = softmax(S)  (row-wise; with ``causal``, S[i, j] = -inf for j > i)
+    P   = softmax(S)  (row-wise; with ``causal``, S[i, j] = -inf for j > i; with ``document_ids``,
+                       S[i, j] = -inf where ids[b, i] != ids[b, j])
     out = P V
 
 * q: (B, H, T, D); k, v: (B, H_kv, T, D) with H_kv dividing H. Query head h reads K/V head
@@ -23,20 +24,27 @@ Contract
 * Inputs may be strided (e.g. views of a fused qkv projection); only the last dimension must be
   contiguous, and it is made so (copy) when it isn't.
 * CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, for tests).
-* No attention dropout, no attention mask other than causal, no Tq != Tk.
+* document_ids (packed sequences): None, or an int32/int64 (B, T) tensor on q's device,
+  non-decreasing along T in each row (a token's document index). A query attends only to keys of
+  its own document (and, with causal, not after itself); every row sees at least itself. The order
+  is checked by ``flash_attention`` (one small reduction and a device-to-host sync) except while
+  torch.compile traces; the ops and launchers do not check it and treat each run of equal ids as
+  one document. No gradient for the ids.
+* No attention dropout, no attention mask other than causal and documents, no Tq != Tk.
 
 Operators (registered when this module is imported; see kernels/utils.py for why ``custom_op``)
 -------------------------------------------------------------------------------------------
 ``flash_attention`` validates its inputs (the ValueErrors above; CPU tensors only under the
 interpreter) and calls the PyTorch custom operator
 
-    gpt2_suite::flash_attention(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale)
-        -> (Tensor out, Tensor lse)
+    gpt2_suite::flash_attention(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale,
+        Tensor? document_ids) -> (Tensor out, Tensor lse)
 
 whose autograd formula calls
 
     gpt2_suite::flash_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
-        Tensor lse, bool causal, float? softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)
+        Tensor lse, bool causal, float? softmax_scale, Tensor? document_ids)
+        -> (Tensor dq, Tensor dk, Tensor dv)
 
 (returns unnamed in the schemas; lse is non-differentiable and not returned by ``flash_attention``).
 On CUDA the ops run the launchers below; on CPU they run them too under the interpreter, and
@@ -68,6 +76,19 @@ is saved for the backward pass. With ``causal``, key blocks entirely above the d
 visited, blocks entirely below it run without any mask, and only the diagonal blocks (BLOCK_M
 divides into BLOCK_N-sized pieces) pay for the mask. Without ``causal``, only the last, partial
 key block is masked.
+
+Documents (``document_ids``; the constexpr HAS_DOCS, so the path without them compiles exactly as
+before): the launchers turn the ids into two int32 (B, T) tensors, each token's document bounds
+[doc_start, doc_end) (a cummax/cummin over the positions where the id changes); the kernels read
+only these. Key n is visible to query m iff doc_start[m] <= n < doc_end[m] (and n <= m when
+causal). Documents are runs, so a query block's first row has the earliest document start and its
+last row the latest end: key blocks before the block holding doc_start[first row] or from
+doc_end[last row] on share no document with it and are never visited (forward and dQ start their
+key loop there; dK/dV, by the same rule on its keys' bounds, ends its query loop at doc_end of
+its last key). Of the visited blocks, those inside every row's document (from doc_start[last row]
+to doc_end[first row]) run unmasked; the rest carry the document mask. A row can meet whole
+masked blocks before its first visible key: the forward then subtracts 0 instead of its row max
+(-inf), so p = alpha = 0 rather than NaN.
 
 Backward derivation (same symbols as the code)
 ----------------------------------------------
@@ -284,13 +305,60 @@ def _query_block(CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _doc_rows(DOC_START, DOC_END, off_b, offs, T):
+    """Each row's document [start, end) of positions, from the (B, T) int32 bounds tensors; rows
+    >= T (never stored) get [0, T), so they see some key and compute no 0/0."""
+    start = tl.load(DOC_START + off_b * T + offs, mask=offs < T, other=0)
+    end = tl.load(DOC_END + off_b * T + offs, mask=offs < T, other=T)
+    return start, end
+
+
+@triton.jit
+def _doc_blocks(DOC_START, DOC_END, off_b, first, last, T, BLOCK: tl.constexpr):
+    """For the rows [first, last] (last < T) of one program, the blocks of BLOCK positions on the
+    other side (keys of a query block, or queries of a key block) that can share a document with
+    them: [lo, hi), of which [mid1, mid2) lie in every row's document (no mask needed). Documents
+    are runs of positions, so the first row's document starts first and the last row's ends last:
+    lo = the block holding first's document start, hi = last's document end; the unmasked middle
+    starts after last's document start and ends before first's document end."""
+    first_start = tl.load(DOC_START + off_b * T + first)
+    last_start = tl.load(DOC_START + off_b * T + last)
+    first_end = tl.load(DOC_END + off_b * T + first)
+    hi = tl.load(DOC_END + off_b * T + last)
+    lo = (first_start // BLOCK) * BLOCK
+    mid1 = tl.minimum(tl.cdiv(last_start, BLOCK) * BLOCK, hi)
+    mid2 = tl.maximum(mid1, (first_end // BLOCK) * BLOCK)
+    return lo, mid1, mid2, hi
+
+
+@triton.jit
+def _doc_key_blocks(
+    DOC_START, DOC_END, off_b, start_m, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr
+):
+    """The key ranges (lo, mid1, mid2, hi) of the query block [start_m, start_m + BLOCK_M) with
+    documents (forward and dQ kernels): [lo, mid1) document mask, [mid1, mid2) none, [mid2, hi)
+    the edge mask. Causal: keys below the diagonal all precede every row, so only the document
+    start matters for them (the unmasked run ends at the diagonal), and hi is the block's end.
+    A query's document starts at or before it, so lo <= start_m."""
+    last_m = tl.minimum(start_m + BLOCK_M, T) - 1
+    lo, mid1, mid2, hi = _doc_blocks(DOC_START, DOC_END, off_b, start_m, last_m, T, BLOCK_N)
+    if CAUSAL:
+        mid1, mid2, hi = tl.minimum(mid1, start_m), start_m, last_m + 1
+    return lo, mid1, mid2, hi
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, qk_scale,
+    row_start, row_end,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     """Online softmax over key blocks [lo, hi). MASK: 0 none (every key valid and visible),
-    1 causal diagonal (key <= query; also excludes keys >= T for every real query row),
-    2 sequence tail (key < T). qk_scale >= 0 (attention_fwd moves a negative scale's sign onto q).
+    1 causal diagonal (key <= query; also excludes keys >= T for every real query row; with
+    HAS_DOCS also the document mask), 2 sequence tail (key < T), 3 document only (HAS_DOCS:
+    row_start <= key < row_end, each query row's document; row_end <= T excludes the tail).
+    qk_scale >= 0 (attention_fwd moves a negative scale's sign onto q).
     The masked loops are a few blocks long: no software pipelining there (num_stages=1)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASK > 0 else None):
@@ -303,16 +371,29 @@ def _attn_fwd_inner(
         if MASK == 0:
             # max(s) = max(qk) * qk_scale for qk_scale >= 0, so s - m_new is one FMA per score.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))
+            m_ref = m_new
+            p = tl.exp2(tl.fma(qk, qk_scale, -m_ref[:, None]))
         else:
             s = qk * qk_scale  # log2 units; scaled before masking, so qk_scale = 0 meets no -inf * 0
             if MASK == 1:
-                s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
-            else:
+                visible = offs_m[:, None] >= offs_n[None, :]
+                if HAS_DOCS:
+                    visible = visible & (offs_n[None, :] >= row_start[:, None])
+                s = tl.where(visible, s, float("-inf"))
+            elif MASK == 2:
                 s = tl.where(offs_n[None, :] < T, s, float("-inf"))
+            else:
+                visible = (offs_n[None, :] >= row_start[:, None]) & (offs_n[None, :] < row_end[:, None])
+                s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+            m_ref = m_new
+            if HAS_DOCS:
+                # With documents a row can meet whole masked blocks before its first visible key
+                # (m_new = -inf): subtract 0 there, so p = alpha = exp2(-inf) = 0, not NaN; m_i
+                # itself stays -inf until the row's first visible key.
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION)
@@ -322,19 +403,19 @@ def _attn_fwd_inner(
 
 @triton.autotune(
     configs=_autotune_list(FWD_TUNED, FWD_INTERPRET_CONFIG),
-    key=["T_BUCKET", "HEAD_DIM", "CAUSAL"],
+    key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_DOCS"],
     prune_configs_by={"early_config_prune": _prune(("BLOCK_M", "BLOCK_N"), FWD_TUNED)},
 )
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, OUT, LSE,
+    Q, K, V, OUT, LSE, DOC_START, DOC_END,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     H, T, T_BUCKET, qk_scale,
     N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "BLOCK_N must divide BLOCK_M (causal diagonal split)")
     tl.static_assert(BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
@@ -358,19 +439,40 @@ def _attn_fwd_kernel(
     # Keys [0, mid) need no mask, keys [mid, hi) the edge mask. Causal: the blocks below the
     # diagonal, then the diagonal [start_m, start_m + BLOCK_M) (blocks above it are skipped).
     # Otherwise: the whole key blocks, then the partial tail.
-    if CAUSAL:
-        mid, hi = start_m, tl.minimum(start_m + BLOCK_M, T)
+    if HAS_DOCS:
+        # Documents: keys [lo, mid1) with the document mask, [mid1, mid2) unmasked, [mid2, hi)
+        # with the edge mask (causal: the diagonal, document mask included; otherwise the
+        # document mask, which also excludes keys >= T). Key blocks outside [lo, hi) share no
+        # document with this query block and are never visited.
+        row_start, row_end = _doc_rows(DOC_START, DOC_END, off_b, offs_m, T)
+        lo, mid1, mid2, hi = _doc_key_blocks(DOC_START, DOC_END, off_b, start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
+        EDGE_MASK: tl.constexpr = 1 if CAUSAL else 3
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, mid1, T, qk_scale,
+            row_start, row_end, HEAD_DIM, BLOCK_N, 3, DOT_PRECISION, True,
+        )
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid1, mid2, T, qk_scale,
+            row_start, row_end, HEAD_DIM, BLOCK_N, 0, DOT_PRECISION, True,
+        )
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid2, hi, T, qk_scale,
+            row_start, row_end, HEAD_DIM, BLOCK_N, EDGE_MASK, DOT_PRECISION, True,
+        )
     else:
-        mid, hi = (T // BLOCK_N) * BLOCK_N, T
-    EDGE_MASK: tl.constexpr = 1 if CAUSAL else 2
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, mid, T, qk_scale,
-        HEAD_DIM, BLOCK_N, 0, DOT_PRECISION,
-    )
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid, hi, T, qk_scale,
-        HEAD_DIM, BLOCK_N, EDGE_MASK, DOT_PRECISION,
-    )
+        if CAUSAL:
+            mid, hi = start_m, tl.minimum(start_m + BLOCK_M, T)
+        else:
+            mid, hi = (T // BLOCK_N) * BLOCK_N, T
+        EDGE_MASK: tl.constexpr = 1 if CAUSAL else 2
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, mid, T, qk_scale,
+            None, None, HEAD_DIM, BLOCK_N, 0, DOT_PRECISION, False,
+        )
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid, hi, T, qk_scale,
+            None, None, HEAD_DIM, BLOCK_N, EDGE_MASK, DOT_PRECISION, False,
+        )
 
     acc = acc / l_i[:, None]
     _store_tile(o_base, offs_m, stride_ot, offs_d, T, acc, HEAD_DIM)
@@ -402,13 +504,16 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-    offs_n, offs_d, lo, hi, T, qk_scale,
+    offs_n, offs_d, lo, hi, T, qk_scale, key_start, key_end,
     HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over query blocks [lo, hi), working transposed
-    (keys on rows). MASK: 0 none, 1 causal diagonal (query >= key), 2 sequence tail (loads of
-    query rows >= T read zeros: q = dO = 0 and lse = delta = 0 there, so their P^T dO and
-    dS^T Q terms vanish without a score mask)."""
+    (keys on rows). MASK: 0 none, 1 causal diagonal (query >= key; with HAS_DOCS also the
+    document mask), 2 sequence tail (loads of query rows >= T read zeros: q = dO = 0 and
+    lse = delta = 0 there, so their P^T dO and dS^T Q terms vanish without a score mask),
+    3 document only (HAS_DOCS: key_start <= query < key_end, each key's document; key_end <= T
+    excludes the query rows >= T)."""
     offs_m0 = tl.arange(0, BLOCK_M1)
     for start_m in tl.range(lo, hi, BLOCK_M1, num_stages=1 if MASK > 0 else None):  # masked: a few steps
         offs_m = start_m + offs_m0
@@ -423,7 +528,13 @@ def _attn_bwd_dkdv_inner(
         s_t = _dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale  # S^T, log2 units
         p_t = tl.exp2(s_t - (lse * LOG2E)[None, :])  # P^T = exp(S - lse)^T
         if MASK == 1:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            visible = offs_m[None, :] >= offs_n[:, None]
+            if HAS_DOCS:
+                visible = visible & (offs_m[None, :] < key_end[:, None])
+            p_t = tl.where(visible, p_t, 0.0)
+        elif MASK == 3:
+            visible = (offs_m[None, :] >= key_start[:, None]) & (offs_m[None, :] < key_end[:, None])
+            p_t = tl.where(visible, p_t, 0.0)
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)  # dV += P^T dO
         dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)  # dP^T = V dO^T
         ds_t = p_t * (dp_t - delta[None, :])  # dS^T = P^T * (dP^T - delta)
@@ -433,12 +544,12 @@ def _attn_bwd_dkdv_inner(
 
 @triton.autotune(
     configs=_autotune_list(BWD_DKDV_TUNED, BWD_DKDV_INTERPRET_CONFIG),
-    key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "N_REP"],
+    key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "N_REP", "HAS_DOCS"],
     prune_configs_by={"early_config_prune": _prune(("BLOCK_N1", "BLOCK_M1"), BWD_DKDV_TUNED)},
 )
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -447,7 +558,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvt,
     H, T, T_BUCKET, qk_scale, softmax_scale,
     N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N1 % BLOCK_M1 == 0, "BLOCK_M1 must divide BLOCK_N1 (causal diagonal split)")
     tl.static_assert(BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
@@ -471,6 +582,20 @@ def _attn_bwd_dkdv_kernel(
     else:
         lo = 0
     t_full = lo + (tl.maximum(T - lo, 0) // BLOCK_M1) * BLOCK_M1  # whole query blocks after lo
+    if HAS_DOCS:
+        # Documents: queries [doc_lo, mid1) with the document mask, [mid1, mid2) unmasked,
+        # [mid2, doc_hi) with the document mask again (causal: the diagonal first, then
+        # [lo, mid2) unmasked). Query blocks outside share no document with these keys.
+        key_start, key_end = _doc_rows(DOC_START, DOC_END, off_b, offs_n, T)
+        last_n = tl.minimum(start_n + BLOCK_N1, T) - 1
+        doc_lo, mid1, mid2, doc_hi = _doc_blocks(DOC_START, DOC_END, off_b, start_n, last_n, T, BLOCK_M1)
+        if CAUSAL:
+            # Unmasked: whole query blocks from lo on that end before the first key's document does.
+            first_end = tl.load(DOC_END + off_b * T + start_n)
+            doc_lo, mid1 = lo, lo
+            mid2 = lo + (tl.maximum(first_end - lo, 0) // BLOCK_M1) * BLOCK_M1
+    else:
+        key_start, key_end = None, None
 
     # The query heads sharing this K/V head, in a fixed order: the GQA sum needs no atomics.
     for rep in range(N_REP):
@@ -481,17 +606,34 @@ def _attn_bwd_dkdv_kernel(
         if CAUSAL:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
-                offs_n, offs_d, start_n, tl.minimum(start_n + BLOCK_N1, T), T, qk_scale,
-                HEAD_DIM, BLOCK_M1, 1, DOT_PRECISION,
+                offs_n, offs_d, start_n, tl.minimum(start_n + BLOCK_N1, T), T, qk_scale, key_start, key_end,
+                HEAD_DIM, BLOCK_M1, 1, DOT_PRECISION, HAS_DOCS,
             )
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
-            offs_n, offs_d, lo, t_full, T, qk_scale, HEAD_DIM, BLOCK_M1, 0, DOT_PRECISION,
-        )
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
-            offs_n, offs_d, t_full, T, T, qk_scale, HEAD_DIM, BLOCK_M1, 2, DOT_PRECISION,
-        )
+        if HAS_DOCS:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
+                offs_n, offs_d, doc_lo, mid1, T, qk_scale, key_start, key_end, HEAD_DIM, BLOCK_M1, 3, DOT_PRECISION,
+                True,
+            )
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
+                offs_n, offs_d, mid1, mid2, T, qk_scale, key_start, key_end, HEAD_DIM, BLOCK_M1, 0, DOT_PRECISION,
+                True,
+            )
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
+                offs_n, offs_d, mid2, doc_hi, T, qk_scale, key_start, key_end, HEAD_DIM, BLOCK_M1, 3,
+                DOT_PRECISION, True,
+            )
+        else:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
+                offs_n, offs_d, lo, t_full, T, qk_scale, None, None, HEAD_DIM, BLOCK_M1, 0, DOT_PRECISION, False,
+            )
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
+                offs_n, offs_d, t_full, T, T, qk_scale, None, None, HEAD_DIM, BLOCK_M1, 2, DOT_PRECISION, False,
+            )
 
     dk = dk * softmax_scale  # dK = scale dS^T Q
     _store_tile(DK + off_b * stride_dkb + off_hkv * stride_dkh, offs_n, stride_dkt, offs_d, T, dk, HEAD_DIM)
@@ -501,10 +643,13 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, qk_scale,
+    row_start, row_end,
     HEAD_DIM: tl.constexpr, BLOCK_N2: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     """Accumulate dQ of one query block over key blocks [lo, hi). MASK: 0 none, 1 causal
-    diagonal (key <= query), 2 sequence tail (key < T)."""
+    diagonal (key <= query; with HAS_DOCS also the document mask), 2 sequence tail (key < T),
+    3 document only (HAS_DOCS: row_start <= key < row_end)."""
     offs_n0 = tl.arange(0, BLOCK_N2)
     for start_n in tl.range(lo, hi, BLOCK_N2, num_stages=1 if MASK > 0 else None):  # masked: a few steps
         offs_n = start_n + offs_n0
@@ -513,9 +658,15 @@ def _attn_bwd_dq_inner(
         s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # log2 units
         p = tl.exp2(s - lse2[:, None])  # P = exp(S - lse)
         if MASK == 1:
-            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+            visible = offs_m[:, None] >= offs_n[None, :]
+            if HAS_DOCS:
+                visible = visible & (offs_n[None, :] >= row_start[:, None])
+            p = tl.where(visible, p, 0.0)
         elif MASK == 2:
             p = tl.where(offs_n[None, :] < T, p, 0.0)
+        elif MASK == 3:
+            visible = (offs_n[None, :] >= row_start[:, None]) & (offs_n[None, :] < row_end[:, None])
+            p = tl.where(visible, p, 0.0)
         dp = _dot(do, tl.trans(v), None, DOT_PRECISION)  # dP = dO V^T
         ds = p * (dp - delta[:, None])  # dS = P * (dP - delta)
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)  # dQ += dS K (scaled later)
@@ -524,12 +675,12 @@ def _attn_bwd_dq_inner(
 
 @triton.autotune(
     configs=_autotune_list(BWD_DQ_TUNED, BWD_DQ_INTERPRET_CONFIG),
-    key=["T_BUCKET", "HEAD_DIM", "CAUSAL"],
+    key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_DOCS"],
     prune_configs_by={"early_config_prune": _prune(("BLOCK_M2", "BLOCK_N2"), BWD_DQ_TUNED)},
 )
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -537,7 +688,7 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt,
     H, T, T_BUCKET, qk_scale, softmax_scale,
     N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M2 % BLOCK_N2 == 0, "BLOCK_N2 must divide BLOCK_M2 (causal diagonal split)")
     tl.static_assert(BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
@@ -559,19 +710,37 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
 
     # Keys [0, mid) unmasked, then [mid, hi) with the edge mask, as in the forward kernel.
-    if CAUSAL:
-        mid, hi = start_m, tl.minimum(start_m + BLOCK_M2, T)
+    if HAS_DOCS:
+        # Documents: the forward kernel's three key ranges (blocks sharing no document skipped).
+        row_start, row_end = _doc_rows(DOC_START, DOC_END, off_b, offs_m, T)
+        lo, mid1, mid2, hi = _doc_key_blocks(DOC_START, DOC_END, off_b, start_m, T, BLOCK_M2, BLOCK_N2, CAUSAL)
+        EDGE_MASK: tl.constexpr = 1 if CAUSAL else 3
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, mid1, T, qk_scale,
+            row_start, row_end, HEAD_DIM, BLOCK_N2, 3, DOT_PRECISION, True,
+        )
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid1, mid2, T, qk_scale,
+            row_start, row_end, HEAD_DIM, BLOCK_N2, 0, DOT_PRECISION, True,
+        )
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid2, hi, T, qk_scale,
+            row_start, row_end, HEAD_DIM, BLOCK_N2, EDGE_MASK, DOT_PRECISION, True,
+        )
     else:
-        mid, hi = (T // BLOCK_N2) * BLOCK_N2, T
-    EDGE_MASK: tl.constexpr = 1 if CAUSAL else 2
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, mid, T, qk_scale,
-        HEAD_DIM, BLOCK_N2, 0, DOT_PRECISION,
-    )
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid, hi, T, qk_scale,
-        HEAD_DIM, BLOCK_N2, EDGE_MASK, DOT_PRECISION,
-    )
+        if CAUSAL:
+            mid, hi = start_m, tl.minimum(start_m + BLOCK_M2, T)
+        else:
+            mid, hi = (T // BLOCK_N2) * BLOCK_N2, T
+        EDGE_MASK: tl.constexpr = 1 if CAUSAL else 2
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, mid, T, qk_scale,
+            None, None, HEAD_DIM, BLOCK_N2, 0, DOT_PRECISION, False,
+        )
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid, hi, T, qk_scale,
+            None, None, HEAD_DIM, BLOCK_N2, EDGE_MASK, DOT_PRECISION, False,
+        )
 
     dq = dq * softmax_scale  # dQ = scale dS K
     _store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqt, offs_d, T, dq, HEAD_DIM)
@@ -604,7 +773,7 @@ def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids=None) -> None:
     """Raise ValueError saying exactly what is unsupported."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
@@ -648,6 +817,55 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(
             f"flash_attention: the number of k/v heads ({h_kv}) must divide the number of query heads ({h})"
         )
+    _check_document_ids(q, document_ids)
+
+
+DOCUMENT_ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_document_ids(q: torch.Tensor, document_ids) -> None:
+    """document_ids: None, or an int32/int64 (B, T) tensor on q's device. (Their order is checked
+    by flash_attention, not here: that is a device-to-host sync.)"""
+    if document_ids is None:
+        return
+    if not isinstance(document_ids, torch.Tensor):
+        raise TypeError(
+            f"flash_attention: document_ids must be a torch.Tensor or None, got {type(document_ids).__name__}"
+        )
+    b, _, t, _ = q.shape
+    if document_ids.shape != (b, t):
+        raise ValueError(
+            f"flash_attention: document_ids must have shape (batch, seq_len) = {(b, t)}, "
+            f"got {tuple(document_ids.shape)}"
+        )
+    if document_ids.dtype not in DOCUMENT_ID_DTYPES:
+        raise ValueError(f"flash_attention: document_ids must be int32 or int64, got {document_ids.dtype}")
+    if document_ids.device != q.device:
+        raise ValueError(f"flash_attention: document_ids must be on q's device {q.device}, got {document_ids.device}")
+
+
+def _check_document_order(document_ids) -> None:
+    """Raise ValueError if some row's document ids decrease. One small reduction and a sync; skipped
+    while torch.compile traces (a data-dependent branch), where the order is unchecked."""
+    if document_ids is None or torch.compiler.is_compiling():
+        return
+    if document_ids.shape[1] > 1 and bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
+        raise ValueError("flash_attention: document_ids must be non-decreasing along the sequence in every row")
+
+
+def _document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(doc_start, doc_end), int32 (B, T), contiguous: the positions [start, end) of each token's
+    document, a document being a run of equal ids (for non-decreasing ids: all tokens of one id).
+    The kernels mask and skip blocks with these, never reading the ids."""
+    b, t = document_ids.shape
+    pos = torch.arange(t, dtype=torch.int32, device=document_ids.device).expand(b, t)
+    starts_here = torch.ones(b, t, dtype=torch.bool, device=document_ids.device)
+    starts_here[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    ends_here = torch.ones_like(starts_here)
+    ends_here[:, :-1] = starts_here[:, 1:]
+    doc_start = torch.where(starts_here, pos, 0).cummax(dim=1).values
+    doc_end = torch.where(ends_here, pos + 1, t).flip(1).cummin(dim=1).values.flip(1)
+    return doc_start.to(torch.int32).contiguous(), doc_end.to(torch.int32).contiguous()
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -686,10 +904,10 @@ def _t_bucket(t: int) -> int:
     return min(triton.next_power_of_2(t), 16384)
 
 
-def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None):
+def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None, document_ids=None):
     """Validate and launch the forward kernel. Returns (out, lse): out (B, H, T, D) in q's dtype,
     lse (B, H, T) fp32, the natural-log logsumexp of each row's scaled scores."""
-    _check_inputs(q, k, v)
+    _check_inputs(q, k, v, document_ids)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     b, h, t, d = q.shape
     h_kv = k.shape[1]
@@ -699,18 +917,19 @@ def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None):
         return out, lse
     if scale < 0:  # scale Q K^T = |scale| (-Q) K^T exactly; the kernel's scores need a scale >= 0
         q, scale = -q, -scale
+    doc_start, doc_end = (None, None) if document_ids is None else _document_bounds(document_ids)
 
     with utils.launch_device(q):
         _attn_fwd_kernel[lambda meta: _grid(b * h, t, meta["BLOCK_M"])](
-            q, k, v, out, lse, *_strides(q, k, v, out),
+            q, k, v, out, lse, doc_start, doc_end, *_strides(q, k, v, out),
             h, t, _t_bucket(t), scale * LOG2E.value,  # qk_scale = scale * log2(e)
             N_REP=h // h_kv, HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=bool(causal),
-            DOT_PRECISION=_dot_precision(q.dtype),
+            DOT_PRECISION=_dot_precision(q.dtype), HAS_DOCS=document_ids is not None,
         )
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None):
+def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None, document_ids=None):
     """Launch the backward kernels (preprocess delta, dK/dV, dQ). Returns (dq, dk, dv) shaped and
     typed like q, k, v."""
     dout = _unit_last_stride(dout)
@@ -725,8 +944,10 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | 
         return dq, dk, dv
     delta = utils.empty((b, h, t), torch.float32, q.device)
     statics = dict(
-        N_REP=h // h_kv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype)
+        N_REP=h // h_kv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype),
+        HAS_DOCS=document_ids is not None,
     )
+    doc_start, doc_end = (None, None) if document_ids is None else _document_bounds(document_ids)
 
     preprocess_block = 64 if block_d <= 128 else 32
     with utils.launch_device(q):
@@ -736,12 +957,12 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | 
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=preprocess_block,
         )
         _attn_bwd_dkdv_kernel[lambda meta: _grid(b * h_kv, t, meta["BLOCK_N1"])](
-            q, k, v, dout, lse, delta, dk, dv, *_strides(q, k, v, dout, dk, dv),
+            q, k, v, dout, lse, delta, dk, dv, doc_start, doc_end, *_strides(q, k, v, dout, dk, dv),
             h, t, _t_bucket(t), qk_scale, scale,
             **statics,
         )
         _attn_bwd_dq_kernel[lambda meta: _grid(b * h, t, meta["BLOCK_M2"])](
-            q, k, v, dout, lse, delta, dq, *_strides(q, k, v, dout, dq),
+            q, k, v, dout, lse, delta, dq, doc_start, doc_end, *_strides(q, k, v, dout, dq),
             h, t, _t_bucket(t), qk_scale, scale,
             **statics,
         )
@@ -753,36 +974,45 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | 
 # ----------------------------------------------------------------------------------------------
 
 
-def _scores_math(q, k, v, causal: bool, scale: float):
+def _visible(t: int, causal: bool, document_ids, device) -> torch.Tensor | None:
+    """The dense mask of visible (query, key) pairs, (T, T) or (B, 1, T, T); None when all are."""
+    visible = torch.ones(t, t, dtype=torch.bool, device=device).tril() if causal else None
+    if document_ids is not None:
+        same_doc = (document_ids[:, :, None] == document_ids[:, None, :])[:, None]  # (B, 1, T, T)
+        visible = same_doc if visible is None else same_doc & visible
+    return visible
+
+
+def _scores_math(q, k, v, causal: bool, scale: float, document_ids=None):
     """(S, K, V) in fp32 for the math implementations: K and V repeated to q's heads (B, H, T, D),
-    S = scale Q K^T (B, H, T, T), -inf above the diagonal when causal."""
+    S = scale Q K^T (B, H, T, T), -inf above the diagonal when causal and between documents."""
     n_rep = q.shape[1] // k.shape[1]
     k32 = k.float().repeat_interleave(n_rep, dim=1)
     v32 = v.float().repeat_interleave(n_rep, dim=1)
     s = (q.float() @ k32.transpose(-2, -1)) * scale
-    if causal:
-        t = q.shape[2]
-        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    visible = _visible(q.shape[2], causal, document_ids, q.device)
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
     return s, k32, v32
 
 
-def _attention_fwd_math(q, k, v, causal: bool, softmax_scale: float | None):
+def _attention_fwd_math(q, k, v, causal: bool, softmax_scale: float | None, document_ids=None):
     """attention_fwd in plain PyTorch, fp32 inside, materialising the scores: the op's CPU
     implementation without the interpreter. Same outputs, layout and dtypes as the kernel's."""
-    s, _, v32 = _scores_math(q, k, v, causal, _scale(q.shape[-1], softmax_scale))
+    s, _, v32 = _scores_math(q, k, v, causal, _scale(q.shape[-1], softmax_scale), document_ids)
     out, lse = _fwd_outputs(q)
     lse.copy_(torch.logsumexp(s, dim=-1))
     out.copy_(torch.exp(s - lse[..., None]) @ v32)  # P V
     return out, lse
 
 
-def _attention_bwd_math(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None):
+def _attention_bwd_math(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None, document_ids=None):
     """attention_bwd in plain PyTorch, fp32 inside, by the derivation in the module docstring."""
     b, h, t, d = q.shape
     h_kv = k.shape[1]
     n_rep = h // h_kv
     scale = _scale(d, softmax_scale)
-    s, k32, v32 = _scores_math(q, k, v, causal, scale)
+    s, k32, v32 = _scores_math(q, k, v, causal, scale, document_ids)
     q32, do32 = q.float(), dout.float()
     p = torch.exp(s - lse[..., None])  # P = exp(S - lse)
     dp = do32 @ v32.transpose(-2, -1)  # dP = dO V^T
@@ -796,39 +1026,39 @@ def _attention_bwd_math(dout, q, k, v, out, lse, causal: bool, softmax_scale: fl
     return dq, dk, dv
 
 
-def _fwd_cpu(q, k, v, causal, softmax_scale):
+def _fwd_cpu(q, k, v, causal, softmax_scale, document_ids):
     """On CPU: our kernels under the interpreter, else the same math in PyTorch."""
     fwd = attention_fwd if utils.interpreting() else _attention_fwd_math
-    return fwd(q, k, v, causal, softmax_scale)
+    return fwd(q, k, v, causal, softmax_scale, document_ids)
 
 
-def _bwd_cpu(dout, q, k, v, out, lse, causal, softmax_scale):
+def _bwd_cpu(dout, q, k, v, out, lse, causal, softmax_scale, document_ids):
     bwd = attention_bwd if utils.interpreting() else _attention_bwd_math
-    return bwd(dout, q, k, v, out, lse, causal, softmax_scale)
+    return bwd(dout, q, k, v, out, lse, causal, softmax_scale, document_ids)
 
 
-def _fwd_fake(q, k, v, causal, softmax_scale):
+def _fwd_fake(q, k, v, causal, softmax_scale, document_ids):
     return _fwd_outputs(q)
 
 
-def _bwd_fake(dout, q, k, v, out, lse, causal, softmax_scale):
+def _bwd_fake(dout, q, k, v, out, lse, causal, softmax_scale, document_ids):
     return _bwd_outputs(q, k, v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale = inputs
+    q, k, v, causal, softmax_scale, document_ids = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, document_ids)
     ctx.causal, ctx.softmax_scale = causal, softmax_scale
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, document_ids = ctx.saved_tensors
     dq, dk, dv = torch.ops.gpt2_suite.flash_attention_backward(
-        dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale
+        dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, document_ids
     )
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None  # no gradient for causal, softmax_scale, document_ids
 
 
 def _kv_as_query_heads(q_shape, kv_shape) -> tuple[int, ...]:
@@ -852,13 +1082,13 @@ def _bwd_flop(dout_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kw
 
 utils.define_op(
     "flash_attention_backward",
-    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? softmax_scale)"
-    " -> (Tensor, Tensor, Tensor)",
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? softmax_scale,"
+    " Tensor? document_ids) -> (Tensor, Tensor, Tensor)",
     cuda=attention_bwd, cpu=_bwd_cpu, fake=_bwd_fake, flop_formula=_bwd_flop,
 )
 utils.define_op(
     "flash_attention",
-    "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale) -> (Tensor, Tensor)",
+    "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale, Tensor? document_ids) -> (Tensor, Tensor)",
     cuda=attention_fwd, cpu=_fwd_cpu, fake=_fwd_fake,
     backward=_backward, setup_context=_setup_context, flop_formula=_fwd_flop,
 )
@@ -875,17 +1105,22 @@ def flash_attention(
     v: torch.Tensor,
     causal: bool = True,
     softmax_scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * softmax_scale [+ causal mask]) v without materialising the scores.
+    """softmax(q k^T * softmax_scale [+ causal mask] [+ document mask]) v without materialising
+    the scores.
 
     q: (B, H, T, D); k, v: (B, H_kv, T, D) with H_kv dividing H; float16/bfloat16/float32;
-    D <= 256; any T. softmax_scale defaults to 1/sqrt(D). Differentiable in q, k and v.
-    Calls torch.ops.gpt2_suite.flash_attention (its lse output stays internal).
+    D <= 256; any T. softmax_scale defaults to 1/sqrt(D). document_ids: None, or an int32/int64
+    (B, T) tensor on q's device, non-decreasing along T (checked, except under torch.compile):
+    a query then attends only to keys of its own document (packed sequences). Differentiable in
+    q, k and v. Calls torch.ops.gpt2_suite.flash_attention (its lse output stays internal).
     See the module docstring for the full contract.
     """
-    _check_inputs(q, k, v)  # here, before the op: the op's CPU implementation would accept CPU tensors
+    _check_inputs(q, k, v, document_ids)  # here, before the op: its CPU implementation would accept CPU tensors
+    _check_document_order(document_ids)
     out, _ = torch.ops.gpt2_suite.flash_attention(
-        q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale)
+        q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale), document_ids
     )
     return out
 
@@ -895,8 +1130,11 @@ def flash_attention(
 # ----------------------------------------------------------------------------------------------
 
 
-def attention_ref(q, k, v, causal: bool = True, softmax_scale: float | None = None, upcast: bool = True):
+def attention_ref(
+    q, k, v, causal: bool = True, softmax_scale: float | None = None, upcast: bool = True, document_ids=None
+):
     """Plain PyTorch attention with the same contract as flash_attention, materialising the scores.
+    document_ids (B, T): a query sees only keys of its own id (the dense mask; any order of ids).
 
     upcast=True computes in float64 and returns float64: the ground truth for tests.
     upcast=False computes in the inputs' dtype, step by step as eager PyTorch would (scores,
@@ -914,4 +1152,7 @@ def attention_ref(q, k, v, causal: bool = True, softmax_scale: float | None = No
         t_q, t_k = q.shape[2], k.shape[2]
         visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~visible, float("-inf"))
+    if document_ids is not None:
+        same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+        scores = scores.masked_fill(~same_doc[:, None], float("-inf"))
     return torch.softmax(scores, dim=-1) @ v  # (B, H, T, D)

@@ -59,18 +59,20 @@ def _inputs(b, h, h_kv, t, d, dtype):
     return q, k, v
 
 
-def _check_against_references(q, k, v, dout, causal, softmax_scale=None):
+def _check_against_references(q, k, v, dout, causal, softmax_scale=None, document_ids=None):
     """Run the kernel forward and backward and compare everything with the references."""
     qk, kk, vk = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = flash_attention(qk, kk, vk, causal=causal, softmax_scale=softmax_scale)
+    out = flash_attention(qk, kk, vk, causal=causal, softmax_scale=softmax_scale, document_ids=document_ids)
     out.backward(dout)
 
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    out64 = attention_ref(q64, k64, v64, causal=causal, softmax_scale=softmax_scale)
+    out64 = attention_ref(q64, k64, v64, causal=causal, softmax_scale=softmax_scale, document_ids=document_ids)
     out64.backward(dout.double())
 
     ql, kl, vl = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out_lp = attention_ref(ql, kl, vl, causal=causal, softmax_scale=softmax_scale, upcast=False)
+    out_lp = attention_ref(
+        ql, kl, vl, causal=causal, softmax_scale=softmax_scale, upcast=False, document_ids=document_ids
+    )
     out_lp.backward(dout)
 
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -153,6 +155,132 @@ def test_backward_is_deterministic():
         grads.append([x.grad for x in leaves])
     for first, second in zip(*grads):
         assert torch.equal(first, second)
+
+
+# Packed documents (document_ids). The interpreter's tiles: forward 64 x 32, dK/dV 64 keys x 32
+# queries, dQ 64 x 32, so a boundary at 64 is a block edge for every kernel and one at 32 is one
+# for the inner blocks.
+FWD_TILE = attention.FWD_INTERPRET_CONFIG.kwargs
+assert FWD_TILE == {"BLOCK_M": 64, "BLOCK_N": 32}  # the boundaries below are chosen for these tiles
+
+
+def _document_ids(b, t, starts=(), n_random=0, dtype=torch.int64):
+    """(B, T) non-decreasing ids: a new document at each position of `starts` (in every row) and at
+    n_random random positions per row (repeats allowed: fewer, longer documents)."""
+    ids = torch.zeros(b, t, dtype=torch.int64)
+    for row in range(b):
+        new_doc = torch.zeros(t, dtype=torch.int64)
+        positions = list(starts) + torch.randint(1, max(t, 2), (n_random,)).tolist()
+        new_doc[[p for p in positions if 0 < p < t]] = 1
+        ids[row] = new_doc.cumsum(0)
+    return ids.to(device=DEVICE, dtype=dtype)
+
+
+DOCUMENT_CASES = [
+    # (B, H, H_kv, T, D, causal, dtype, starts, n_random)
+    (2, 2, 1, 129, 32, True, torch.float32, (40, 41, 42, 100), 5),  # length-1 documents, GQA, random
+    (1, 4, 2, 97, 64, False, torch.bfloat16, (1, 2, 50), 4),  # T not a multiple of any block
+    (1, 2, 2, 128, 64, True, torch.float16, (32, 64, 96), 0),  # boundaries at block edges
+    (1, 2, 2, 128, 32, False, torch.float32, (64,), 0),  # one edge shared by every kernel's blocks
+    (2, 2, 2, 150, 40, True, torch.bfloat16, (), 8),  # padded head size, random boundaries
+    (1, 2, 1, 17, 16, True, torch.float32, (16,), 3),  # one partial block; last token alone
+    (1, 2, 2, 200, 128, False, torch.float16, (63, 65, 127, 129, 190), 0),
+    (1, 1, 1, 40, 256, True, torch.bfloat16, (7, 8, 33), 0),
+    (1, 2, 2, 1, 32, True, torch.float32, (), 0),  # T = 1
+]
+
+
+@pytest.mark.parametrize("b, h, h_kv, t, d, causal, dtype, starts, n_random", DOCUMENT_CASES)
+def test_documents_match_float64_reference(b, h, h_kv, t, d, causal, dtype, starts, n_random):
+    q, k, v = _inputs(b, h, h_kv, t, d, dtype)
+    document_ids = _document_ids(b, t, starts, n_random, dtype=torch.int32 if b == 1 else torch.int64)
+    _check_against_references(q, k, v, torch.randn_like(q), causal, document_ids=document_ids)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_one_document_per_row_is_plain_attention_bit_for_bit(causal):
+    """All ids equal: the document path's unmasked ranges are the plain path's, and its masks
+    keep what the plain masks keep, so output and gradients are bitwise the same."""
+    q, k, v = _inputs(2, 2, 1, 161, 32, torch.float16)
+    dout = torch.randn_like(q)
+    results = []
+    for document_ids in (None, torch.zeros(2, 161, dtype=torch.int64, device=DEVICE) + 7):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = flash_attention(*leaves, causal=causal, document_ids=document_ids)
+        out.backward(dout)
+        results.append([out] + [x.grad for x in leaves])
+    for plain, packed in zip(*results):
+        assert torch.equal(plain, packed)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the NaN inputs
+@pytest.mark.parametrize("causal", [True, False])
+def test_blocks_of_other_documents_are_never_read(causal):
+    """Two documents split at 64, a block edge of every kernel: with NaN in one document's
+    inputs, the other document's outputs and gradients stay finite only if no kernel visits a
+    block of the poisoned one (a masked but visited block would carry NaN * 0 = NaN)."""
+    t, half = 128, 64
+    document_ids = _document_ids(1, t, (half,))
+    for poisoned, clean in ((slice(0, half), slice(half, t)), (slice(half, t), slice(0, half))):
+        q, k, v = _inputs(1, 2, 1, t, 32, torch.float32)
+        dout = torch.randn_like(q)
+        for x in (q, k, v, dout):
+            x[:, :, poisoned] = float("nan")
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = flash_attention(*leaves, causal=causal, document_ids=document_ids)
+        out.backward(dout)
+        for name, x in zip(("out", "dq", "dk", "dv"), [out] + [x.grad for x in leaves]):
+            assert torch.isfinite(x[:, :, clean]).all(), name
+            assert torch.isnan(x[:, :, poisoned]).any(), name
+
+
+def test_backward_with_documents_is_deterministic():
+    q, k, v = _inputs(1, 4, 2, 90, 32, torch.bfloat16)
+    document_ids = _document_ids(1, 90, (30, 31), 3)
+    dout = torch.randn_like(q)
+    grads = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        flash_attention(*leaves, causal=True, document_ids=document_ids).backward(dout)
+        grads.append([x.grad for x in leaves])
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(
+    "make_ids, message",
+    [
+        (lambda: torch.zeros(1, 8, dtype=torch.int64), r"shape \(batch, seq_len\) = \(2, 8\)"),
+        (lambda: torch.zeros(2, 9, dtype=torch.int64), r"shape \(batch, seq_len\)"),
+        (lambda: torch.zeros(2, 1, 8, dtype=torch.int64), r"shape \(batch, seq_len\)"),
+        (lambda: torch.zeros(2, 8), "int32 or int64"),
+        (lambda: torch.zeros(2, 8, dtype=torch.bool), "int32 or int64"),
+        (lambda: torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3], [0, 1, 2, 3, 2, 3, 4, 5]]), "non-decreasing"),
+    ],
+)
+def test_bad_document_ids_say_what_is_wrong(make_ids, message):
+    q, k, v = _inputs(2, 2, 2, 8, 32, torch.float32)
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, k, v, document_ids=make_ids().to(DEVICE))
+
+
+def test_document_ids_on_another_device_are_refused():
+    q, k, v = _inputs(1, 2, 2, 8, 32, torch.float32)
+    with pytest.raises(ValueError, match="document_ids must be on q's device"):
+        flash_attention(q, k, v, document_ids=torch.zeros(1, 8, dtype=torch.int64, device="meta"))
+
+
+def test_reference_document_mask():
+    """attention_ref's document mask by hand: with documents [0, 3) and [3, 5), token 3 attends to
+    itself alone (causal), so its output is v[3]; non-causal, token 0 averages v[0:3] under equal scores."""
+    v = torch.randn(1, 1, 5, 4, dtype=torch.float64)
+    q = k = torch.zeros(1, 1, 5, 4, dtype=torch.float64)
+    document_ids = torch.tensor([[0, 0, 0, 1, 1]])
+    out = attention_ref(q, k, v, causal=True, document_ids=document_ids)
+    torch.testing.assert_close(out[0, 0, 3], v[0, 0, 3])
+    out = attention_ref(q, k, v, causal=False, document_ids=document_ids)
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, :3].mean(0))
+    torch.testing.assert_close(out[0, 0, 4], v[0, 0, 3:].mean(0))
 
 
 def test_registry_routes_to_kernel():
@@ -385,7 +513,8 @@ def test_hub_kernels_package_is_not_detected():
 # Compiles (no launch) each kernel for sm_90 and sm_80 with the real Triton compiler and ptxas, in a
 # process without TRITON_INTERPRET: proof on a GPU-less machine that the kernels are GPU code, not
 # interpreter-only Python. One tile config each (the pinned interpreter ones, themselves valid GPU
-# tiles), D = 64 unpadded and D = 40 padded. On sm_90 the bf16 products must become Hopper's wgmma.
+# tiles), D = 64 unpadded and D = 40 padded, without and with document_ids (HAS_DOCS). On sm_90 the
+# bf16 products must become Hopper's wgmma.
 _COMPILE_SCRIPT = textwrap.dedent(
     """
     import importlib
@@ -393,9 +522,14 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from benchmarks.resources import compile_kernel, resource_usage
 
     A = importlib.import_module("kernels.attention")
-    for cc, dtype, d, causal in ((90, "bf16", 64, True), (80, "fp16", 40, False)):
+    R = importlib.import_module("benchmarks.resources")
+    R.SCALAR_TYPES.update(DOC_START="*i32", DOC_END="*i32")  # the document bounds: int32 tensors
+    no_docs = dict(HAS_DOCS=False, DOC_START=None, DOC_END=None)  # as launched without document_ids
+    for cc, dtype, d, causal, docs in ((90, "bf16", 64, True, no_docs), (80, "fp16", 40, False, no_docs),
+                                       (90, "bf16", 64, True, dict(HAS_DOCS=True)),
+                                       (80, "fp16", 40, False, dict(HAS_DOCS=True))):
         common = dict(N_REP=2, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=causal,
-                      DOT_PRECISION="tf32")
+                      DOT_PRECISION="tf32", **docs)
         for kernel, config in ((A._attn_fwd_kernel, A.FWD_INTERPRET_CONFIG),
                                (A._attn_bwd_dkdv_kernel, A.BWD_DKDV_INTERPRET_CONFIG),
                                (A._attn_bwd_dq_kernel, A.BWD_DQ_INTERPRET_CONFIG)):
@@ -406,7 +540,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
                        dtype, cc)
     # fp32 with IEEE products
     compile_kernel(A._attn_fwd_kernel, dict(N_REP=1, HEAD_DIM=32, BLOCK_D=32, CAUSAL=True, DOT_PRECISION="ieee",
-                                            **A.FWD_INTERPRET_CONFIG.kwargs), "fp32", 90)
+                                            **no_docs, **A.FWD_INTERPRET_CONFIG.kwargs), "fp32", 90)
     print("compiled")
     """
 )

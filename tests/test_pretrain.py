@@ -679,7 +679,7 @@ def test_compile_trains_like_eager(tmp_path, train_file, kernels):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernels", ["eager"])
+@pytest.mark.parametrize("kernels", ["eager", "triton"])
 def test_document_masking_trains_alike_across_kernels(tmp_path, kernels):
     """--document_masking on packed JSON documents: the same losses with the dense mask (sdpa) as
     with `kernels` (eager: the readable mask; triton: our kernel, which skips other documents'
