@@ -175,7 +175,7 @@ BWD_DQ_CONFIGS = _tiles(("BLOCK_M2", "BLOCK_N2"), {
     64: [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 2),
          (32, 32, 4, 2)],
     128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 2), (32, 32, 4, 2)],
-    256: [(64, 16, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
+    256: [(64, 16, 8, 2), (32, 16, 4, 2)],  # 64x32 on 8 warps spills at D=256 under Triton 3.6 (2026-12-02 report)
 })
 BWD_DQ_INTERPRET_CONFIG = triton.Config({"BLOCK_M2": 64, "BLOCK_N2": 32}, num_warps=4, num_stages=1)
 
@@ -197,7 +197,7 @@ BWD_DKDV_SHORT_CONFIGS = _tiles(("BLOCK_M1", "BLOCK_N1"), {
 BWD_DQ_SHORT_CONFIGS = _tiles(("BLOCK_M2", "BLOCK_N2"), {
     64: [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
     128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-    256: [(64, 16, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
+    256: [(64, 16, 8, 2), (32, 16, 4, 2)],
 })
 # What the autotuner gets, fixed when this module is imported (kernels/utils.py: autotune_choice).
 FWD_TUNED = utils.autotune_choice(FWD_CONFIGS, FWD_SHORT_CONFIGS)
