@@ -115,12 +115,6 @@ def validate_args(args) -> None:
             raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.validation_split_percentage >= 100:
         raise InputError(f"--validation_split_percentage must be below 100, got {args.validation_split_percentage}")
-    if args.checkpointing_steps not in (None, "epoch") and not (
-            args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) >= 1):
-        raise InputError(f"--checkpointing_steps must be a number of steps (at least 1) or 'epoch', "
-                         f"got {args.checkpointing_steps!r}")
-    if args.checkpointing_steps not in (None, "epoch"):
-        args.checkpointing_steps = int(args.checkpointing_steps)
     if args.streaming and (args.num_train_epochs or args.checkpointing_steps == "epoch"):
         raise InputError("--streaming runs by --max_train_steps; a stream has no known epoch length")
     if args.restart_positions and not args.document_masking:
@@ -205,11 +199,19 @@ def _add_training_flags(t) -> None:
                         "checkpoint), or skips that update")
 
 
+def _steps_or_epoch(text: str) -> int | str:
+    """--checkpointing_steps: a number of steps (at least 1), or 'epoch'."""
+    if text == "epoch" or (text.isdigit() and int(text) >= 1):
+        return text if text == "epoch" else int(text)
+    raise argparse.ArgumentTypeError(f"must be a number of steps (at least 1) or 'epoch', got {text!r}")
+
+
 def _add_output_flags(o) -> None:
     o.add_argument("--output_dir", default="out")
     o.add_argument("--eval_steps", type=int, default=100, help="also before the first and after the last step")
     o.add_argument("--logging_steps", type=int, default=10)
-    o.add_argument("--checkpointing_steps", default=None, help="every N steps, or 'epoch'; default: --eval_steps")
+    o.add_argument("--checkpointing_steps", type=_steps_or_epoch, default=None,
+                   help="every N steps, or 'epoch'; default: --eval_steps")
     o.add_argument("--checkpoints_total_limit", type=int, default=None,
                    help="keep only the newest N checkpoints (default: all)")
     o.add_argument("--resume_from_checkpoint", default=None,
