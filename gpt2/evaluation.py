@@ -22,6 +22,14 @@ after the first token, and bits per byte is total NLL / (ln 2 * those bytes): a 
 not depend on the tokenizer. Offsets come from encoding without the tokenizer's post-processor,
 which would otherwise add special tokens or trim whitespace out of the spans.
 
+Documents (document_masking): the texts joined with "\\n\\n" are still one stream, but each
+token also carries its text's index (a token belongs to the text its first character lies in; the
+separator's tokens end the text before them, as the end-of-text token ends a document in packed
+pretraining), and attention in a window stays within each text. A token then sees at most its own
+text's earlier tokens in the window, and the first token of a text is predicted from the end of
+the one before it, as after an end-of-text token. With restart_positions, positions start at 0 at
+each text's first token in the window (or at the window's start for a text that began before it).
+
 Everything here is device- and process-agnostic; scripts/evaluate_perplexity.py adds Accelerate.
 """
 
@@ -102,6 +110,7 @@ class TokenStream:
     ids: torch.Tensor  # (N,) int64 token ids
     byte_ends: torch.Tensor  # (N,) int64: UTF-8 byte position where token i's span ends
     num_bytes: int  # UTF-8 bytes in the whole text
+    document_ids: torch.Tensor  # (N,) int64, non-decreasing: the text each token belongs to
 
     def __len__(self) -> int:
         return self.ids.numel()
@@ -118,8 +127,10 @@ def utf8_byte_positions(text: str) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.long), widths.cumsum(0)])
 
 
-def tokenize_stream(tokenizer, text: str) -> TokenStream:
-    """Tokenize text once (a tokenizers.Tokenizer), without special tokens, with byte spans."""
+def tokenize_stream(tokenizer, text: str, text_starts: list[int] | None = None) -> TokenStream:
+    """Tokenize text once (a tokenizers.Tokenizer), without special tokens, with byte spans.
+    text_starts: the character offsets where the joined texts begin (text_offsets); a token
+    belongs to the last text that begins at or before its first character. None: one text."""
     from tokenizers import Tokenizer
 
     raw = Tokenizer.from_str(tokenizer.to_str())
@@ -127,16 +138,36 @@ def tokenize_stream(tokenizer, text: str) -> TokenStream:
     encoding = raw.encode(text, add_special_tokens=False)
     ids = torch.tensor(encoding.ids, dtype=torch.long)
     if ids.numel() == 0:
-        return TokenStream(ids, torch.zeros(0, dtype=torch.long), len(text.encode("utf-8", "surrogatepass")))
+        empty = torch.zeros(0, dtype=torch.long)
+        return TokenStream(ids, empty, len(text.encode("utf-8", "surrogatepass")), empty)
     char_ends = torch.tensor([end for _, end in encoding.offsets], dtype=torch.long).cummax(0).values
     positions = utf8_byte_positions(text)
     byte_ends = positions[char_ends]
     byte_ends[-1] = positions[-1]  # text after the last token's span belongs to the last token
-    return TokenStream(ids, byte_ends, int(positions[-1]))
+    document_ids = torch.zeros_like(ids)
+    if text_starts is not None and len(text_starts) > 1:
+        char_starts = torch.tensor([start for start, _ in encoding.offsets], dtype=torch.long).cummax(0).values
+        later_starts = torch.tensor(text_starts[1:], dtype=torch.long)
+        document_ids = torch.searchsorted(later_starts, char_starts, right=True)
+    return TokenStream(ids, byte_ends, int(positions[-1]), document_ids)
 
 
 def join_texts(texts: list[str]) -> str:
     return JOIN_SEPARATOR.join(texts)
+
+
+def text_offsets(texts: list[str]) -> list[int]:
+    """The character offset at which each text begins in join_texts(texts)."""
+    starts, offset = [], 0
+    for text in texts:
+        starts.append(offset)
+        offset += len(text) + len(JOIN_SEPARATOR)
+    return starts
+
+
+def tokenize_texts(tokenizer, texts: list[str]) -> TokenStream:
+    """The protocol's stream of texts (joined with JOIN_SEPARATOR), each token knowing its text."""
+    return tokenize_stream(tokenizer, join_texts(texts), text_offsets(texts))
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,10 +176,11 @@ def join_texts(texts: list[str]) -> str:
 
 class WindowDataset(torch.utils.data.Dataset):
     """Item i is window i of the stream: its tokens, labels (IGNORE_INDEX where not scored) and
-    the byte count of its scored tokens."""
+    the byte count of its scored tokens; with documents, also its tokens' document_ids (the
+    stream's, counted from 0 in the window)."""
 
-    def __init__(self, stream: TokenStream, windows: list[Window]):
-        self.stream, self.windows = stream, windows
+    def __init__(self, stream: TokenStream, windows: list[Window], documents: bool = False):
+        self.stream, self.windows, self.documents = stream, windows, documents
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -158,30 +190,48 @@ class WindowDataset(torch.utils.data.Dataset):
         input_ids = self.stream.ids[w.begin : w.end]
         labels = input_ids.clone()
         labels[: w.score_from - w.begin] = IGNORE_INDEX
-        return dict(
+        item = dict(
             window_index=index,
             input_ids=input_ids,
             labels=labels,
             num_tokens=w.num_scored,
             num_bytes=self.stream.bytes_between(w.score_from, w.end),
         )
+        if self.documents:
+            ids = self.stream.document_ids[w.begin : w.end]
+            item["document_ids"] = ids - ids[0]
+        return item
 
 
-def collate_windows(items: list[dict], pad_token_id: int = 0) -> dict:
-    """Right-pad windows to the longest; causal attention keeps padding out of earlier positions."""
+def collate_windows(items: list[dict], pad_token_id: int = 0, restart_positions: bool = False) -> dict:
+    """Right-pad windows to the longest; causal attention keeps padding out of earlier positions
+    (with document_ids, the padding is a document of its own). restart_positions: position_ids
+    that start at 0 in every document (items with document_ids only)."""
     length = max(item["input_ids"].numel() for item in items)
     input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
     for row, item in enumerate(items):
         input_ids[row, : item["input_ids"].numel()] = item["input_ids"]
         labels[row, : item["labels"].numel()] = item["labels"]
-    return dict(
+    batch = dict(
         window_index=torch.tensor([item["window_index"] for item in items], dtype=torch.long),
         input_ids=input_ids,
         labels=labels,
         num_tokens=torch.tensor([item["num_tokens"] for item in items], dtype=torch.long),
         num_bytes=torch.tensor([item["num_bytes"] for item in items], dtype=torch.long),
     )
+    if "document_ids" in items[0]:
+        document_ids = torch.empty((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = item["document_ids"].numel()
+            document_ids[row, :n] = item["document_ids"]
+            document_ids[row, n:] = item["document_ids"][-1] + 1
+        batch["document_ids"] = document_ids
+        if restart_positions:
+            from gpt2.model import document_positions
+
+            batch["position_ids"] = document_positions(document_ids)
+    return batch
 
 
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -199,8 +249,9 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def score_batch(model, batch: dict) -> torch.Tensor:
-    """(B,) float64 NLL sums of a collated batch of windows."""
-    return sequence_nll(model(batch["input_ids"]), batch["labels"])
+    """(B,) float64 NLL sums of a collated batch of windows (document-masked when it has document_ids)."""
+    documents = {name: batch[name] for name in ("document_ids", "position_ids") if name in batch}
+    return sequence_nll(model(batch["input_ids"], **documents), batch["labels"])
 
 
 # --------------------------------------------------------------------------------------------

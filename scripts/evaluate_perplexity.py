@@ -4,11 +4,17 @@ The protocol (gpt2/evaluation.py has it in full): the split's texts joined with 
 tokenized once; windows of --max_length tokens (default: the model's context) moving by --stride
 (default: max_length // 2); each window scores only the tokens no earlier window scored, so every
 token but the first is scored once, with at least max_length - stride tokens of context. Totals
-are sums of NLL, tokens and bytes over windows, gathered from every process.
+are sums of NLL, tokens and bytes over windows, gathered from every process. --document_masking
+keeps attention within each text (a model pretrained with --document_masking), and
+--restart_positions restarts its positions there.
 
     # our checkpoint (a scripts/pretrain.py output directory) on a local file, CPU or one GPU
     python scripts/evaluate_perplexity.py --model_name_or_path out/gpt2-tiny \\
         --validation_file ../shared/data/wikitext-2/test.txt --output_json out/eval-wikitext2.json
+
+    # a model pretrained with --document_masking, on the built-in corpus's held-out documents
+    python scripts/evaluate_perplexity.py --model_name_or_path out --dataset_name builtin:pydocs \
+        --dataset_split validation --document_masking
 
     # Hugging Face's GPT-2 on the perplexity guide's data and setting (needs a network)
     python scripts/evaluate_perplexity.py --model_name_or_path gpt2 \\
@@ -28,6 +34,7 @@ wants mpirun. Start the processes as for GPUs, or with torchrun, and pass --cpu.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -44,11 +51,10 @@ from gpt2.evaluation import (
     WindowDataset,
     check_window_arguments,
     collate_windows,
-    join_texts,
     load_texts,
     plan_windows,
     score_batch,
-    tokenize_stream,
+    tokenize_texts,
 )
 
 
@@ -68,6 +74,11 @@ def parse_args(argv=None):
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument("--max_length", type=int, default=None, help="window length; default: model context")
     protocol.add_argument("--stride", type=int, default=None, help="window step; default: max_length // 2")
+    protocol.add_argument("--document_masking", action="store_true",
+                          help="attention stays within each text (a .txt file is one text; a dataset row is one), "
+                               "as pretraining's --document_masking keeps it within each document")
+    protocol.add_argument("--restart_positions", action="store_true",
+                          help="with --document_masking: positions start at 0 in every text, as pretraining's flag")
     run = parser.add_argument_group("execution")
     run.add_argument("--batch_size", type=int, default=1, help="windows per forward pass, per process")
     cli.add_device_flags(run)
@@ -79,6 +90,8 @@ def parse_args(argv=None):
         parser.error(f"--max_samples must be at least 1, got {args.max_samples}")
     if (args.dataset_name is None) == (args.validation_file is None):
         parser.error("give exactly one of --dataset_name or --validation_file")
+    if args.restart_positions and not args.document_masking:
+        parser.error("--restart_positions needs --document_masking (positions restart at each text)")
     return args
 
 
@@ -89,8 +102,11 @@ def window_lengths(args, n_positions: int) -> tuple[int, int]:
     return max_length, stride
 
 
-def build_dataloader(stream, windows, batch_size: int) -> DataLoader:
-    return DataLoader(WindowDataset(stream, windows), batch_size=batch_size, shuffle=False, collate_fn=collate_windows)
+def build_dataloader(stream, windows, batch_size: int, document_masking: bool = False,
+                     restart_positions: bool = False) -> DataLoader:
+    collate = functools.partial(collate_windows, restart_positions=restart_positions)
+    return DataLoader(WindowDataset(stream, windows, documents=document_masking), batch_size=batch_size,
+                      shuffle=False, collate_fn=collate)
 
 
 def evaluate(model, dataloader, num_windows: int, accelerator: Accelerator) -> PerplexityTotals:
@@ -127,6 +143,8 @@ def build_report(
             f"{JOIN_SEPARATOR!r} and tokenized once; each window scores only tokens no earlier "
             "window scored; the first token is never scored; bytes are the UTF-8 bytes the scored "
             "tokens cover (tokenizer offsets)"
+            + ("; attention within each text (document masking)" if args.document_masking else "")
+            + ("; positions restart at each text" if args.restart_positions else "")
         ),
         "model": args.model_name_or_path,
         "tokenizer": args.tokenizer_name or args.model_name_or_path,
@@ -138,6 +156,8 @@ def build_report(
         "max_samples": args.max_samples,
         "max_length": max_length,
         "stride": stride,
+        "document_masking": args.document_masking,
+        "restart_positions": args.restart_positions,
         "dtype": args.dtype,
         "kernels": f"{model.config.attn_impl}/{model.config.norm_impl}",
         "batch_size": args.batch_size,
@@ -169,10 +189,11 @@ def perplexity_report(args, accelerator: Accelerator) -> dict:
     with accelerator.main_process_first():  # one process fills the datasets cache, the others read it
         texts = load_texts(args.dataset_name, args.dataset_config_name, args.dataset_split,
                            args.validation_file, args.text_column, args.max_samples)
-    stream = tokenize_stream(tokenizer, join_texts(texts))
+    stream = tokenize_texts(tokenizer, texts)
     windows = plan_windows(len(stream), max_length, stride)
     start = time.perf_counter()
-    dataloader = accelerator.prepare(build_dataloader(stream, windows, args.batch_size))  # shards the windows
+    dataloader = build_dataloader(stream, windows, args.batch_size, args.document_masking, args.restart_positions)
+    dataloader = accelerator.prepare(dataloader)  # shards the windows
     totals = evaluate(model, dataloader, len(windows), accelerator)
     report = build_report(
         args, totals, stream, len(texts), max_length, stride, model, accelerator, time.perf_counter() - start

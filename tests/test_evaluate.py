@@ -16,7 +16,7 @@ import torch
 from conftest import expect_input_error, load_script
 
 from gpt2 import GPT2, GPT2Config
-from gpt2.evaluation import WindowDataset, collate_windows, plan_windows, tokenize_stream
+from gpt2.evaluation import WindowDataset, collate_windows, plan_windows, tokenize_stream, tokenize_texts
 from gpt2.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,6 +243,60 @@ def test_builtin_corpus_split(checkpoint):
                        "has splits 'train' and 'validation'")
 
 
+# --------------------------------------------------------------------------------------------
+# Document masking: attention within each text
+
+
+def write_rows(path: Path, rows: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_document_ids_follow_text_boundaries(checkpoint):
+    """Each text's tokens decode to the text and the separator after it: the separator ends the
+    text before it, as the end-of-text token ends a packed document."""
+    tokenizer = load_tokenizer(checkpoint)
+    texts = [sample_text(n, seed=10 + n) for n in (7, 1, 12, 3)]
+    stream = tokenize_texts(tokenizer, texts)
+    ids = stream.document_ids
+    assert (ids[1:] >= ids[:-1]).all() and ids[0] == 0 and ids[-1] == len(texts) - 1
+    for j, text in enumerate(texts):
+        decoded = tokenizer.decode(stream.ids[ids == j].tolist(), skip_special_tokens=False)
+        assert decoded == text + ("\n\n" if j < len(texts) - 1 else "")
+
+
+def test_document_masked_nll_matches_brute_force(checkpoint, tmp_path):
+    """--document_masking --restart_positions: token t is predicted from the tokens of its
+    predecessor's text inside t's window only, positions counted from where that context starts:
+    exactly a plain model run on that slice alone."""
+    max_length, stride = 16, 5
+    texts = [sample_text(n, seed=20 + n) for n in (9, 2, 14, 1, 6)]
+    data = write_rows(tmp_path / "rows.jsonl", texts)
+    report = run_eval(checkpoint, data, "--max_length", max_length, "--stride", stride, "--batch_size", 3,
+                      "--document_masking", "--restart_positions")
+    document = tokenize_texts(load_tokenizer(checkpoint), texts).document_ids.tolist()
+    doc_start = [next(i for i in range(t + 1) if document[i] == document[t]) for t in range(len(document))]
+
+    def context_start(t):
+        window = next(k for k in range(t + 1) if k * stride + max_length > t) * stride
+        return max(window, doc_start[t - 1])
+
+    expected, tokens = brute_force_nll(checkpoint, "\n\n".join(texts), context_start)
+    assert len(set(document)) == len(texts) and report["document_masking"] and report["restart_positions"]
+    assert report["tokens"] == tokens
+    assert report["nll_sum"] == pytest.approx(expected, rel=1e-5)
+    unmasked = run_eval(checkpoint, data, "--max_length", max_length, "--stride", stride)
+    # the tolerance above tells the two apart (an untrained model leans on context only a little)
+    assert unmasked["tokens"] == tokens and unmasked["nll_sum"] != pytest.approx(expected, rel=1e-5)
+
+
+def test_document_masking_of_one_text_changes_nothing(checkpoint, text_file):
+    plain = run_eval(checkpoint, text_file, "--batch_size", 4)
+    masked = run_eval(checkpoint, text_file, "--batch_size", 4, "--document_masking", "--restart_positions")
+    assert masked["tokens"] == plain["tokens"]
+    assert masked["nll_sum"] == pytest.approx(plain["nll_sum"], rel=1e-6)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -347,3 +401,8 @@ def test_missing_text_column(checkpoint, tmp_path):
 )
 def test_bad_window_arguments(checkpoint, text_file, extra, fragment):
     expect_error(["--model_name_or_path", checkpoint, "--validation_file", text_file, *extra], fragment)
+
+
+def test_restart_positions_needs_document_masking(checkpoint, text_file):
+    expect_error(["--model_name_or_path", checkpoint, "--validation_file", text_file, "--restart_positions"],
+                 "--restart_positions needs --document_masking")
