@@ -3,6 +3,7 @@
 
     python -m benchmarks.attention                 # full sweep on a CUDA GPU -> benchmarks/results/<device>/
     python -m benchmarks.attention --suite gpt2    # only GPT-2 shapes (H=12, D=64, 16k tokens per batch)
+    python -m benchmarks.attention --suite documents --dtype bf16   # document masking: ours, Flex, SDPA's mask
     python -m benchmarks.attention --quick --output_dir /tmp/b   # tiny shapes, CPU interpreter (CI smoke)
 
 FLOPs (stated in every summary): forward = 4 * B * H * T^2 * D (two matmuls of 2 * T^2 * D per
@@ -21,6 +22,19 @@ B·H·T² float64 scores. At the sweep's 16k tokens that is 0.2 TFLOP and ~16 GB
 T=1024 (milliseconds) and 15 TFLOP and ~0.7 TB at the largest (H=32, D=128, T=16384): estimated at
 about a second per point on an H100 (fp64 tensor cores, ~60 TFLOP/s), not yet measured. Its
 float64 out and gradients are kept for all the providers: 4·B·H·T·D·8 bytes, 2 GiB at most here.
+
+The documents suite (document-masked attention over packed rows, causal): every row packs
+documents end to end, as pretraining does, with lengths drawn from a real corpus's (the built-in
+corpus's training documents, builtin:pydocs, at CHARS_PER_TOKEN characters per token: 607
+documents, mean 862 tokens, median 277, on Python 3.11; the --quick suite draws 1 to 12 tokens
+uniformly) and one end-of-text token each, in an order and from a start inside the first document
+set by a fixed seed. Ours takes the ids (document_ids), FlexAttention a document block mask
+(compiled; it is the peer to beat), SDPA the dense (B, 1, T, T) boolean mask (its dispatcher picks
+the backend; the flash backend takes no mask). The block mask and the dense mask are built once
+per point, outside the timed calls, as a model builds them once for all its layers; their build
+time is recorded as the "mask" mode. Ours finds each token's document bounds and checks the ids'
+order (a device-to-host sync) inside every call. FLOPs count only the visible pairs: 4·H·D·ΣL²/2
+forward over the documents' lengths L (the causal convention, T²/2 per row, with one document).
 
 Eager attention and SDPA's math backend are skipped where they would materialise more than
 MATERIALISED_SCORES_LIMIT scores; FlexAttention (torch.compile'd, causal block mask) is a peer at
@@ -48,7 +62,7 @@ from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-SHAPE_FIELDS = ["suite", "B", "H", "H_kv", "T", "D", "causal"]
+SHAPE_FIELDS = ["suite", "B", "H", "H_kv", "T", "D", "causal", "documents"]
 # One provider at one point: its rows are replaced together when it is measured again, so a
 # re-run of one provider (say ours, after a change) keeps the others' rows.
 POINT_FIELDS = ["kernel", "provider", "dtype", *SHAPE_FIELDS]
@@ -68,19 +82,63 @@ REFERENCE_SCORES = 2**28
 # rising to seconds and out of memory at the sweep's largest points, and says nothing the fused
 # backends don't: they are skipped there (status "skipped").
 MATERIALISED_SCORES_LIMIT = 2**31
+# The documents suite: the built-in corpus's document lengths in characters, over this, are its
+# lengths in tokens (an 8k BPE gives 530k tokens for its 2.2 M characters: 4.15 per token).
+CHARS_PER_TOKEN = 4
+DOCUMENT_SEED = 0
 
 
 def suites(quick: bool) -> dict[str, list[dict]]:
     """Named lists of shapes: dicts with B, H, H_kv, T, D."""
     if quick:
-        return {"quick": [dict(B=1, H=2, H_kv=1, T=17, D=32), dict(B=2, H=2, H_kv=2, T=40, D=32)]}
+        return {"quick": [dict(B=1, H=2, H_kv=1, T=17, D=32), dict(B=2, H=2, H_kv=2, T=40, D=32)],
+                "documents-quick": [dict(B=2, H=2, H_kv=2, T=40, D=32, documents="uniform-1-12")]}
     seqlens = [512, 1024, 2048, 4096, 8192, 16384]
     return {
         "gpt2": [dict(B=TOKENS // t, H=12, H_kv=12, T=t, D=64) for t in seqlens],
         "fa-d64": [dict(B=TOKENS // t, H=32, H_kv=32, T=t, D=64) for t in seqlens],  # hidden 2048
         "fa-d128": [dict(B=TOKENS // t, H=16, H_kv=16, T=t, D=128) for t in seqlens],  # hidden 2048
         "gqa": [dict(B=TOKENS // t, H=32, H_kv=8, T=t, D=128) for t in seqlens],
+        # GPT-2's shapes with packed documents (causal only): to read beside the gpt2 suite's causal rows
+        "documents": [dict(B=TOKENS // t, H=12, H_kv=12, T=t, D=64, documents="pydocs") for t in (1024, 4096, 8192)],
     }
+
+
+@functools.cache
+def document_lengths(name: str) -> tuple[int, ...]:
+    """The document lengths in tokens that a documents suite packs: "pydocs", the built-in corpus's
+    training documents (characters / CHARS_PER_TOKEN, at least 1), or "uniform-A-B"."""
+    if name == "pydocs":
+        from gpt2.data import _builtin_documents
+
+        return tuple(max(1, len(d["text"]) // CHARS_PER_TOKEN) for d in _builtin_documents("train", "benchmark"))
+    low, high = map(int, name.removeprefix("uniform-").split("-"))
+    return tuple(range(low, high + 1))
+
+
+def packed_document_ids(B: int, T: int, name: str, device, seed: int = DOCUMENT_SEED) -> torch.Tensor:
+    """(B, T) int32 document ids of B packed rows, counted from 0 in each row: documents of
+    document_lengths(name), each closed by one end-of-text token, in a seeded random order (every
+    document once before any repeats), the stream starting at a random token of the first one."""
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(document_lengths(name)) + 1  # the end-of-text token closes each document
+    offset = int(torch.randint(int(pool.max()), (1,), generator=generator))
+    lengths = []
+    while sum(lengths) < B * T + offset + int(pool.max()):
+        lengths += pool[torch.randperm(len(pool), generator=generator)].tolist()
+    ends = torch.tensor(lengths).cumsum(0)
+    documents = torch.searchsorted(ends, torch.arange(offset, offset + B * T), right=True).view(B, T)
+    return (documents - documents[:, :1]).to(torch.int32).to(device)
+
+
+def visible_pairs(shape: dict, causal: bool, document_ids=None) -> float:
+    """The (query, key) pairs attention computes, by the FLOP convention: B·T²/2 causal, B·T²
+    not; with documents ΣL²/2 over every row's documents."""
+    if document_ids is None:
+        return shape["B"] * shape["T"] ** 2 * (0.5 if causal else 1.0)
+    _, lengths = torch.unique_consecutive(document_ids.long() + document_ids.shape[1] * torch.arange(
+        document_ids.shape[0], device=document_ids.device)[:, None], return_counts=True)
+    return float((lengths.double() ** 2).sum()) * (0.5 if causal else 1.0)
 
 
 def providers(quick: bool) -> dict:
@@ -106,7 +164,7 @@ def providers(quick: bool) -> dict:
     return table
 
 
-PROVIDER_ORDER = ["ours", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "eager", "flex"]
+PROVIDER_ORDER = ["ours", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "sdpa-mask", "eager", "flex"]
 
 
 def scores_limited(fn):
@@ -150,6 +208,59 @@ def flex_attention_provider():
     return flex
 
 
+def document_providers(document_ids: torch.Tensor) -> tuple[dict, dict]:
+    """The documents suite's providers for one point's ids (B, T), as providers() gives them, and
+    {name: function building that provider's mask} for those that take one. Each mask is built
+    here, once, outside the timed calls."""
+    from gpt2.registry import document_mask
+    from kernels import attention_ref, flash_attention
+
+    def build_dense():
+        return document_mask(document_ids, causal=True)  # (B, 1, T, T) bool, True = visible
+
+    dense = build_dense()
+
+    def ours(q, k, v, causal):
+        return flash_attention(q, k, v, causal=causal, document_ids=document_ids)
+
+    def sdpa_mask(q, k, v, causal):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=q.shape[1] != k.shape[1])
+
+    eager = scores_limited(lambda q, k, v, causal: attention_ref(q, k, v, causal=causal, upcast=False,
+                                                                 document_ids=document_ids))
+    flex, build_block_mask = flex_document_provider(document_ids)
+    table = {"ours": (ours, nullcontext), "sdpa-mask": (sdpa_mask, nullcontext), "eager": (eager, nullcontext),
+             "flex": (flex, nullcontext)}
+    builders = {"sdpa-mask": build_dense, **({"flex": build_block_mask} if build_block_mask else {})}
+    return table, builders
+
+
+def flex_document_provider(document_ids: torch.Tensor):
+    """FlexAttention with a document block mask over these ids (causal within each document),
+    compiled as flex_attention_provider's: (function, its block mask builder or None)."""
+    unavailable = common.peer_unavailable("torch.nn.attention.flex_attention", "needs torch >= 2.5",
+                                          "FlexAttention has no backward on CPU")
+    if unavailable:
+        return unavailable, None
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, T = document_ids.shape
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    def build():
+        return create_block_mask(same_document_causal, B, None, T, T, device=str(document_ids.device))
+
+    block_mask = build()
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def flex(q, k, v, causal):
+        return compiled(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+    return flex, build
+
+
 def matmul_tflops() -> float:
     """TFLOP/s of an 8192^3 bf16 matrix product through torch on random data: the device's
     practical ceiling for the matrix units, measured in the same run."""
@@ -158,9 +269,9 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / p50 / 1e9
 
 
-def attention_flops(shape: dict, causal: bool, mode: str) -> float:
-    fwd = 4 * shape["B"] * shape["H"] * shape["T"] ** 2 * shape["D"]
-    return fwd * (0.5 if causal else 1.0) * FLOP_FACTOR[mode]
+def attention_flops(shape: dict, mode: str, pairs: float) -> float:
+    """FLOPs of one call in `mode` over `pairs` visible (query, key) pairs (visible_pairs)."""
+    return 4 * shape["H"] * shape["D"] * pairs * FLOP_FACTOR[mode]
 
 
 def make_inputs(shape, dtype, device):
@@ -182,9 +293,10 @@ def reference_slabs(B: int, H_kv: int, group_scores: int) -> list[tuple[slice, s
     return [(slice(b, b + 1), slice(g, min(g + groups, H_kv))) for b in range(B) for g in range(0, H_kv, groups)]
 
 
-def reference(q, k, v, dout, causal) -> list[torch.Tensor]:
+def reference(q, k, v, dout, causal, document_ids=None) -> list[torch.Tensor]:
     """float64 out, dq, dk, dv for every batch element and head, computed a slab at a time (see
-    reference_slabs; the cost is in the module docstring)."""
+    reference_slabs; the cost is in the module docstring); with document_ids (B, T), masked to
+    each document (the dense mask)."""
     from kernels import attention_ref
 
     B, H, T, _ = q.shape
@@ -194,7 +306,8 @@ def reference(q, k, v, dout, causal) -> list[torch.Tensor]:
         heads = slice(kv_heads.start * group, kv_heads.stop * group)  # their query heads
         qs, ks, vs = (x[batch, h].detach().double().requires_grad_() for x, h in ((q, heads), (k, kv_heads),
                                                                                    (v, kv_heads)))
-        out = attention_ref(qs, ks, vs, causal=causal, upcast=True)
+        docs = None if document_ids is None else document_ids[batch]
+        out = attention_ref(qs, ks, vs, causal=causal, upcast=True, document_ids=docs)
         out.backward(dout[batch, heads].double())
         for dest, part, h in zip(full, (out.detach(), qs.grad, ks.grad, vs.grad), (heads, heads, kv_heads, kv_heads)):
             dest[batch, h] = part
@@ -241,17 +354,30 @@ def time_modes(fn, ctx, q, k, v, dout, causal, quick):
     return results
 
 
-def run_point(suite, shape, dtype_name, causal, table, env, quick, device):
+def documents_note(shape: dict, document_ids, pairs: float) -> str | None:
+    """What a documents point's rows hold: documents per row, visible pairs against causal."""
+    if document_ids is None:
+        return None
+    per_row = float((document_ids[:, -1].double() + 1).mean())
+    return f"{per_row:.1f} per row, {pairs / visible_pairs(shape, True):.1%} of causal's pairs ({shape['documents']})"
+
+
+def run_point(suite, shape, dtype_name, causal, table, env, quick, device, document_ids=None, mask_builders=None):
+    """Every provider's rows at one point: checked against float64, then timed. document_ids
+    (the documents suites): the ids every provider of the table was built for, and
+    mask_builders {provider: function} each timed as that provider's "mask" mode."""
     dtype = common.DTYPES[dtype_name]
     base = dict(benchmark="attention", kernel="flash_attention", dtype=dtype_name, suite=suite,
                 causal=int(causal), **shape, **env)
+    pairs = visible_pairs(shape, causal, document_ids)
+    note = documents_note(shape, document_ids, pairs)
     try:
         q, k, v, dout = make_inputs(shape, dtype, device)
-        ref = reference(q, k, v, dout, causal)
+        ref = reference(q, k, v, dout, causal, document_ids)
     except RuntimeError as err:
         status = "oom" if common.is_oom(err) else "error"
         return [dict(base, provider="reference", mode="check", metric="status", status=status, note=str(err)[:200])]
-    rows = [dict(base, provider="reference", mode="check", metric="status", status="ok")]  # replaces a failure
+    rows = [dict(base, provider="reference", mode="check", metric="status", status="ok", note=note)]
     for name, (fn, ctx) in table.items():
         row = dict(base, provider=name)
         try:
@@ -278,18 +404,22 @@ def run_point(suite, shape, dtype_name, causal, table, env, quick, device):
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             continue
         for mode, (p50, p20, p80, peak) in timed.items():
-            flops = attention_flops(shape, causal, mode)
+            flops = attention_flops(shape, mode, pairs)
             rows.append(dict(row, mode=mode, metric="time", unit="ms", p50=p50, p20=p20, p80=p80, status="ok"))
             rows.append(dict(row, mode=mode, metric="throughput", unit="TFLOP/s", status="ok",
                              p50=flops / p50 / 1e9, p20=flops / p80 / 1e9, p80=flops / p20 / 1e9))
             rows.append(dict(row, mode=mode, metric="peak_memory", unit="MB", p50=peak, status="ok"))
+        if name in (mask_builders or {}):
+            p50, p20, p80 = common.measure(mask_builders[name], quick)
+            rows.append(dict(row, mode="mask", metric="time", unit="ms", p50=p50, p20=p20, p80=p80, status="ok",
+                             note="building the mask, once per batch (not in the timed calls)"))
     return rows
 
 
 def summarize(rows, out_dir) -> str:
     """Markdown: per suite/dtype/causal/mode, TFLOP/s per provider and our speedup over the best SDPA."""
     present = dict.fromkeys(r["provider"] for r in rows if r["kernel"] == "flash_attention"
-                            and r["provider"] != "reference")
+                            and r["provider"] != "reference" and not r.get("documents"))
     ceiling = next((r["p50"] for r in rows if r["kernel"] == "matmul"), None)
     names = [n for n in PROVIDER_ORDER if n in present] + [n for n in present if n not in PROVIDER_ORDER]
     sdpa_names = [n for n in names if n.startswith("sdpa-")]
@@ -305,7 +435,8 @@ def summarize(rows, out_dir) -> str:
         f"Measured bf16 matrix product (8192³, torch): {common.fmt(ceiling)} TFLOP/s.",
         "",
     ]
-    keys = sorted({(r["suite"], r["dtype"], r["causal"], r["mode"]) for r in rows if r["metric"] == "time"},
+    keys = sorted({(r["suite"], r["dtype"], r["causal"], r["mode"]) for r in rows
+                   if r["metric"] == "time" and not r.get("documents") and r["mode"] in MODES},
                   key=lambda key: (key[0], key[1], -key[2], MODES.index(key[3])))
     for suite, dtype, causal, mode in keys:
         key = (suite, dtype, causal, mode)
@@ -336,7 +467,70 @@ def summarize(rows, out_dir) -> str:
             title = f"attention {suite} {dtype} {'causal' if causal else ''} {mode} — {device}"
             if common.plot_lines(series, title, "sequence length T", "TFLOP/s", out_dir / png):
                 lines += [f"![{suite} {dtype} {mode}]({png})", ""]
+    lines += summarize_documents(rows)
     return "\n".join(lines) + "\n"
+
+
+DOCUMENT_PROVIDERS = ["ours", "flex", "sdpa-mask", "eager"]
+
+
+def summarize_documents(rows) -> list[str]:
+    """Markdown lines for the documents suites: median ms per provider, ours against each peer and
+    against our plain causal attention at the same shape (from the other suites' rows, when the
+    run measured it), and the masks' build times."""
+    lines = []
+    point_rows = [r for r in rows if r.get("documents") and r["kernel"] == "flash_attention"]
+
+    def find(provider, metric, mode, r0, **where):
+        return next((r for r in rows if r["provider"] == provider and r["metric"] == metric and r["mode"] == mode
+                     and all(r[f] == r0[f] for f in ("B", "H", "H_kv", "T", "D", "dtype"))
+                     and all(r.get(f) == v for f, v in where.items())), None)
+
+    def ms(r):
+        return r["p50"] if r and r["status"] == "ok" else (r["status"] if r else "—")
+
+    for suite, dtype in sorted({(r["suite"], r["dtype"]) for r in point_rows}):
+        here = [r for r in point_rows if (r["suite"], r["dtype"]) == (suite, dtype)]
+        shapes = sorted({r["T"] for r in here})
+        names = [n for n in DOCUMENT_PROVIDERS if any(r["provider"] == n for r in here)]
+        peers = [n for n in names if n != "ours"]
+        masked = [n for n in peers if any(r["provider"] == n and r["mode"] == "mask" for r in here)]
+        for mode in (*MODES, "mask"):
+            body = []
+            for T in shapes:
+                r0 = next(r for r in here if r["T"] == T)
+                docs = find("reference", "status", "check", r0, suite=suite)
+                cells = {n: find(n, "time", mode, r0, suite=suite) for n in names}
+                if mode == "mask":
+                    if any(cells.values()):
+                        body.append([f"B={r0['B']} T={T}", *(ms(cells[n]) for n in masked)])
+                    continue
+                causal = find("ours", "time", mode, r0, causal=1, documents=None)
+                tput = find("ours", "throughput", mode, r0, suite=suite)
+                ours = cells.get("ours")
+
+                def ratio(other, ours=ours):
+                    ok = ours and other and ours["status"] == other["status"] == "ok"
+                    return other["p50"] / ours["p50"] if ok else None
+
+                body.append([f"B={r0['B']} H={r0['H']}/{r0['H_kv']} T={T} D={r0['D']}",
+                             (docs or {}).get("note") or "—", *(ms(cells[n]) for n in names),
+                             ms(causal), tput["p50"] if tput else "—", *(ratio(cells[n]) for n in peers),
+                             ratio(causal)])
+            if not body:
+                continue
+            if mode == "mask":
+                lines += [f"## {suite}, {dtype}: building the masks (ms, once per batch; not in the times above)", "",
+                          common.markdown_table(["shape", *masked], body), ""]
+                continue
+            lines += [f"## {suite}, {dtype}, causal within documents, {mode} (median ms)", "",
+                      "`ours causal`: our attention at the same shape without document ids (the plain causal "
+                      "suite's row, where this run measured it). `× name`: name's time / ours. TFLOP/s counts "
+                      "the visible pairs only. documents: per row, and the visible pairs against causal "
+                      "attention's.", "",
+                      common.markdown_table(["shape", "documents", *names, "ours causal", "ours TFLOP/s",
+                                             *(f"× {n}" for n in peers), "× ours causal"], body), ""]
+    return lines
 
 
 def progress(point_rows) -> str:
@@ -394,9 +588,10 @@ def run(args) -> int:
     env, out_dir = common.start_run(args.quick, args.output_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     csv_path = out_dir / "attention.csv"
-    table = providers(args.quick)
-    if args.provider:
-        table = {k: v for k, v in table.items() if k in args.provider or k == "ours"}
+    def wanted(name):
+        return not args.provider or name in args.provider or name == "ours"
+
+    table = {k: v for k, v in providers(args.quick).items() if wanted(k)}
     dtypes = args.dtype or (["fp32"] if args.quick else ["bf16", "fp16"])
     causals = {"both": [True, False], "causal": [True], "full": [False]}[args.causal]
     rows = common.read_csv(csv_path, SHAPE_FIELDS)
@@ -405,12 +600,18 @@ def run(args) -> int:
                        metric="throughput", unit="TFLOP/s", p50=matmul_tflops(), status="ok", **env)
         rows = common.save_rows([ceiling], csv_path, SHAPE_FIELDS, POINT_FIELDS)
     for suite, shape in shapes:
+        documents = shape.get("documents")
         for dtype_name in dtypes:
-            for causal in causals:
+            for causal in [c for c in causals if c or not documents]:  # documents: causal only
                 # A fresh torch.compile (FlexAttention's) per point: one compiled function across every
                 # shape and dtype would pass Dynamo's recompile limit and silently fall back to eager.
                 torch._dynamo.reset()
-                point = run_point(suite, shape, dtype_name, causal, table, env, args.quick, device)
+                ids, point_table, builders = None, table, None
+                if documents:
+                    ids = packed_document_ids(shape["B"], shape["T"], documents, device)
+                    point_table, builders = document_providers(ids)
+                    point_table = {k: v for k, v in point_table.items() if wanted(k)}
+                point = run_point(suite, shape, dtype_name, causal, point_table, env, args.quick, device, ids, builders)
                 rows = common.save_rows(point, csv_path, SHAPE_FIELDS, POINT_FIELDS)
                 print(f"{suite} {shape} {dtype_name} causal={causal}: " + progress(point), file=sys.stderr)
     print(common.write_summary("attention", rows, out_dir, summarize))

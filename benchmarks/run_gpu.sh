@@ -12,6 +12,9 @@
 #   layer_norm-768    LayerNorm and add+LayerNorm at hidden 768, 16k rows, bf16               (80 s)
 #   training-gpt2     GPT-2 124M training step, --kernels triton against sdpa                 (130 s)
 #   tests             the CUDA correctness tests at real sizes (pytest -m requires_cuda)      (110 s)
+#   attention-documents  document-masked attention (the documents suite: ours, FlexAttention,
+#                     SDPA's dense mask) at GPT-2 shapes, T=1024, 4096, 8192, bf16             (90 s)
+#   training-documents   the GPT-2 124M step with --document_masking, triton and sdpa        (100 s)
 #   training-compile  the same two, compiled (pretrain.py --compile)                          (what is left)
 #   attention-gpt2    attention at every GPT-2 shape, bf16, causal and not                    (what is left)
 #   layer_norm        the whole LayerNorm sweep                                               (what is left)
@@ -130,15 +133,17 @@ run_phase() {
 }
 
 phases=("$@")
-((${#phases[@]})) || phases=(attention-target layer_norm-768 training-gpt2 tests training-compile attention-gpt2 layer_norm)
+((${#phases[@]})) || phases=(attention-target layer_norm-768 training-gpt2 tests attention-documents training-documents
+                             training-compile attention-gpt2 layer_norm)
 
 # QUICK=1: a dry run of the same plan on a CPU (tiny shapes, Triton's interpreter, results under
 # /tmp/gpu-dry-run), to check that it fits its budget before device time is spent on it.
 if [[ ${QUICK:-} == 1 ]]; then
     quick=(--quick --output_dir /tmp/gpu-dry-run/quick) target=() ln768=() gpt2=(--presets gpt2-tiny) gpt2_shapes=()
+    documents=(--suite documents-quick)
 else
     quick=() target=(--suite gpt2 --dtype bf16 --seqlens 1024 --causal causal) ln768=(--hidden 768 --dtype bf16)
-    gpt2=(--presets gpt2) gpt2_shapes=(--suite gpt2 --dtype bf16)
+    gpt2=(--presets gpt2) gpt2_shapes=(--suite gpt2 --dtype bf16) documents=(--suite documents --dtype bf16)
 fi
 attention=(python3 -m benchmarks.attention "${quick[@]}")
 layer_norm=(python3 -m benchmarks.layer_norm "${quick[@]}")
@@ -149,6 +154,8 @@ for phase in "${phases[@]}"; do
         layer_norm-768) run_phase layer_norm-768 80 "${layer_norm[@]}" "${ln768[@]}" ;;
         training-gpt2) run_phase training-gpt2 130 "${training[@]}" "${gpt2[@]}" ;;
         tests) run_phase tests 110 python3 -m pytest -q -m requires_cuda tests -p no:cacheprovider ;;
+        attention-documents) run_phase attention-documents 90 "${attention[@]}" "${documents[@]}" ;;
+        training-documents) run_phase training-documents 100 "${training[@]}" "${gpt2[@]}" --providers triton+docs sdpa+docs ;;
         training-compile) run_phase training-compile 480 "${training[@]}" "${gpt2[@]}" --providers sdpa+compile triton+compile ;;
         attention-gpt2) run_phase attention-gpt2 480 "${attention[@]}" "${gpt2_shapes[@]}" ;;
         layer_norm) run_phase layer_norm 480 "${layer_norm[@]}" ;;

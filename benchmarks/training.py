@@ -3,6 +3,7 @@
     python -m benchmarks.training                          # GPT-2 124M (and 355M), seq 1024, bf16, on a GPU
     python -m benchmarks.training --presets gpt2 --steps 50
     python -m benchmarks.training --presets gpt2 --providers sdpa+compile triton+compile   # pretrain.py --compile
+    python -m benchmarks.training --presets gpt2 --providers triton triton+docs sdpa+docs  # --document_masking
     python -m benchmarks.training --quick --output_dir /tmp/b   # a tiny model on CPU (interpreter), CI smoke
 
 Each run is the real pretraining script in its own process (accelerate's bf16 mixed precision),
@@ -36,13 +37,18 @@ POINT_FIELDS = ["preset", "block_size", "batch_size", "dtype", "provider"]  # on
 WARMUP_STEPS = 5  # excluded from the throughput medians
 
 
-# provider -> (--kernels, --compile); --providers picks (default: the two uncompiled ones).
-PROVIDERS = {"sdpa": ("sdpa", False), "triton": ("triton", False),
-             "sdpa+compile": ("sdpa", True), "triton+compile": ("triton", True)}
+# provider -> (--kernels, --compile, --document_masking); --providers picks (default: the two
+# uncompiled, unmasked ones). "+docs": attention within each packed document (sdpa: a dense mask).
+PROVIDERS = {"sdpa": ("sdpa", False, False), "triton": ("triton", False, False),
+             "sdpa+compile": ("sdpa", True, False), "triton+compile": ("triton", True, False),
+             "sdpa+docs": ("sdpa", False, True), "triton+docs": ("triton", False, True)}
+# (a, b): b's tokens/s over a's, and the two runs' largest loss difference where they train the same model
+RATIOS = [("sdpa", "triton"), ("sdpa+compile", "triton+compile"), ("sdpa+docs", "triton+docs"),
+          ("triton", "triton+docs")]
 
 
 def pretrain_command(args, preset: str, provider: str, out_dir: Path, tokenizer: Path | None) -> list[str]:
-    kernels, compiled = PROVIDERS[provider]
+    kernels, compiled, documents = PROVIDERS[provider]
     cmd = [
         sys.executable, str(common.ROOT / "scripts" / "pretrain.py"),
         "--config_name", preset, "--kernels", kernels, "--output_dir", str(out_dir),
@@ -54,6 +60,8 @@ def pretrain_command(args, preset: str, provider: str, out_dir: Path, tokenizer:
     ]
     if compiled:
         cmd.append("--compile")
+    if documents:
+        cmd.append("--document_masking")
     if args.config_overrides:
         cmd += ["--config_overrides", args.config_overrides]
     if tokenizer is not None:
@@ -178,17 +186,20 @@ def summarize(rows, out_dir) -> str:
                 mfu, peak = get(provider, "mfu"), get(provider, "peak_memory")
                 body.append([f"{preset} ({batch_size}×{block_size}, {dtype}, {steps} steps)", provider, tps["p50"],
                              mfu["p50"] if mfu else None, peak["note"] if peak else None])
-        for suffix in ("", "+compile"):
-            sdpa, triton = get("sdpa" + suffix, "tokens_per_s"), get("triton" + suffix, "tokens_per_s")
-            if sdpa and triton and sdpa["status"] == triton["status"] == "ok":
-                a, b = losses["sdpa" + suffix], losses["triton" + suffix]
-                both = sorted(set(a) & set(b))
-                diff = max((abs(a[s] - b[s]) for s in both), default=float("nan"))
-                body.append([preset, f"triton / sdpa{suffix}", triton["p50"] / sdpa["p50"], None,
-                             f"max loss difference {diff:.4f} over {len(both)} steps"])
+        for first, second in RATIOS:
+            a, b = get(first, "tokens_per_s"), get(second, "tokens_per_s")
+            if a and b and a["status"] == b["status"] == "ok":
+                note = None
+                if PROVIDERS[first][2] == PROVIDERS[second][2]:  # the same model: the losses should agree
+                    la, lb = losses[first], losses[second]
+                    both = sorted(set(la) & set(lb))
+                    diff = max((abs(la[s] - lb[s]) for s in both), default=float("nan"))
+                    note = f"max loss difference {diff:.4f} over {len(both)} steps"
+                body.append([preset, f"{second} / {first}", b["p50"] / a["p50"], None, note])
     lines += [
         f"Command: `python -m benchmarks.training`: scripts/pretrain.py, --kernels sdpa then triton, same data, "
-        f"seed and tokenizer; medians over the steps after the first {WARMUP_STEPS}.", "",
+        f"seed and tokenizer; medians over the steps after the first {WARMUP_STEPS}. +compile: --compile; "
+        "+docs: --document_masking (attention within each packed document).", "",
         common.markdown_table(["run", "kernels", "tokens/s", "MFU", "peak memory"], body), "",
     ]
     return "\n".join(lines) + "\n"

@@ -40,6 +40,35 @@ def test_attention_quick(tmp_path):
     summary = (tmp_path / "attention.md").read_text()
     assert "speedup" in summary and "4·B·H·T²·D" in summary
 
+    # The documents suite: every provider checked against the float64 dense-mask reference first.
+    documents = [r for r in rows if r["suite"] == "documents-quick"]
+    assert {r["documents"] for r in documents} == {"uniform-1-12"} and {r["causal"] for r in documents} == {"1"}
+    checked = {r["provider"] for r in documents if r["metric"] == "rel_err" and r["status"] == "ok"}
+    assert {"ours", "sdpa-mask", "eager"} <= checked
+    timed = {(r["provider"], r["mode"]) for r in documents if r["metric"] == "time" and r["status"] == "ok"}
+    assert {("ours", m) for m in ("fwd", "bwd", "fwd+bwd")} | {("sdpa-mask", "mask")} <= timed
+    assert "causal within documents, fwd+bwd" in summary and "× ours causal" in summary
+
+
+def test_packed_document_ids_pack_the_pool():
+    """Rows of documents from the pool, each closed by an end-of-text token, cut into rows; the
+    visible pairs by the FLOP convention (ΣL²/2) are the dense mask's count less the diagonal's half."""
+    from gpt2.registry import document_mask
+
+    B, T = 3, 50
+    ids = attention_bench.packed_document_ids(B, T, "uniform-2-5", "cpu", seed=1)
+    assert ids.shape == (B, T) and ids.dtype == torch.int32 and (ids[:, 0] == 0).all()
+    assert torch.isin(ids[:, 1:] - ids[:, :-1], torch.tensor([0, 1], dtype=torch.int32)).all()
+    for row in ids:  # the documents a row holds whole: pool lengths 2..5, plus the end-of-text token
+        _, lengths = torch.unique_consecutive(row, return_counts=True)
+        assert len(lengths) > 2 and set(lengths[1:-1].tolist()) <= {3, 4, 5, 6}
+    shape = dict(B=B, H=1, H_kv=1, T=T, D=8)
+    pairs = attention_bench.visible_pairs(shape, True, ids)
+    assert pairs == document_mask(ids, causal=True).sum().item() - B * T / 2
+    assert pairs < attention_bench.visible_pairs(shape, True)
+    again = attention_bench.packed_document_ids(B, T, "uniform-2-5", "cpu", seed=1)
+    assert torch.equal(ids, again)
+
 
 def test_runs_merge_into_one_csv_and_replot_needs_no_measuring(tmp_path, monkeypatch):
     """A sweep split over several runs (each under a device time limit) ends in one CSV: a later run
@@ -90,8 +119,11 @@ def test_attention_records_mismatch_and_oom_without_timing(tmp_path, monkeypatch
 
 def test_attention_flops():
     shape = dict(B=2, H=3, T=8, D=4)
-    assert attention_bench.attention_flops(shape, causal=False, mode="fwd") == 4 * 2 * 3 * 64 * 4
-    assert attention_bench.attention_flops(shape, causal=True, mode="fwd+bwd") == 4 * 2 * 3 * 64 * 4 * 0.5 * 3.5
+    full, causal = (attention_bench.visible_pairs(shape, c) for c in (False, True))
+    assert attention_bench.attention_flops(shape, "fwd", full) == 4 * 2 * 3 * 64 * 4
+    assert attention_bench.attention_flops(shape, "fwd+bwd", causal) == 4 * 2 * 3 * 64 * 4 * 0.5 * 3.5
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0] * 8])  # documents of 3, 2, 3 tokens; one of 8
+    assert attention_bench.visible_pairs(shape, True, ids) == (9 + 4 + 9 + 64) / 2
 
 
 def test_layer_norm_quick(tmp_path):
@@ -137,7 +169,8 @@ def test_full_mode_needs_cuda_and_exits_2(module, monkeypatch):
     ("attention", ["--seqlens", "-5"], "argument --seqlens: must be at least 1, got -5"),
     ("attention", ["--max_seqlen", "0"], "argument --max_seqlen: must be at least 1, got 0"),
     ("attention", ["--provider", "nosuch"], "invalid choice: 'nosuch' (choose from 'ours', 'sdpa-flash'"),
-    ("attention", ["--seqlens", "1024"], "leave no shape to measure (--quick suites: quick: T = 17, 40)"),
+    ("attention", ["--seqlens", "1024"],
+     "leave no shape to measure (--quick suites: quick: T = 17, 40; documents-quick: T = 40)"),
     ("training", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
     ("training", ["--block_size", "1"], "argument --block_size: must be at least 2, got 1"),
     ("training", ["--batch_size", "0"], "argument --batch_size: must be at least 1, got 0"),
@@ -214,6 +247,27 @@ def test_training_quick(tmp_path):
         assert abs(loss - losses["triton"][step]) < 1e-4 * loss
     assert training_bench.main(["--replot", "--output_dir", str(tmp_path)]) == 0
     assert "triton / sdpa" in (tmp_path / "training.md").read_text()
+
+
+def test_training_quick_with_document_masking(tmp_path):
+    """--document_masking runs through pretrain.py for both kernels (sdpa: the dense mask), whose
+    losses agree, and its throughput is set beside the unmasked run's."""
+    from benchmarks import training as training_bench
+
+    providers = ["triton", "sdpa+docs", "triton+docs"]
+    assert training_bench.main(["--quick", "--providers", *providers, "--output_dir", str(tmp_path)]) == 0
+    rows = read_rows(tmp_path / "training.csv")
+    losses = {}
+    for r in rows:
+        if r["metric"] == "train_loss":
+            losses.setdefault(r["provider"], {})[int(r["step"])] = float(r["p50"])
+    assert set(losses) == set(providers)
+    for step, loss in losses["sdpa+docs"].items():
+        assert abs(loss - losses["triton+docs"][step]) < 1e-4 * loss
+    log = (tmp_path / "training_runs" / "training_gpt2-tiny_triton_docs.log").read_text()
+    assert "documents  masked" in log
+    summary = (tmp_path / "training.md").read_text()
+    assert "triton+docs / sdpa+docs" in summary and "triton+docs / triton" in summary
 
 
 def test_targets_compare_the_right_points(tmp_path):
