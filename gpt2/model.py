@@ -26,7 +26,7 @@ from gpt2.config import GPT2Config
 from gpt2.errors import InputError
 from gpt2.generation import generate
 from gpt2.loss import IGNORE_INDEX, linear_cross_entropy
-from gpt2.registry import ATTENTION, NORM, check_available
+from gpt2.registry import ATTENTION, NORM, check_available, prepare_documents
 
 
 class LayerNorm(nn.Module):
@@ -87,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary=None, kv_cache=None, document_ids=None):
+    def forward(self, x, rotary=None, kv_cache=None, documents=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
@@ -101,7 +101,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(k, v)  # (B, nkv, T_past + T, hs)
         dropout_p = self.config.dropout if self.training else 0.0
         y = ATTENTION[self.config.attn_impl](q, k, v, causal=True, dropout_p=dropout_p,
-                                             document_ids=document_ids)  # (B, nh, T, hs)
+                                             documents=documents)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -125,9 +125,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, residual, rotary=None, kv_cache=None, document_ids=None):
+    def forward(self, x, residual, rotary=None, kv_cache=None, documents=None):
         h, residual = self.ln_1(x, residual)  # residual += x; h = ln_1(residual)
-        x = self.attn(h, rotary, kv_cache, document_ids)
+        x = self.attn(h, rotary, kv_cache, documents)
         h, residual = self.ln_2(x, residual)  # residual += attention output
         return self.mlp(h), residual  # the MLP output is added by the next LayerNorm
 
@@ -187,6 +187,14 @@ class GPT2(nn.Module):
                 f"sequence of {past + T} tokens is longer than the model's context (n_positions="
                 f"{self.config.n_positions})"
             )
+        documents = None
+        if document_ids is not None:
+            if kv_caches:
+                raise InputError("document_ids mask whole sequences; cached decoding takes none")
+            if document_ids.shape != (B, T):
+                raise InputError(f"document_ids must be (batch, seq_len) = {(B, T)}, got {tuple(document_ids.shape)}")
+            # once for every layer: the dense mask (eager, sdpa) or our kernel's document bounds
+            documents = prepare_documents(self.config.attn_impl, document_ids)
         positions = torch.arange(past, past + T, device=input_ids.device) if position_ids is None else position_ids
         x = self.transformer.wte(input_ids)  # (B, T, C)
         rotary = None
@@ -197,7 +205,7 @@ class GPT2(nn.Module):
         x = self.transformer.drop(x)
         residual = None
         for i, block in enumerate(self.transformer.h):
-            x, residual = block(x, residual, rotary, kv_caches[i] if kv_caches else None, document_ids)
+            x, residual = block(x, residual, rotary, kv_caches[i] if kv_caches else None, documents)
         h, _ = self.transformer.ln_f(x, residual)
         return h
 

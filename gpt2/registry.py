@@ -2,7 +2,9 @@
 
 Attention implementations take q (B, H, Tq, D) and k, v (B, H_kv, Tk, D) with H_kv dividing H
 and Tq <= Tk, and return (B, H, Tq, D). When causal, the queries are the last Tq positions of
-the Tk keys (bottom-right alignment), which is what a KV cache needs.
+the Tk keys (bottom-right alignment), which is what a KV cache needs. For packed documents they
+take `documents`, what prepare_documents built from the ids once per forward for every layer
+(the dense mask for eager and sdpa, our kernel's document bounds for triton).
 
 LayerNorm implementations come in pairs: `norm(x, weight, bias, eps)` and
 `add_norm(x, residual, weight, bias, eps) -> (normed, x + residual)`.
@@ -42,26 +44,37 @@ def document_mask(document_ids: torch.Tensor, causal: bool) -> torch.Tensor:
     return mask[:, None]
 
 
-def _check_documents(document_ids, q, k) -> None:
+def prepare_documents(attn_impl: str, document_ids: torch.Tensor):
+    """What attn_impl takes as `documents` for causal attention within each document of ids (B, T),
+    non-decreasing along T: the dense (B, 1, T, T) mask for eager and sdpa, the document bounds for
+    triton (kernels.document_bounds, which checks the order: one device-to-host sync). Built once
+    per forward and shared by every layer, as flash-attn's cu_seqlens or FlexAttention's block mask."""
+    if attn_impl == "triton":
+        from kernels import document_bounds
+
+        return document_bounds(document_ids)
+    return document_mask(document_ids, causal=True)
+
+
+def _check_documents(q, k) -> None:
     if q.shape[2] != k.shape[2]:
-        raise InputError("document_ids mask whole sequences; cached decoding (fewer queries than keys) takes none")
-    if document_ids.shape != (q.shape[0], q.shape[2]):
-        raise InputError(f"document_ids must be (batch, seq_len) = {(q.shape[0], q.shape[2])}, "
-                         f"got {tuple(document_ids.shape)}")
+        raise InputError("document masking covers whole sequences; cached decoding (fewer queries than keys) "
+                         "takes none")
 
 
-def eager_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, document_ids=None):
+def eager_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, documents=None):
     """The readable reference: softmax(q k^T * scale + mask) v, materialising the scores. With
-    document_ids (B, T), a query sees only keys of its own document."""
+    documents (prepare_documents: the dense mask, causal included), a query sees only keys of its
+    own document."""
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:  # grouped-query: each K/V head serves n_rep query heads
         k = k.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, D)
         v = v.repeat_interleave(n_rep, dim=1)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    if document_ids is not None:
-        _check_documents(document_ids, q, k)
-        scores = scores.masked_fill(~document_mask(document_ids, causal), float("-inf"))
+    if documents is not None:
+        _check_documents(q, k)
+        scores = scores.masked_fill(~documents, float("-inf"))
     elif causal:
         mask = _causal_mask(q.shape[2], k.shape[2], q.device)
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -72,15 +85,15 @@ def eager_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, 
     return probs @ v  # (B, H, Tq, D)
 
 
-def sdpa_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, document_ids=None):
+def sdpa_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, documents=None):
     """PyTorch's scaled_dot_product_attention (flash / memory-efficient / cuDNN / math). With
-    document_ids it takes the dense (B, 1, T, T) mask, which rules out its fused flash backend: O(T^2)
+    documents it takes the dense (B, 1, T, T) mask, which rules out its fused flash backend: O(T^2)
     memory, and slow (our triton kernel skips other documents' blocks instead)."""
     t_q, t_k = q.shape[2], k.shape[2]
     mask = None
-    if document_ids is not None:
-        _check_documents(document_ids, q, k)
-        mask, causal = document_mask(document_ids, causal), False  # the mask holds the causal part
+    if documents is not None:
+        _check_documents(q, k)
+        mask, causal = documents, False  # the mask holds the causal part
     elif causal and t_q != t_k and t_q > 1:
         # is_causal aligns top-left; a KV cache needs bottom-right. One query sees every key.
         mask = _causal_mask(t_q, t_k, q.device)
@@ -94,20 +107,19 @@ def sdpa_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, d
     )
 
 
-def triton_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, document_ids=None):
-    """Our fused flash attention (kernels/attention.py). Cached decoding, where Tq < Tk, goes
-    through SDPA: one query row per step is memory-bound and gains nothing from a fused kernel."""
+def triton_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, documents=None):
+    """Our fused flash attention (kernels/attention.py); documents: the ids' document bounds
+    (prepare_documents). Cached decoding, where Tq < Tk, goes through SDPA: one query row per step
+    is memory-bound and gains nothing from a fused kernel."""
     if q.shape[2] != k.shape[2]:
-        return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
-                              document_ids=document_ids)
+        if documents is not None:
+            _check_documents(q, k)
+        return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale)
     if dropout_p > 0.0:  # GPT2Config refuses this combination; a direct caller gets the same answer
         raise InputError("the triton attention kernel has no attention dropout; set dropout=0 or attn_impl='sdpa'")
     from kernels import flash_attention
 
-    if document_ids is None:
-        return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    _check_documents(document_ids, q, k)
-    return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, document_ids=document_ids)
+    return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, document_ids=documents)
 
 
 def torch_norm(x, weight, bias, eps):

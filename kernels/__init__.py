@@ -10,7 +10,8 @@ version, and this package deliberately defines no ``__version__``, so transforme
 `kernels` here.)
 """
 
-from kernels.attention import attention_ref, flash_attention
+from kernels.attention import DocumentBounds, attention_ref, document_bounds, flash_attention
 from kernels.layer_norm import add_layer_norm, layer_norm, layer_norm_ref
 
-__all__ = ["add_layer_norm", "attention_ref", "flash_attention", "layer_norm", "layer_norm_ref"]
+__all__ = ["DocumentBounds", "add_layer_norm", "attention_ref", "document_bounds", "flash_attention", "layer_norm",
+           "layer_norm_ref"]

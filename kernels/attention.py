@@ -27,9 +27,11 @@ Contract
 * document_ids (packed sequences): None, or an int32/int64 (B, T) tensor on q's device,
   non-decreasing along T in each row (a token's document index). A query attends only to keys of
   its own document (and, with causal, not after itself); every row sees at least itself. The order
-  is checked by ``flash_attention`` (one small reduction and a device-to-host sync) except while
-  torch.compile traces; the ops and launchers do not check it and treat each run of equal ids as
-  one document. No gradient for the ids.
+  is checked (one small reduction and a device-to-host sync) except while torch.compile traces.
+  Or the ids' ``document_bounds(document_ids)``, computed and checked once and then passed to every
+  layer's call (as flash-attn's varlen API takes cu_seqlens built once per batch): each call then
+  neither recomputes the bounds nor syncs. The ops and launchers take the bounds only, and never
+  check them. No gradient for either.
 * No attention dropout, no attention mask other than causal and documents, no Tq != Tk.
 
 Operators (registered when this module is imported; see kernels/utils.py for why ``custom_op``)
@@ -38,12 +40,12 @@ Operators (registered when this module is imported; see kernels/utils.py for why
 interpreter) and calls the PyTorch custom operator
 
     gpt2_suite::flash_attention(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale,
-        Tensor? document_ids) -> (Tensor out, Tensor lse)
+        Tensor? doc_start, Tensor? doc_end) -> (Tensor out, Tensor lse)
 
-whose autograd formula calls
+whose autograd formula calls (with the same bounds, saved: not recomputed)
 
     gpt2_suite::flash_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
-        Tensor lse, bool causal, float? softmax_scale, Tensor? document_ids)
+        Tensor lse, bool causal, float? softmax_scale, Tensor? doc_start, Tensor? doc_end)
         -> (Tensor dq, Tensor dk, Tensor dv)
 
 (returns unnamed in the schemas; lse is non-differentiable and not returned by ``flash_attention``).
@@ -78,9 +80,9 @@ divides into BLOCK_N-sized pieces) pay for the mask. Without ``causal``, only th
 key block is masked.
 
 Documents (``document_ids``; the constexpr HAS_DOCS, so the path without them compiles exactly as
-before): the launchers turn the ids into two int32 (B, T) tensors, each token's document bounds
-[doc_start, doc_end) (a cummax/cummin over the positions where the id changes); the kernels read
-only these. Key n is visible to query m iff doc_start[m] <= n < doc_end[m] (and n <= m when
+before): ``document_bounds`` turns the ids into two int32 (B, T) tensors, each token's document
+bounds [doc_start, doc_end) (a cummax/cummin over the positions where the id changes); the ops and
+kernels take only these. Key n is visible to query m iff doc_start[m] <= n < doc_end[m] (and n <= m when
 causal). Documents are runs, so a query block's first row has the earliest document start and its
 last row the latest end: key blocks before the block holding doc_start[first row] or from
 doc_end[last row] on share no document with it and are never visited (forward and dQ start their
@@ -125,6 +127,7 @@ still cover the multi-block and diagonal-split logic (BLOCK_M = 2 BLOCK_N).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -773,7 +776,7 @@ def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids=None) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start=None, doc_end=None) -> None:
     """Raise ValueError saying exactly what is unsupported."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
@@ -817,46 +820,59 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_id
         raise ValueError(
             f"flash_attention: the number of k/v heads ({h_kv}) must divide the number of query heads ({h})"
         )
-    _check_document_ids(q, document_ids)
+    _check_bounds(q, doc_start, doc_end)
+
+
+def _check_bounds(q: torch.Tensor, doc_start, doc_end) -> None:
+    """doc_start, doc_end: both None, or int32 (B, T) tensors on q's device."""
+    b, _, t, _ = q.shape
+    if (doc_start is None) != (doc_end is None):
+        raise ValueError("flash_attention: give both document bounds (doc_start, doc_end) or neither")
+    for name, bounds in (("doc_start", doc_start), ("doc_end", doc_end)):
+        if bounds is not None and (bounds.shape != (b, t) or bounds.dtype != torch.int32 or bounds.device != q.device):
+            raise ValueError(
+                f"flash_attention: {name} must be int32 of shape (batch, seq_len) = {(b, t)} on {q.device} "
+                f"(from document_bounds(document_ids)), got {bounds.dtype} {tuple(bounds.shape)} on {bounds.device}"
+            )
 
 
 DOCUMENT_ID_DTYPES = (torch.int32, torch.int64)
 
 
-def _check_document_ids(q: torch.Tensor, document_ids) -> None:
-    """document_ids: None, or an int32/int64 (B, T) tensor on q's device. (Their order is checked
-    by flash_attention, not here: that is a device-to-host sync.)"""
-    if document_ids is None:
-        return
+class DocumentBounds(NamedTuple):
+    """Each token's document as positions [start, end) of its row: int32 (B, T) tensors, contiguous.
+    Build with document_bounds(document_ids); pass as flash_attention's document_ids."""
+
+    start: torch.Tensor
+    end: torch.Tensor
+
+
+def _check_document_ids(document_ids, q: torch.Tensor | None = None) -> None:
+    """document_ids: an int32/int64 (B, T) tensor (q's batch and seq_len, on q's device, when given)."""
     if not isinstance(document_ids, torch.Tensor):
         raise TypeError(
-            f"flash_attention: document_ids must be a torch.Tensor or None, got {type(document_ids).__name__}"
+            f"flash_attention: document_ids must be a torch.Tensor, DocumentBounds or None, "
+            f"got {type(document_ids).__name__}"
         )
-    b, _, t, _ = q.shape
-    if document_ids.shape != (b, t):
-        raise ValueError(
-            f"flash_attention: document_ids must have shape (batch, seq_len) = {(b, t)}, "
-            f"got {tuple(document_ids.shape)}"
-        )
+    bt = None if q is None else (q.shape[0], q.shape[2])
+    if document_ids.dim() != 2 or (bt is not None and document_ids.shape != bt):
+        expected = "(batch, seq_len)" + ("" if bt is None else f" = {bt}")
+        raise ValueError(f"flash_attention: document_ids must have shape {expected}, got {tuple(document_ids.shape)}")
     if document_ids.dtype not in DOCUMENT_ID_DTYPES:
         raise ValueError(f"flash_attention: document_ids must be int32 or int64, got {document_ids.dtype}")
-    if document_ids.device != q.device:
+    if q is not None and document_ids.device != q.device:
         raise ValueError(f"flash_attention: document_ids must be on q's device {q.device}, got {document_ids.device}")
 
 
-def _check_document_order(document_ids) -> None:
-    """Raise ValueError if some row's document ids decrease. One small reduction and a sync; skipped
-    while torch.compile traces (a data-dependent branch), where the order is unchecked."""
-    if document_ids is None or torch.compiler.is_compiling():
-        return
-    if document_ids.shape[1] > 1 and bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
-        raise ValueError("flash_attention: document_ids must be non-decreasing along the sequence in every row")
-
-
-def _document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(doc_start, doc_end), int32 (B, T), contiguous: the positions [start, end) of each token's
-    document, a document being a run of equal ids (for non-decreasing ids: all tokens of one id).
-    The kernels mask and skip blocks with these, never reading the ids."""
+def document_bounds(document_ids: torch.Tensor) -> DocumentBounds:
+    """The document bounds flash_attention works from, for ids (B, T) non-decreasing along T: one
+    small reduction and a device-to-host sync check the order (skipped while torch.compile traces,
+    a data-dependent branch, where the order is unchecked), a few small ops find the bounds. Build
+    them once per batch and pass them to every layer. A document is a run of equal ids."""
+    _check_document_ids(document_ids)
+    if not torch.compiler.is_compiling() and document_ids.shape[1] > 1:
+        if bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
+            raise ValueError("flash_attention: document_ids must be non-decreasing along the sequence in every row")
     b, t = document_ids.shape
     pos = torch.arange(t, dtype=torch.int32, device=document_ids.device).expand(b, t)
     starts_here = torch.ones(b, t, dtype=torch.bool, device=document_ids.device)
@@ -865,7 +881,7 @@ def _document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     ends_here[:, :-1] = starts_here[:, 1:]
     doc_start = torch.where(starts_here, pos, 0).cummax(dim=1).values
     doc_end = torch.where(ends_here, pos + 1, t).flip(1).cummin(dim=1).values.flip(1)
-    return doc_start.to(torch.int32).contiguous(), doc_end.to(torch.int32).contiguous()
+    return DocumentBounds(doc_start.to(torch.int32).contiguous(), doc_end.to(torch.int32).contiguous())
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -904,10 +920,10 @@ def _t_bucket(t: int) -> int:
     return min(triton.next_power_of_2(t), 16384)
 
 
-def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None, document_ids=None):
+def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None, doc_start=None, doc_end=None):
     """Validate and launch the forward kernel. Returns (out, lse): out (B, H, T, D) in q's dtype,
     lse (B, H, T) fp32, the natural-log logsumexp of each row's scaled scores."""
-    _check_inputs(q, k, v, document_ids)
+    _check_inputs(q, k, v, doc_start, doc_end)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     b, h, t, d = q.shape
     h_kv = k.shape[1]
@@ -917,19 +933,18 @@ def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None, document_i
         return out, lse
     if scale < 0:  # scale Q K^T = |scale| (-Q) K^T exactly; the kernel's scores need a scale >= 0
         q, scale = -q, -scale
-    doc_start, doc_end = (None, None) if document_ids is None else _document_bounds(document_ids)
 
     with utils.launch_device(q):
         _attn_fwd_kernel[lambda meta: _grid(b * h, t, meta["BLOCK_M"])](
             q, k, v, out, lse, doc_start, doc_end, *_strides(q, k, v, out),
             h, t, _t_bucket(t), scale * LOG2E.value,  # qk_scale = scale * log2(e)
             N_REP=h // h_kv, HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=bool(causal),
-            DOT_PRECISION=_dot_precision(q.dtype), HAS_DOCS=document_ids is not None,
+            DOT_PRECISION=_dot_precision(q.dtype), HAS_DOCS=doc_start is not None,
         )
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None, document_ids=None):
+def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None, doc_start=None, doc_end=None):
     """Launch the backward kernels (preprocess delta, dK/dV, dQ). Returns (dq, dk, dv) shaped and
     typed like q, k, v."""
     dout = _unit_last_stride(dout)
@@ -945,9 +960,8 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | 
     delta = utils.empty((b, h, t), torch.float32, q.device)
     statics = dict(
         N_REP=h // h_kv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype),
-        HAS_DOCS=document_ids is not None,
+        HAS_DOCS=doc_start is not None,
     )
-    doc_start, doc_end = (None, None) if document_ids is None else _document_bounds(document_ids)
 
     preprocess_block = 64 if block_d <= 128 else 32
     with utils.launch_device(q):
@@ -974,45 +988,47 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | 
 # ----------------------------------------------------------------------------------------------
 
 
-def _visible(t: int, causal: bool, document_ids, device) -> torch.Tensor | None:
+def _visible(t: int, causal: bool, doc_start, doc_end, device) -> torch.Tensor | None:
     """The dense mask of visible (query, key) pairs, (T, T) or (B, 1, T, T); None when all are."""
     visible = torch.ones(t, t, dtype=torch.bool, device=device).tril() if causal else None
-    if document_ids is not None:
-        same_doc = (document_ids[:, :, None] == document_ids[:, None, :])[:, None]  # (B, 1, T, T)
+    if doc_start is not None:
+        keys = torch.arange(t, device=device)
+        same_doc = ((keys >= doc_start[:, :, None]) & (keys < doc_end[:, :, None]))[:, None]  # (B, 1, T, T)
         visible = same_doc if visible is None else same_doc & visible
     return visible
 
 
-def _scores_math(q, k, v, causal: bool, scale: float, document_ids=None):
+def _scores_math(q, k, v, causal: bool, scale: float, doc_start=None, doc_end=None):
     """(S, K, V) in fp32 for the math implementations: K and V repeated to q's heads (B, H, T, D),
     S = scale Q K^T (B, H, T, T), -inf above the diagonal when causal and between documents."""
     n_rep = q.shape[1] // k.shape[1]
     k32 = k.float().repeat_interleave(n_rep, dim=1)
     v32 = v.float().repeat_interleave(n_rep, dim=1)
     s = (q.float() @ k32.transpose(-2, -1)) * scale
-    visible = _visible(q.shape[2], causal, document_ids, q.device)
+    visible = _visible(q.shape[2], causal, doc_start, doc_end, q.device)
     if visible is not None:
         s = s.masked_fill(~visible, float("-inf"))
     return s, k32, v32
 
 
-def _attention_fwd_math(q, k, v, causal: bool, softmax_scale: float | None, document_ids=None):
+def _attention_fwd_math(q, k, v, causal: bool, softmax_scale: float | None, doc_start=None, doc_end=None):
     """attention_fwd in plain PyTorch, fp32 inside, materialising the scores: the op's CPU
     implementation without the interpreter. Same outputs, layout and dtypes as the kernel's."""
-    s, _, v32 = _scores_math(q, k, v, causal, _scale(q.shape[-1], softmax_scale), document_ids)
+    s, _, v32 = _scores_math(q, k, v, causal, _scale(q.shape[-1], softmax_scale), doc_start, doc_end)
     out, lse = _fwd_outputs(q)
     lse.copy_(torch.logsumexp(s, dim=-1))
     out.copy_(torch.exp(s - lse[..., None]) @ v32)  # P V
     return out, lse
 
 
-def _attention_bwd_math(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None, document_ids=None):
+def _attention_bwd_math(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None, doc_start=None,
+                        doc_end=None):
     """attention_bwd in plain PyTorch, fp32 inside, by the derivation in the module docstring."""
     b, h, t, d = q.shape
     h_kv = k.shape[1]
     n_rep = h // h_kv
     scale = _scale(d, softmax_scale)
-    s, k32, v32 = _scores_math(q, k, v, causal, scale, document_ids)
+    s, k32, v32 = _scores_math(q, k, v, causal, scale, doc_start, doc_end)
     q32, do32 = q.float(), dout.float()
     p = torch.exp(s - lse[..., None])  # P = exp(S - lse)
     dp = do32 @ v32.transpose(-2, -1)  # dP = dO V^T
@@ -1026,39 +1042,39 @@ def _attention_bwd_math(dout, q, k, v, out, lse, causal: bool, softmax_scale: fl
     return dq, dk, dv
 
 
-def _fwd_cpu(q, k, v, causal, softmax_scale, document_ids):
+def _fwd_cpu(q, k, v, causal, softmax_scale, doc_start, doc_end):
     """On CPU: our kernels under the interpreter, else the same math in PyTorch."""
     fwd = attention_fwd if utils.interpreting() else _attention_fwd_math
-    return fwd(q, k, v, causal, softmax_scale, document_ids)
+    return fwd(q, k, v, causal, softmax_scale, doc_start, doc_end)
 
 
-def _bwd_cpu(dout, q, k, v, out, lse, causal, softmax_scale, document_ids):
+def _bwd_cpu(dout, q, k, v, out, lse, causal, softmax_scale, doc_start, doc_end):
     bwd = attention_bwd if utils.interpreting() else _attention_bwd_math
-    return bwd(dout, q, k, v, out, lse, causal, softmax_scale, document_ids)
+    return bwd(dout, q, k, v, out, lse, causal, softmax_scale, doc_start, doc_end)
 
 
-def _fwd_fake(q, k, v, causal, softmax_scale, document_ids):
+def _fwd_fake(q, k, v, causal, softmax_scale, doc_start, doc_end):
     return _fwd_outputs(q)
 
 
-def _bwd_fake(dout, q, k, v, out, lse, causal, softmax_scale, document_ids):
+def _bwd_fake(dout, q, k, v, out, lse, causal, softmax_scale, doc_start, doc_end):
     return _bwd_outputs(q, k, v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, document_ids = inputs
+    q, k, v, causal, softmax_scale, doc_start, doc_end = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, document_ids)
+    ctx.save_for_backward(q, k, v, out, lse, doc_start, doc_end)
     ctx.causal, ctx.softmax_scale = causal, softmax_scale
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, document_ids = ctx.saved_tensors
+    q, k, v, out, lse, doc_start, doc_end = ctx.saved_tensors
     dq, dk, dv = torch.ops.gpt2_suite.flash_attention_backward(
-        dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, document_ids
+        dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, doc_start, doc_end
     )
-    return dq, dk, dv, None, None, None  # no gradient for causal, softmax_scale, document_ids
+    return dq, dk, dv, None, None, None, None  # no gradient for causal, softmax_scale, the bounds
 
 
 def _kv_as_query_heads(q_shape, kv_shape) -> tuple[int, ...]:
@@ -1083,12 +1099,13 @@ def _bwd_flop(dout_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kw
 utils.define_op(
     "flash_attention_backward",
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? softmax_scale,"
-    " Tensor? document_ids) -> (Tensor, Tensor, Tensor)",
+    " Tensor? doc_start, Tensor? doc_end) -> (Tensor, Tensor, Tensor)",
     cuda=attention_bwd, cpu=_bwd_cpu, fake=_bwd_fake, flop_formula=_bwd_flop,
 )
 utils.define_op(
     "flash_attention",
-    "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale, Tensor? document_ids) -> (Tensor, Tensor)",
+    "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale, Tensor? doc_start, Tensor? doc_end)"
+    " -> (Tensor, Tensor)",
     cuda=attention_fwd, cpu=_fwd_cpu, fake=_fwd_fake,
     backward=_backward, setup_context=_setup_context, flop_formula=_fwd_flop,
 )
@@ -1105,7 +1122,7 @@ def flash_attention(
     v: torch.Tensor,
     causal: bool = True,
     softmax_scale: float | None = None,
-    document_ids: torch.Tensor | None = None,
+    document_ids: torch.Tensor | DocumentBounds | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * softmax_scale [+ causal mask] [+ document mask]) v without materialising
     the scores.
@@ -1113,14 +1130,20 @@ def flash_attention(
     q: (B, H, T, D); k, v: (B, H_kv, T, D) with H_kv dividing H; float16/bfloat16/float32;
     D <= 256; any T. softmax_scale defaults to 1/sqrt(D). document_ids: None, or an int32/int64
     (B, T) tensor on q's device, non-decreasing along T (checked, except under torch.compile):
-    a query then attends only to keys of its own document (packed sequences). Differentiable in
-    q, k and v. Calls torch.ops.gpt2_suite.flash_attention (its lse output stays internal).
-    See the module docstring for the full contract.
+    a query then attends only to keys of its own document (packed sequences); or the ids'
+    document_bounds(document_ids), built once for all of a batch's layers (no recomputing, no
+    sync per call). Differentiable in q, k and v. Calls torch.ops.gpt2_suite.flash_attention (its
+    lse output stays internal). See the module docstring for the full contract.
     """
-    _check_inputs(q, k, v, document_ids)  # here, before the op: its CPU implementation would accept CPU tensors
-    _check_document_order(document_ids)
+    _check_inputs(q, k, v)  # here, before the op: its CPU implementation would accept CPU tensors
+    bounds = document_ids
+    if document_ids is not None and not isinstance(document_ids, DocumentBounds):
+        _check_document_ids(document_ids, q)
+        bounds = document_bounds(document_ids)
+    doc_start, doc_end = (None, None) if bounds is None else bounds
+    _check_bounds(q, doc_start, doc_end)
     out, _ = torch.ops.gpt2_suite.flash_attention(
-        q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale), document_ids
+        q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale), doc_start, doc_end
     )
     return out
 

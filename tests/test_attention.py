@@ -270,6 +270,42 @@ def test_document_ids_on_another_device_are_refused():
         flash_attention(q, k, v, document_ids=torch.zeros(1, 8, dtype=torch.int64, device="meta"))
 
 
+def test_document_bounds_built_once_give_the_same_result():
+    """document_bounds(ids), built once and passed to every layer's call, is the ids' own path:
+    bitwise the same output and gradients; the bounds are each token's document [start, end)."""
+    from kernels import DocumentBounds, document_bounds
+
+    ids = torch.tensor([[0, 0, 0, 1, 2, 2, 2, 2, 3]], device=DEVICE)
+    bounds = document_bounds(ids)
+    assert isinstance(bounds, DocumentBounds) and bounds.start.dtype == bounds.end.dtype == torch.int32
+    assert bounds.start.tolist() == [[0, 0, 0, 3, 4, 4, 4, 4, 8]]
+    assert bounds.end.tolist() == [[3, 3, 3, 4, 8, 8, 8, 8, 9]]
+    q, k, v = _inputs(2, 4, 2, 75, 32, torch.bfloat16)
+    document_ids = _document_ids(2, 75, (1, 33), 4)
+    dout = torch.randn_like(q)
+    results = []
+    for given in (document_ids, document_bounds(document_ids)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = flash_attention(*leaves, causal=True, document_ids=given)
+        out.backward(dout)
+        results.append([out] + [x.grad for x in leaves])
+    for from_ids, from_bounds in zip(*results):
+        assert torch.equal(from_ids, from_bounds)
+
+
+def test_bad_document_bounds_say_what_is_wrong():
+    from kernels import DocumentBounds, document_bounds
+
+    q, k, v = _inputs(2, 2, 2, 8, 32, torch.float32)
+    with pytest.raises(ValueError, match=r"doc_start must be int32 of shape \(batch, seq_len\) = \(2, 8\)"):
+        flash_attention(q, k, v, document_ids=document_bounds(torch.zeros(1, 8, dtype=torch.int64, device=DEVICE)))
+    wrong = DocumentBounds(*(torch.zeros(2, 8, dtype=torch.int64, device=DEVICE) for _ in range(2)))
+    with pytest.raises(ValueError, match="from document_bounds"):
+        flash_attention(q, k, v, document_ids=wrong)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        document_bounds(torch.tensor([[0, 1, 0]]))
+
+
 def test_reference_document_mask():
     """attention_ref's document mask by hand: with documents [0, 3) and [3, 5), token 3 attends to
     itself alone (causal), so its output is v[3]; non-causal, token 0 averages v[0:3] under equal scores."""

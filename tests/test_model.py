@@ -295,6 +295,21 @@ def test_packed_documents_equal_separate_sequences(attn_impl, position_embedding
 
 
 @pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_document_mask_is_built_once_per_forward(attn_impl, monkeypatch):
+    """The dense mask is built once for every layer, not once per layer."""
+    from gpt2 import registry
+
+    calls = []
+    real = registry.document_mask
+    monkeypatch.setattr(registry, "document_mask", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    model = GPT2(tiny_config(attn_impl=attn_impl, n_layer=3)).eval()
+    x = torch.randint(0, model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        model(x, document_ids=torch.arange(11).repeat(2, 1) // 4)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
 def test_one_document_per_row_is_plain_causal(attn_impl):
     model = GPT2(tiny_config(attn_impl=attn_impl)).double().eval()
     x = torch.randint(0, model.config.vocab_size, (2, 11))

@@ -27,10 +27,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS_DIR = os.path.dirname(os.path.abspath(kernels.__file__))
 
 SCHEMAS = {
-    "flash_attention": "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale, Tensor? document_ids) "
-    "-> (Tensor, Tensor)",
+    "flash_attention": "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale, Tensor? doc_start, "
+    "Tensor? doc_end) -> (Tensor, Tensor)",
     "flash_attention_backward": "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
-    "float? softmax_scale, Tensor? document_ids) -> (Tensor, Tensor, Tensor)",
+    "float? softmax_scale, Tensor? doc_start, Tensor? doc_end) -> (Tensor, Tensor, Tensor)",
     "layer_norm": "(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
     "add_layer_norm": "(Tensor x, Tensor residual, Tensor weight, Tensor? bias, float eps) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
@@ -62,27 +62,32 @@ def _document_ids(b, t, device, dtype=torch.int64):
     return ids.to(device)
 
 
+def _document_bounds(b, t, device, dtype=torch.int64):
+    """The ops' document arguments (doc_start, doc_end) for _document_ids."""
+    return tuple(kernels.document_bounds(_document_ids(b, t, device, dtype)))
+
+
 def _attention_args(device, dtype=torch.float32, h_kv=1, grad=True, causal=True, documents=None):
-    """(q, k, v, causal, softmax_scale, document_ids): T = 17, a partial block; H = 2 query heads on
-    h_kv K/V heads; documents: None or the dtype of packed documents' ids."""
+    """(q, k, v, causal, softmax_scale, doc_start, doc_end): T = 17, a partial block; H = 2 query
+    heads on h_kv K/V heads; documents: None or the dtype of packed documents' ids."""
     b, h, t, d = 1, 2, 17, 16
     q = _randn(b, h, t, d, device=device, dtype=dtype, grad=grad)
     k, v = (_randn(b, h_kv, t, d, device=device, dtype=dtype, grad=grad) for _ in range(2))
-    document_ids = None if documents is None else _document_ids(b, t, device, documents)
-    return q, k, v, causal, None, document_ids
+    bounds = (None, None) if documents is None else _document_bounds(b, t, device, documents)
+    return q, k, v, causal, None, *bounds
 
 
 def _strided_attention_args(device):
     """q, k, v as (B, H, T, D) views of one fused (B, T, 3, H, D) projection, as the model makes them."""
     qkv = torch.randn(1, 17, 3, 2, 16, device=device).requires_grad_()
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    return q, k, v, False, 0.3, None
+    return q, k, v, False, 0.3, None, None
 
 
 def _attention_backward_args(device, **kwargs):
-    q, k, v, causal, scale, document_ids = _attention_args(device, grad=False, **kwargs)
-    out, lse = ops.flash_attention(q, k, v, causal, scale, document_ids)
-    return torch.randn_like(out), q, k, v, out, lse, causal, scale, document_ids
+    q, k, v, causal, scale, doc_start, doc_end = _attention_args(device, grad=False, **kwargs)
+    out, lse = ops.flash_attention(q, k, v, causal, scale, doc_start, doc_end)
+    return torch.randn_like(out), q, k, v, out, lse, causal, scale, doc_start, doc_end
 
 
 def _norm_args(device, bias=True, x_dtype=torch.float32, residual_dtype=None, grad=True):
@@ -147,8 +152,9 @@ def _outputs_and_grads(device):
 
     q, k, v = leaf(2, 4, 37, 32), leaf(2, 2, 37, 32), leaf(2, 2, 37, 32)  # GQA: 2 query heads per K/V head
     x, residual, weight, bias = leaf(3, 5, 48), leaf(3, 5, 48), leaf(48), leaf(48)
-    out, lse = ops.flash_attention(q, k, v, True, None, None)
-    packed = [ops.flash_attention(q, k, v, causal, None, _document_ids(2, 37, device))[0] for causal in (True, False)]
+    out, lse = ops.flash_attention(q, k, v, True, None, None, None)
+    packed = [ops.flash_attention(q, k, v, causal, None, *_document_bounds(2, 37, device))[0]
+              for causal in (True, False)]
     y, z, mean, rstd = ops.add_layer_norm(x, residual, weight, bias, 1e-5)
     y1, mean1, rstd1 = ops.layer_norm(z, weight, None, 1e-5)
     loss = sum((t * torch.randn(t.shape, generator=generator).to(device)).sum() for t in (out, *packed, y, z, y1))
@@ -175,13 +181,13 @@ def test_ops_take_cpu_tensors_without_the_interpreter_the_functions_do_not(monke
     """The public functions refuse CPU tensors off the interpreter, before any op runs; the ops
     themselves (an exported or compiled graph on CPU) compute the reference math there."""
     monkeypatch.setattr(utils, "interpreting", lambda: False)
-    q, k, v, causal, scale, _ = _attention_args("cpu", grad=False)
+    q, k, v, causal, scale, _, _ = _attention_args("cpu", grad=False)
     with pytest.raises(ValueError, match="needs CUDA tensors.*scaled_dot_product_attention"):
         kernels.flash_attention(q, k, v)
-    out, _ = ops.flash_attention(q, k, v, causal, scale, None)
+    out, _ = ops.flash_attention(q, k, v, causal, scale, None, None)
     torch.testing.assert_close(out, kernels.attention_ref(q, k, v).float())
     document_ids = _document_ids(1, 17, "cpu")
-    out, _ = ops.flash_attention(q, k, v, causal, scale, document_ids)
+    out, _ = ops.flash_attention(q, k, v, causal, scale, *kernels.document_bounds(document_ids))
     torch.testing.assert_close(out, kernels.attention_ref(q, k, v, document_ids=document_ids).float())
     x, weight, bias, eps = _norm_args("cpu", grad=False)
     with pytest.raises(ValueError, match="needs CUDA tensors.*torch.nn.functional.layer_norm"):
@@ -230,7 +236,7 @@ def test_flop_formulas_are_torchs_sdpa_formulas(h_kv, causal):
     q = torch.randn(b, h, t, d, device="meta", requires_grad=True)
     k, v = (torch.randn(b, h_kv, t, d, device="meta", requires_grad=True) for _ in range(2))
     with FlopCounterMode(display=False) as counter:
-        out, _ = ops.flash_attention(q, k, v, causal, None, None)
+        out, _ = ops.flash_attention(q, k, v, causal, None, None, None)
         out.backward(torch.ones_like(out))
     counts = counter.get_flop_counts()["Global"]
 

@@ -170,6 +170,39 @@ def test_compiled_model_is_one_graph_forward_and_backward(fresh_dynamo, t, varia
         torch.testing.assert_close(got, want, rtol=0, atol=bound, msg=name)
 
 
+def test_documents_compile_into_one_graph_and_are_prepared_once(fresh_dynamo, monkeypatch):
+    """document_ids through a triton GPT-2: the model builds the document bounds once per forward
+    for all its layers (kernels.document_bounds, one call), and torch.compile(fullgraph=True)
+    still captures one forward and one backward graph with every layer's op, matching eager mode."""
+    calls = []
+    real = kernels.document_bounds
+    monkeypatch.setattr(kernels, "document_bounds", lambda ids: calls.append(ids) or real(ids))
+    torch.manual_seed(0)
+    model = _tiny_triton_model(n_layer=3, n_kv_head=1, position_embedding="rope")
+    input_ids = torch.randint(0, 97, (2, 40), device=DEVICE)
+    document_ids = (torch.arange(40, device=DEVICE) // torch.tensor([[7], [40]], device=DEVICE)).contiguous()
+    eager_loss = model(input_ids, labels=input_ids, document_ids=document_ids)
+    assert len(calls) == 1
+    eager_loss.backward()
+    eager_grads = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    graphs = []
+    compiled = torch.compile(model, backend=_recording_backend(graphs), fullgraph=True)
+    loss = compiled(input_ids, labels=input_ids, document_ids=document_ids)
+    loss.backward()
+    assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
+    assert len(graphs) == 2
+    assert _our_ops(graphs[0])["gpt2_suite::flash_attention"] == 3
+    assert _our_ops(graphs[1])["gpt2_suite::flash_attention_backward"] == 3
+    ulps = 0 if DEVICE == "cpu" else 4
+    for name, got, want in [("loss", loss, eager_loss)] + [
+        (name, p.grad, eager_grads[name]) for name, p in model.named_parameters()
+    ]:
+        bound = ulps * torch.finfo(want.dtype).eps * want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=0, atol=bound, msg=name)
+
+
 def _flops(model, input_ids):
     """FlopCounterMode's totals, (forward, backward), for one training step."""
     with FlopCounterMode(display=False) as forward:
