@@ -13,7 +13,7 @@
 #   training-gpt2     GPT-2 124M training step, --kernels triton against sdpa                 (130 s)
 #   tests             the CUDA correctness tests at real sizes (pytest -m requires_cuda)      (110 s)
 #   attention-documents  document-masked attention (the documents suite: ours, FlexAttention,
-#                     SDPA's dense mask) at GPT-2 shapes, T=1024, 4096, 8192, bf16             (90 s)
+#                     SDPA's dense mask) at GPT-2 shapes, T=1024, 4096, 8192, bf16            (120 s)
 #   training-documents   the GPT-2 124M step with --document_masking, triton and sdpa        (100 s)
 #   training-compile  the same two, compiled (pretrain.py --compile)                          (what is left)
 #   attention-gpt2    attention at every GPT-2 shape, bf16, causal and not                    (what is left)
@@ -154,7 +154,7 @@ for phase in "${phases[@]}"; do
         layer_norm-768) run_phase layer_norm-768 80 "${layer_norm[@]}" "${ln768[@]}" ;;
         training-gpt2) run_phase training-gpt2 130 "${training[@]}" "${gpt2[@]}" ;;
         tests) run_phase tests 110 python3 -m pytest -q -m requires_cuda tests -p no:cacheprovider ;;
-        attention-documents) run_phase attention-documents 90 "${attention[@]}" "${documents[@]}" ;;
+        attention-documents) run_phase attention-documents 120 "${attention[@]}" "${documents[@]}" ;;
         training-documents) run_phase training-documents 100 "${training[@]}" "${gpt2[@]}" --providers triton+docs sdpa+docs ;;
         training-compile) run_phase training-compile 480 "${training[@]}" "${gpt2[@]}" --providers sdpa+compile triton+compile ;;
         attention-gpt2) run_phase attention-gpt2 480 "${attention[@]}" "${gpt2_shapes[@]}" ;;
