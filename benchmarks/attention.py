@@ -240,6 +240,15 @@ def document_providers(document_ids: torch.Tensor) -> tuple[dict, dict]:
     return table, builders
 
 
+def document_mask_mod(document_ids: torch.Tensor):
+    """FlexAttention's mask_mod for causal attention within each document of ids (B, T)."""
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    return same_document_causal
+
+
 def flex_document_provider(document_ids: torch.Tensor):
     """FlexAttention with a document block mask over these ids (causal within each document),
     compiled as flex_attention_provider's: (function, its block mask builder or None)."""
@@ -251,11 +260,8 @@ def flex_document_provider(document_ids: torch.Tensor):
 
     B, T = document_ids.shape
 
-    def same_document_causal(b, h, q_idx, kv_idx):
-        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (q_idx >= kv_idx)
-
     def build():
-        return create_block_mask(same_document_causal, B, None, T, T, device=str(document_ids.device))
+        return create_block_mask(document_mask_mod(document_ids), B, None, T, T, device=str(document_ids.device))
 
     block_mask = build()
     compiled = torch.compile(flex_attention, dynamic=False)

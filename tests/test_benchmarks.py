@@ -117,6 +117,21 @@ def test_attention_records_mismatch_and_oom_without_timing(tmp_path, monkeypatch
     assert oom and all(r["status"] == "oom" and r["p50"] == "" for r in oom)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # uncompiled on purpose
+def test_flex_document_mask_is_the_reference_mask():
+    """The FlexAttention peer's document block mask (run here uncompiled, float64, on CPU) gives the
+    float64 dense-mask reference: what the GPU run compares against is the same attention."""
+    flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
+    from kernels import attention_ref
+
+    B, H, T, D = 2, 2, 300, 16  # several of Flex's 128-blocks, a partial last one
+    ids = attention_bench.packed_document_ids(B, T, "uniform-1-90", "cpu", seed=3)
+    block_mask = flex_attention.create_block_mask(attention_bench.document_mask_mod(ids), B, None, T, T, device="cpu")
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(flex_attention.flex_attention(q, k, v, block_mask=block_mask),
+                               attention_ref(q, k, v, causal=True, document_ids=ids), rtol=1e-12, atol=1e-12)
+
+
 def test_attention_flops():
     shape = dict(B=2, H=3, T=8, D=4)
     full, causal = (attention_bench.visible_pairs(shape, c) for c in (False, True))
