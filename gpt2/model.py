@@ -193,6 +193,9 @@ class GPT2(nn.Module):
                 raise InputError("document_ids mask whole sequences; cached decoding takes none")
             if document_ids.shape != (B, T):
                 raise InputError(f"document_ids must be (batch, seq_len) = {(B, T)}, got {tuple(document_ids.shape)}")
+            if document_ids.device != input_ids.device:
+                raise InputError(f"document_ids must be on input_ids' device {input_ids.device}, "
+                                 f"got {document_ids.device}")
             # once for every layer: the dense mask (eager, sdpa) or our kernel's document bounds
             documents = prepare_documents(self.config.attn_impl, document_ids)
         positions = torch.arange(past, past + T, device=input_ids.device) if position_ids is None else position_ids

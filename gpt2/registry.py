@@ -56,10 +56,16 @@ def prepare_documents(attn_impl: str, document_ids: torch.Tensor):
     return document_mask(document_ids, causal=True)
 
 
-def _check_documents(q, k) -> None:
+def _check_documents(q, k, documents, causal) -> None:
+    """eager and sdpa take prepare_documents' dense mask, built causal."""
     if q.shape[2] != k.shape[2]:
         raise InputError("document masking covers whole sequences; cached decoding (fewer queries than keys) "
                          "takes none")
+    if not causal:
+        raise InputError("documents (prepare_documents) hold a causal mask; non-causal attention takes none")
+    if not (isinstance(documents, torch.Tensor) and documents.dtype == torch.bool and documents.dim() == 4):
+        raise InputError("documents must be the (B, 1, T, T) bool mask from prepare_documents(attn_impl, "
+                         "document_ids), not the ids")
 
 
 def eager_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, documents=None):
@@ -73,7 +79,7 @@ def eager_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, 
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
     if documents is not None:
-        _check_documents(q, k)
+        _check_documents(q, k, documents, causal)
         scores = scores.masked_fill(~documents, float("-inf"))
     elif causal:
         mask = _causal_mask(q.shape[2], k.shape[2], q.device)
@@ -92,7 +98,7 @@ def sdpa_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, d
     t_q, t_k = q.shape[2], k.shape[2]
     mask = None
     if documents is not None:
-        _check_documents(q, k)
+        _check_documents(q, k, documents, causal)
         mask, causal = documents, False  # the mask holds the causal part
     elif causal and t_q != t_k and t_q > 1:
         # is_causal aligns top-left; a KV cache needs bottom-right. One query sees every key.
@@ -113,7 +119,8 @@ def triton_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None,
     is memory-bound and gains nothing from a fused kernel."""
     if q.shape[2] != k.shape[2]:
         if documents is not None:
-            _check_documents(q, k)
+            raise InputError("document masking covers whole sequences; cached decoding (fewer queries than keys) "
+                             "takes none")
         return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale)
     if dropout_p > 0.0:  # GPT2Config refuses this combination; a direct caller gets the same answer
         raise InputError("the triton attention kernel has no attention dropout; set dropout=0 or attn_impl='sdpa'")

@@ -776,6 +776,11 @@ def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _contiguous_bounds(doc_start, doc_end):
+    """The kernels index the bounds as contiguous (B, T) rows (a slice of bounds may not be)."""
+    return (None, None) if doc_start is None else (doc_start.contiguous(), doc_end.contiguous())
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start=None, doc_end=None) -> None:
     """Raise ValueError saying exactly what is unsupported."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -925,6 +930,7 @@ def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None, doc_start=
     lse (B, H, T) fp32, the natural-log logsumexp of each row's scaled scores."""
     _check_inputs(q, k, v, doc_start, doc_end)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    doc_start, doc_end = _contiguous_bounds(doc_start, doc_end)
     b, h, t, d = q.shape
     h_kv = k.shape[1]
     scale = _scale(d, softmax_scale)
@@ -949,6 +955,7 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | 
     typed like q, k, v."""
     dout = _unit_last_stride(dout)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    doc_start, doc_end = _contiguous_bounds(doc_start, doc_end)
     b, h, t, d = q.shape
     h_kv = k.shape[1]
     scale = _scale(d, softmax_scale)

@@ -284,13 +284,16 @@ def test_document_bounds_built_once_give_the_same_result():
     document_ids = _document_ids(2, 75, (1, 33), 4)
     dout = torch.randn_like(q)
     results = []
-    for given in (document_ids, document_bounds(document_ids)):
+    whole = document_bounds(torch.cat([document_ids, document_ids + 9], dim=1))  # (2, 150)
+    sliced = DocumentBounds(whole.start[:, :75], whole.end[:, :75])  # a strided view: the kernels copy it
+    assert not sliced.start.is_contiguous()
+    for given in (document_ids, document_bounds(document_ids), sliced):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         out = flash_attention(*leaves, causal=True, document_ids=given)
         out.backward(dout)
         results.append([out] + [x.grad for x in leaves])
-    for from_ids, from_bounds in zip(*results):
-        assert torch.equal(from_ids, from_bounds)
+    for from_ids, *from_bounds in zip(*results):
+        assert all(torch.equal(from_ids, other) for other in from_bounds)
 
 
 def test_bad_document_bounds_say_what_is_wrong():

@@ -50,6 +50,29 @@ def test_attention_quick(tmp_path):
     assert "causal within documents, fwd+bwd" in summary and "× ours causal" in summary
 
 
+def test_document_suite_records_a_failing_mask_and_goes_on(tmp_path, monkeypatch):
+    """A provider whose mask cannot be built (out of memory, say) is recorded, not fatal: the
+    others at the point are still checked and timed."""
+    real = attention_bench.document_providers
+
+    def failing(document_ids):
+        table, builders = real(document_ids)
+
+        def out_of_memory(*args):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")
+
+        table["sdpa-mask"] = (out_of_memory, table["sdpa-mask"][1])
+        builders["sdpa-mask"] = (out_of_memory, "the dense mask")
+        return table, builders
+
+    monkeypatch.setattr(attention_bench, "document_providers", failing)
+    assert attention_bench.main(["--quick", "--suite", "documents-quick", "--output_dir", str(tmp_path)]) == 0
+    rows = read_rows(tmp_path / "attention.csv")
+    assert {r["status"] for r in rows if r["provider"] == "sdpa-mask"} == {"oom"}
+    timed = {(r["provider"], r["mode"]) for r in rows if r["metric"] == "time" and r["status"] == "ok"}
+    assert {("ours", "fwd+bwd"), ("ours", "mask"), ("eager", "fwd+bwd")} <= timed
+
+
 def test_packed_document_ids_pack_the_pool():
     """Rows of documents from the pool, each closed by an end-of-text token, cut into rows; the
     visible pairs by the FLOP convention (ΣL²/2) are the dense mask's count less the diagonal's half."""
@@ -185,7 +208,8 @@ def test_full_mode_needs_cuda_and_exits_2(module, monkeypatch):
     ("attention", ["--max_seqlen", "0"], "argument --max_seqlen: must be at least 1, got 0"),
     ("attention", ["--provider", "nosuch"], "invalid choice: 'nosuch' (choose from 'ours', 'sdpa-flash'"),
     ("attention", ["--seqlens", "1024"],
-     "leave no shape to measure (--quick suites: quick: T = 17, 40; documents-quick: T = 40)"),
+     "leave no shape to measure (--quick suites: quick: T = 17, 40; documents-quick: T = 40; documents suites"),
+    ("attention", ["--suite", "documents-quick", "--causal", "full"], "documents suites: causal only"),
     ("training", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
     ("training", ["--block_size", "1"], "argument --block_size: must be at least 2, got 1"),
     ("training", ["--batch_size", "0"], "argument --batch_size: must be at least 1, got 0"),

@@ -290,6 +290,32 @@ def test_document_masked_nll_matches_brute_force(checkpoint, tmp_path):
     assert unmasked["tokens"] == tokens and unmasked["nll_sum"] != pytest.approx(expected, rel=1e-5)
 
 
+def test_document_masking_with_rope_needs_no_restarted_positions(checkpoint, tmp_path):
+    """Rotary positions are relative: masked attention without --restart_positions already scores
+    each token as a model run on its own text's slice of the window alone."""
+    rope = tmp_path / "rope"
+    torch.manual_seed(1)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, position_embedding="rope",
+                        vocab_size=load_tokenizer(checkpoint).get_vocab_size())
+    with pytest.warns(UserWarning, match="no transformers GPT-2 equivalent"):
+        GPT2(config).save_pretrained(rope)
+    save_tokenizer(load_tokenizer(checkpoint), rope)
+    max_length, stride = 16, 5
+    texts = [sample_text(n, seed=40 + n) for n in (8, 3, 11)]
+    data = write_rows(tmp_path / "rows.jsonl", texts)
+    report = run_eval(rope, data, "--max_length", max_length, "--stride", stride, "--document_masking")
+    document = tokenize_texts(load_tokenizer(rope), texts).document_ids.tolist()
+    doc_start = [document.index(document[t]) for t in range(len(document))]
+
+    def context_start(t):
+        window = next(k for k in range(t + 1) if k * stride + max_length > t) * stride
+        return max(window, doc_start[t - 1])
+
+    expected, tokens = brute_force_nll(rope, "\n\n".join(texts), context_start)
+    assert report["tokens"] == tokens and not report["restart_positions"]
+    assert report["nll_sum"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_document_masking_of_one_text_changes_nothing(checkpoint, text_file):
     plain = run_eval(checkpoint, text_file, "--batch_size", 4)
     masked = run_eval(checkpoint, text_file, "--batch_size", 4, "--document_masking", "--restart_positions")

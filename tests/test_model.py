@@ -317,3 +317,18 @@ def test_one_document_per_row_is_plain_causal(attn_impl):
         torch.testing.assert_close(model(x, document_ids=torch.zeros_like(x)), model(x), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"document_ids must be \(batch, seq_len\)"):
         model(x, document_ids=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="document_ids must be on input_ids' device cpu"):
+        model(x, document_ids=torch.zeros(2, 11, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_dense_attention_refuses_documents_it_cannot_honour(attn_impl):
+    """A direct caller of the registry: the prepared mask is causal, and the ids are not a mask."""
+    from gpt2.registry import ATTENTION, prepare_documents
+
+    q = k = v = torch.randn(1, 2, 6, 8)
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    with pytest.raises(ValueError, match="hold a causal mask"):
+        ATTENTION[attn_impl](q, k, v, causal=False, documents=prepare_documents(attn_impl, ids))
+    with pytest.raises(ValueError, match=r"bool mask from prepare_documents"):
+        ATTENTION[attn_impl](q, k, v, causal=True, documents=ids)
