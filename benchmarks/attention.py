@@ -33,8 +33,8 @@ set by a fixed seed. Ours takes the ids (document_ids), FlexAttention a document
 the backend; the flash backend takes no mask). Each provider's mask (ours: document_bounds, which
 also checks the ids' order) is built once per point, outside the timed calls, as the model builds
 it once per batch for all its layers; the build time is recorded as the "mask" mode. FLOPs count
-only the visible pairs: 4·H·D·ΣL²/2
-forward over the documents' lengths L (the causal convention, T²/2 per row, with one document).
+only the visible pairs: 4·H·D·ΣL²/2 forward over the documents' lengths L (the causal
+convention, T²/2 per row, with one document).
 
 Eager attention and SDPA's math backend are skipped where they would materialise more than
 MATERIALISED_SCORES_LIMIT scores; FlexAttention (torch.compile'd, causal block mask) is a peer at
@@ -609,6 +609,7 @@ def run(args) -> int:
     env, out_dir = common.start_run(args.quick, args.output_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     csv_path = out_dir / "attention.csv"
+
     def wanted(name):
         return not args.provider or name in args.provider or name == "ours"
 
