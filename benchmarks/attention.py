@@ -145,7 +145,7 @@ def providers(quick: bool) -> dict:
     """name -> (attention function (q, k, v, causal) -> out, context manager factory)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels import attention_ref, flash_attention
+    from gpt2_kernels import attention_ref, flash_attention
 
     def sdpa(q, k, v, causal):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
@@ -214,7 +214,7 @@ def document_providers(document_ids: torch.Tensor) -> tuple[dict, dict]:
     provider builds its mask on its first call (the unmeasured check), so a failure there is that
     provider's recorded failure, and keeps it for the timed calls."""
     from gpt2.registry import document_mask
-    from kernels import attention_ref, document_bounds, flash_attention
+    from gpt2_kernels import attention_ref, document_bounds, flash_attention
 
     def build_dense():
         return document_mask(document_ids, causal=True)  # (B, 1, T, T) bool, True = visible
@@ -311,7 +311,7 @@ def reference(q, k, v, dout, causal, document_ids=None) -> list[torch.Tensor]:
     """float64 out, dq, dk, dv for every batch element and head, computed a slab at a time (see
     reference_slabs; the cost is in the module docstring); with document_ids (B, T), masked to
     each document (the dense mask)."""
-    from kernels import attention_ref
+    from gpt2_kernels import attention_ref
 
     B, H, T, _ = q.shape
     group = H // k.shape[1]

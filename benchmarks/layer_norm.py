@@ -56,7 +56,7 @@ def torch_add_layer_norm(x, residual, weight, bias, eps):
 
 
 def providers(kernel: str, quick: bool) -> dict:
-    from kernels import add_layer_norm, layer_norm
+    from gpt2_kernels import add_layer_norm, layer_norm
 
     if kernel == "layer_norm":
         table = {"ours": lambda x, r, w, b: (layer_norm(x, w, b, EPS),),
@@ -113,7 +113,7 @@ def run_point(kernel, rows_n, hidden, dtype_name, table, env, quick, device, cud
         return result
 
     # float64 reference on the same inputs (layer_norm_ref upcasts).
-    from kernels import layer_norm_ref
+    from gpt2_kernels import layer_norm_ref
 
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
     if kernel == "add_layer_norm":

@@ -1,6 +1,6 @@
 """What each autotune config costs on a Hopper GPU, read off the compiler: no GPU needed.
 
-Triton compiles for a GPU it does not have. This compiles every kernel in `kernels/` with every
+Triton compiles for a GPU it does not have. This compiles every kernel in `gpt2_kernels/` with every
 config of its autotune list for sm_90 and reports what ptxas says: registers per thread, bytes
 spilled to local memory, the shared memory Triton asks for, and whether the matrix products became
 Hopper's warpgroup MMA (HGMMA in the SASS) or the older HMMA. A config that spills or needs more
@@ -112,7 +112,7 @@ KERNELS = {
 def _kernel(module: str, name: str):
     import importlib
 
-    return getattr(importlib.import_module(f"kernels.{module}"), name)
+    return getattr(importlib.import_module(f"gpt2_kernels.{module}"), name)
 
 
 def _tried_configs(kernel, **args):

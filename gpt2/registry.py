@@ -47,10 +47,10 @@ def document_mask(document_ids: torch.Tensor, causal: bool) -> torch.Tensor:
 def prepare_documents(attn_impl: str, document_ids: torch.Tensor):
     """What attn_impl takes as `documents` for causal attention within each document of ids (B, T),
     non-decreasing along T: the dense (B, 1, T, T) mask for eager and sdpa, the document bounds for
-    triton (kernels.document_bounds, which checks the order: one device-to-host sync). Built once
+    triton (gpt2_kernels.document_bounds, which checks the order: one device-to-host sync). Built once
     per forward and shared by every layer, as flash-attn's cu_seqlens or FlexAttention's block mask."""
     if attn_impl == "triton":
-        from kernels import document_bounds
+        from gpt2_kernels import document_bounds
 
         return document_bounds(document_ids)
     return document_mask(document_ids, causal=True)
@@ -114,7 +114,7 @@ def sdpa_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, d
 
 
 def triton_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, documents=None):
-    """Our fused flash attention (kernels/attention.py); documents: the ids' document bounds
+    """Our fused flash attention (gpt2_kernels/attention.py); documents: the ids' document bounds
     (prepare_documents). Cached decoding, where Tq < Tk, goes through SDPA: one query row per step
     is memory-bound and gains nothing from a fused kernel."""
     if q.shape[2] != k.shape[2]:
@@ -124,7 +124,7 @@ def triton_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None,
         return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale)
     if dropout_p > 0.0:  # GPT2Config refuses this combination; a direct caller gets the same answer
         raise InputError("the triton attention kernel has no attention dropout; set dropout=0 or attn_impl='sdpa'")
-    from kernels import flash_attention
+    from gpt2_kernels import flash_attention
 
     return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, document_ids=documents)
 
@@ -139,13 +139,13 @@ def torch_add_norm(x, residual, weight, bias, eps):
 
 
 def triton_norm(x, weight, bias, eps):
-    from kernels import layer_norm
+    from gpt2_kernels import layer_norm
 
     return layer_norm(x, weight, bias, eps)
 
 
 def triton_add_norm(x, residual, weight, bias, eps):
-    from kernels import add_layer_norm
+    from gpt2_kernels import add_layer_norm
 
     return add_layer_norm(x, residual, weight, bias, eps)
 
@@ -208,4 +208,4 @@ def check_available(attn_impl: str, norm_impl: str) -> None:
         reason = triton_unavailable_reason()
         if reason:
             raise KernelUnavailableError(reason)
-        import kernels  # noqa: F401
+        import gpt2_kernels  # noqa: F401

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: gpt2/ and kernels/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: gpt2/ and gpt2_kernels/
 
 import torch  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""kernels/attention.py: the fused flash attention against float64 references, forward and every
+"""gpt2_kernels/attention.py: the fused flash attention against float64 references, forward and every
 gradient, on CPU through Triton's interpreter (on a CUDA machine the same tests run compiled).
 
 Tolerance (the flash-attention rule): for each of out, dq, dk, dv the kernel's max abs error
@@ -26,9 +26,9 @@ import pytest
 import torch
 from conftest import compile_for_gpu_in_subprocess
 
-from kernels import attention_ref, flash_attention, utils
+from gpt2_kernels import attention_ref, flash_attention, utils
 
-attention = importlib.import_module("kernels.attention")
+attention = importlib.import_module("gpt2_kernels.attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -273,7 +273,7 @@ def test_document_ids_on_another_device_are_refused():
 def test_document_bounds_built_once_give_the_same_result():
     """document_bounds(ids), built once and passed to every layer's call, is the ids' own path:
     bitwise the same output and gradients; the bounds are each token's document [start, end)."""
-    from kernels import DocumentBounds, document_bounds
+    from gpt2_kernels import DocumentBounds, document_bounds
 
     ids = torch.tensor([[0, 0, 0, 1, 2, 2, 2, 2, 3]], device=DEVICE)
     bounds = document_bounds(ids)
@@ -297,7 +297,7 @@ def test_document_bounds_built_once_give_the_same_result():
 
 
 def test_bad_document_bounds_say_what_is_wrong():
-    from kernels import DocumentBounds, document_bounds
+    from gpt2_kernels import DocumentBounds, document_bounds
 
     q, k, v = _inputs(2, 2, 2, 8, 32, torch.float32)
     with pytest.raises(ValueError, match=r"doc_start must be int32 of shape \(batch, seq_len\) = \(2, 8\)"):
@@ -374,7 +374,7 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
 
 
 def test_one_poison_switch_for_every_output():
-    """The fixture's switch is kernels.utils.POISON_OUTPUTS, the only one: the launcher's buffers
+    """The fixture's switch is gpt2_kernels.utils.POISON_OUTPUTS, the only one: the launcher's buffers
     come out NaN, and the op file keeps no copy of the switch that the fixture would miss."""
     assert not hasattr(attention, "POISON_OUTPUTS")
     assert torch.isnan(attention._empty_bhtd(1, 2, 3, 16, torch.float32, DEVICE)).all()
@@ -470,8 +470,8 @@ def test_autotune_switch_picks_the_list(monkeypatch):
 _AUTOTUNE_SCRIPT = textwrap.dedent(
     """
     import importlib
-    A = importlib.import_module("kernels.attention")
-    L = importlib.import_module("kernels.layer_norm")
+    A = importlib.import_module("gpt2_kernels.attention")
+    L = importlib.import_module("gpt2_kernels.layer_norm")
 
     def keys(configs):
         return sorted(map(A._config_key, configs))
@@ -534,21 +534,6 @@ def test_inputs_on_a_second_gpu():
         _check_against_references(q, k, v, torch.randn_like(q), causal=True)
 
 
-def test_hub_kernels_package_is_not_detected():
-    """Our package is also importable as `kernels`, like the hub's; transformers must not take it
-    for that one (which it gates on kernels >= 0.18) and must still import its models."""
-    pytest.importorskip("transformers")
-    spec = importlib.util.find_spec("kernels")
-    ours = os.path.join(os.path.dirname(os.path.abspath(attention.__file__)), "__init__.py")
-    assert spec is not None and spec.origin == ours
-    from transformers.utils import import_utils
-
-    assert import_utils.is_kernels_available() is False
-    import transformers
-
-    assert transformers.GPT2LMHeadModel.__name__ == "GPT2LMHeadModel"
-
-
 # Compiles (no launch) each kernel for sm_90 and sm_80 with the real Triton compiler and ptxas, in a
 # process without TRITON_INTERPRET: proof on a GPU-less machine that the kernels are GPU code, not
 # interpreter-only Python. One tile config each (the pinned interpreter ones, themselves valid GPU
@@ -560,7 +545,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     import triton
     from benchmarks.resources import compile_kernel, resource_usage
 
-    A = importlib.import_module("kernels.attention")
+    A = importlib.import_module("gpt2_kernels.attention")
     R = importlib.import_module("benchmarks.resources")
     R.SCALAR_TYPES.update(DOC_START="*i32", DOC_END="*i32")  # the document bounds: int32 tensors
     no_docs = dict(HAS_DOCS=False, DOC_START=None, DOC_END=None)  # as launched without document_ids

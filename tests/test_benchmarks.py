@@ -145,7 +145,7 @@ def test_flex_document_mask_is_the_reference_mask():
     """The FlexAttention peer's document block mask (run here uncompiled, float64, on CPU) gives the
     float64 dense-mask reference: what the GPU run compares against is the same attention."""
     flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
-    from kernels import attention_ref
+    from gpt2_kernels import attention_ref
 
     B, H, T, D = 2, 2, 300, 16  # several of Flex's 128-blocks, a partial last one
     ids = attention_bench.packed_document_ids(B, T, "uniform-1-90", "cpu", seed=3)
@@ -397,7 +397,7 @@ def test_reference_slab_by_slab_equals_all_at_once(monkeypatch):
     """The float64 reference, a slab of (batch elements, K/V head groups) at a time: the slabs
     cover every batch element and K/V head once, each within the budget (or one group), and give
     the same out and gradients as attention_ref over the whole tensors."""
-    from kernels import attention_ref
+    from gpt2_kernels import attention_ref
 
     B, H_kv, group_scores = 3, 4, 81
     for budget in (1, 2 * 81, 5 * 81, 12 * 81, 10**9):

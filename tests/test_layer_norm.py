@@ -1,4 +1,4 @@
-"""kernels/layer_norm.py: layer_norm and add_layer_norm against float64 references, the output(s)
+"""gpt2_kernels/layer_norm.py: layer_norm and add_layer_norm against float64 references, the output(s)
 and every gradient (dx, dresidual, dweight, dbias), on CPU through Triton's interpreter.
 
 Tolerance: the kernel's max abs error against float64 must be at most twice the error of the same
@@ -20,9 +20,9 @@ import pytest
 import torch
 from conftest import compile_for_gpu_in_subprocess
 
-from kernels import add_layer_norm, layer_norm, layer_norm_ref, utils
+from gpt2_kernels import add_layer_norm, layer_norm, layer_norm_ref, utils
 
-ln_module = importlib.import_module("kernels.layer_norm")  # the package's `layer_norm` is the function
+ln_module = importlib.import_module("gpt2_kernels.layer_norm")  # the package's `layer_norm` is the function
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
@@ -290,7 +290,7 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
 
 
 def test_one_poison_switch_for_every_output():
-    """The fixture's switch is kernels.utils.POISON_OUTPUTS, the only one; the op file keeps no copy."""
+    """The fixture's switch is gpt2_kernels.utils.POISON_OUTPUTS, the only one; the op file keeps no copy."""
     assert not hasattr(ln_module, "POISON_OUTPUTS")
     assert torch.isnan(utils.empty((3, 8), torch.float32, DEVICE)).all()
 
@@ -351,7 +351,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     import importlib
     from benchmarks.resources import compile_kernel
 
-    L = importlib.import_module("kernels.layer_norm")
+    L = importlib.import_module("gpt2_kernels.layer_norm")
     for cc, dtype, block_n, rows, warps in ((90, "bf16", 1024, 4, 4), (80, "fp16", 8192, 1, 16),
                                             (90, "fp32", 128, 16, 4)):
         flags = dict(HAS_BIAS=True, BLOCK_N=block_n, ROWS=rows)

@@ -1,4 +1,4 @@
-"""The PyTorch custom operators behind kernels/ (torch.ops.gpt2_suite.*, registered by kernels/utils.py
+"""The PyTorch custom operators behind gpt2_kernels/ (torch.ops.gpt2_suite.*, registered by gpt2_kernels/utils.py
 define_op from the op files): their schemas, torch.library.opcheck, the CPU implementation without
 the interpreter, registration that survives a second import, and the FLOP formulas.
 
@@ -19,12 +19,12 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-import kernels
-from kernels import utils
+import gpt2_kernels
+from gpt2_kernels import utils
 
 ops = torch.ops.gpt2_suite
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS_DIR = os.path.dirname(os.path.abspath(kernels.__file__))
+KERNELS_DIR = os.path.dirname(os.path.abspath(gpt2_kernels.__file__))
 
 SCHEMAS = {
     "flash_attention": "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale, Tensor? doc_start, "
@@ -64,7 +64,7 @@ def _document_ids(b, t, device, dtype=torch.int64):
 
 def _document_bounds(b, t, device, dtype=torch.int64):
     """The ops' document arguments (doc_start, doc_end) for _document_ids."""
-    return tuple(kernels.document_bounds(_document_ids(b, t, device, dtype)))
+    return tuple(gpt2_kernels.document_bounds(_document_ids(b, t, device, dtype)))
 
 
 def _attention_args(device, dtype=torch.float32, h_kv=1, grad=True, causal=True, documents=None):
@@ -183,23 +183,24 @@ def test_ops_take_cpu_tensors_without_the_interpreter_the_functions_do_not(monke
     monkeypatch.setattr(utils, "interpreting", lambda: False)
     q, k, v, causal, scale, _, _ = _attention_args("cpu", grad=False)
     with pytest.raises(ValueError, match="needs CUDA tensors.*scaled_dot_product_attention"):
-        kernels.flash_attention(q, k, v)
+        gpt2_kernels.flash_attention(q, k, v)
     out, _ = ops.flash_attention(q, k, v, causal, scale, None, None)
-    torch.testing.assert_close(out, kernels.attention_ref(q, k, v).float())
+    torch.testing.assert_close(out, gpt2_kernels.attention_ref(q, k, v).float())
     document_ids = _document_ids(1, 17, "cpu")
-    out, _ = ops.flash_attention(q, k, v, causal, scale, *kernels.document_bounds(document_ids))
-    torch.testing.assert_close(out, kernels.attention_ref(q, k, v, document_ids=document_ids).float())
+    out, _ = ops.flash_attention(q, k, v, causal, scale, *gpt2_kernels.document_bounds(document_ids))
+    torch.testing.assert_close(out, gpt2_kernels.attention_ref(q, k, v, document_ids=document_ids).float())
     x, weight, bias, eps = _norm_args("cpu", grad=False)
     with pytest.raises(ValueError, match="needs CUDA tensors.*torch.nn.functional.layer_norm"):
-        kernels.layer_norm(x, weight, bias, eps)
+        gpt2_kernels.layer_norm(x, weight, bias, eps)
     y, _, _ = ops.layer_norm(x, weight, bias, eps)
-    torch.testing.assert_close(y, kernels.layer_norm_ref(x, weight, bias, eps).float())
+    torch.testing.assert_close(y, gpt2_kernels.layer_norm_ref(x, weight, bias, eps).float())
 
 
 def _import_again(module_name: str):
-    """Execute kernels/<module>.py once more, as a module of another name (a second import path)."""
+    """Execute gpt2_kernels/<module>.py once more, as a module of another name (a second import path;
+    inside the package, where its relative imports resolve)."""
     path = os.path.join(KERNELS_DIR, f"{module_name}.py")
-    spec = importlib.util.spec_from_file_location(f"kernels_again_{module_name}", path)
+    spec = importlib.util.spec_from_file_location(f"gpt2_kernels.again_{module_name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     try:
@@ -219,10 +220,10 @@ def test_a_second_import_keeps_the_registrations():
     q, k, v, *_ = _attention_args(DEVICE)
     out = attention_again.flash_attention(q, k, v)
     out.sum().backward()
-    assert torch.equal(out, kernels.flash_attention(q, k, v)) and q.grad is not None
+    assert torch.equal(out, gpt2_kernels.flash_attention(q, k, v)) and q.grad is not None
     x, residual, weight, bias, eps = _norm_args(DEVICE, residual_dtype=torch.float32)
     for got, want in zip(layer_norm_again.add_layer_norm(x, residual, weight, bias, eps),
-                         kernels.add_layer_norm(x, residual, weight, bias, eps)):
+                         gpt2_kernels.add_layer_norm(x, residual, weight, bias, eps)):
         assert torch.equal(got, want)
 
 

@@ -29,7 +29,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils.flop_counter import FlopCounterMode
 
-import kernels
+import gpt2_kernels
 from gpt2 import GPT2, GPT2Config
 from gpt2.registry import triton_unavailable_reason
 
@@ -74,13 +74,13 @@ def test_triton_kernels_train_like_torch(monkeypatch):
     # the first is the fused add+LayerNorm (2 per block), attention once per block.
     calls = {"flash_attention": 0, "layer_norm": 0, "add_layer_norm": 0}
     for name in calls:
-        original = getattr(kernels, name)
+        original = getattr(gpt2_kernels, name)
 
         def spy(*args, _name=name, _original=original, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(kernels, name, spy)
+        monkeypatch.setattr(gpt2_kernels, name, spy)
 
     reference_losses, reference_grads = _train(reference, input_ids, STEPS)
     our_losses, our_grads = _train(ours, input_ids, STEPS)
@@ -172,11 +172,11 @@ def test_compiled_model_is_one_graph_forward_and_backward(fresh_dynamo, t, varia
 
 def test_documents_compile_into_one_graph_and_are_prepared_once(fresh_dynamo, monkeypatch):
     """document_ids through a triton GPT-2: the model builds the document bounds once per forward
-    for all its layers (kernels.document_bounds, one call), and torch.compile(fullgraph=True)
+    for all its layers (gpt2_kernels.document_bounds, one call), and torch.compile(fullgraph=True)
     still captures one forward and one backward graph with every layer's op, matching eager mode."""
     calls = []
-    real = kernels.document_bounds
-    monkeypatch.setattr(kernels, "document_bounds", lambda ids: calls.append(ids) or real(ids))
+    real = gpt2_kernels.document_bounds
+    monkeypatch.setattr(gpt2_kernels, "document_bounds", lambda ids: calls.append(ids) or real(ids))
     torch.manual_seed(0)
     model = _tiny_triton_model(n_layer=3, n_kv_head=1, position_embedding="rope")
     input_ids = torch.randint(0, 97, (2, 40), device=DEVICE)

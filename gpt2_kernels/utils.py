@@ -1,4 +1,4 @@
-"""Helpers the op files of kernels/ share, as Liger-Kernel keeps ``ops/utils.py`` beside its ops.
+"""Helpers the op files of gpt2_kernels/ share, as Liger-Kernel keeps ``ops/utils.py`` beside its ops.
 
 Each op file (attention.py, layer_norm.py) needs the same few pieces around its kernels; they live
 here once, so the ops agree on them and a test flips one switch for both:
@@ -20,7 +20,7 @@ here once, so the ops agree on them and a test flips one switch for both:
 * ``check_device(op, name, x, cpu_alternative)``: CUDA tensors, or CPU tensors under the
   interpreter; anything else is refused with a message naming the CPU alternative.
 * ``LOG2E``, ``LN2``: the base-2 conversion constants, as ``tl.constexpr`` so ``@triton.jit`` code
-  can use them (``from kernels.utils import LOG2E``); ``LOG2E.value`` is the float on the host.
+  can use them (``from gpt2_kernels.utils import LOG2E``); ``LOG2E.value`` is the float on the host.
 * ``define_op(name, schema, ...)``: registers one PyTorch custom operator
   ``torch.ops.gpt2_suite.<name>`` (``OP_NAMESPACE``) with its CUDA and CPU implementations, its fake
   (meta) implementation, its autograd formula and its FLOP formula, once per process.

@@ -34,7 +34,7 @@ Contract
   check them. No gradient for either.
 * No attention dropout, no attention mask other than causal and documents, no Tq != Tk.
 
-Operators (registered when this module is imported; see kernels/utils.py for why ``custom_op``)
+Operators (registered when this module is imported; see gpt2_kernels/utils.py for why ``custom_op``)
 -------------------------------------------------------------------------------------------
 ``flash_attention`` validates its inputs (the ValueErrors above; CPU tensors only under the
 interpreter) and calls the PyTorch custom operator
@@ -134,8 +134,8 @@ import triton
 import triton.language as tl
 from torch.utils import flop_counter
 
-from kernels import utils
-from kernels.utils import LN2, LOG2E
+from . import utils
+from .utils import LN2, LOG2E
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -202,7 +202,7 @@ BWD_DQ_SHORT_CONFIGS = _tiles(("BLOCK_M2", "BLOCK_N2"), {
     128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
     256: [(64, 16, 8, 2), (32, 16, 4, 2)],
 })
-# What the autotuner gets, fixed when this module is imported (kernels/utils.py: autotune_choice).
+# What the autotuner gets, fixed when this module is imported (gpt2_kernels/utils.py: autotune_choice).
 FWD_TUNED = utils.autotune_choice(FWD_CONFIGS, FWD_SHORT_CONFIGS)
 BWD_DKDV_TUNED = utils.autotune_choice(BWD_DKDV_CONFIGS, BWD_DKDV_SHORT_CONFIGS)
 BWD_DQ_TUNED = utils.autotune_choice(BWD_DQ_CONFIGS, BWD_DQ_SHORT_CONFIGS)

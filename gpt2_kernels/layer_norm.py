@@ -35,7 +35,7 @@ constant row gets var = 0 and y = bias exactly.
 * bias=None is supported (no bias term, no dbias).
 * CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, for tests).
 
-Operators (registered when this module is imported; see kernels/utils.py for why ``custom_op``)
+Operators (registered when this module is imported; see gpt2_kernels/utils.py for why ``custom_op``)
 -------------------------------------------------------------------------------------------
 The public functions validate their inputs (the ValueErrors of the launcher; CPU tensors only
 under the interpreter) and call the PyTorch custom operators
@@ -97,7 +97,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import utils
+from . import utils
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_FUSED_BYTES = 65536  # one row of x must fit in a program's registers
@@ -109,7 +109,7 @@ LN_CONFIGS = [
     triton.Config({"ROWS": rows}, num_warps=w)
     for rows, w in [(1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8)]
 ]
-# The short list (GPT2_SUITE_AUTOTUNE=short, kernels/utils.py): 4 of LN_CONFIGS that compile
+# The short list (GPT2_SUITE_AUTOTUNE=short, gpt2_kernels/utils.py): 4 of LN_CONFIGS that compile
 # without spills at 768 to 8192 (results/compiler/resources.md) and leave every row size a config
 # after pruning: several rows on 4 or 8 warps for GPT-2 widths, one row on 4 or 16 for long rows.
 LN_SHORT_CONFIGS = [triton.Config({"ROWS": rows}, num_warps=w) for rows, w in [(1, 4), (4, 4), (4, 8), (1, 16)]]
