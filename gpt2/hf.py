@@ -49,11 +49,16 @@ def _unreadable(file, err: BaseException) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{file} is unreadable or corrupt ({first_line(err)})")
 
 
-def config_to_json(config: GPT2Config) -> dict:
+def config_to_json(config: GPT2Config, eos_token_id: int | None = None) -> dict:
+    """config.json's fields. eos_token_id is the tokenizer's end-of-text id, which transformers'
+    generate and pipelines stop at (and GPT-2 starts an unconditional sample with); without it,
+    GPT-2's own (50256) when the vocabulary is GPT-2's, else none."""
     ours = {name: getattr(config, name) for name in ARCH_FIELDS}
     if not config.is_hf_compatible:
         return {"model_type": OUR_MODEL_TYPE, "architectures": ["GPT2"], **ours}
-    eot = config.vocab_size - 1 if config.vocab_size == 50257 else None  # GPT-2's <|endoftext|>
+    eot = eos_token_id
+    if eot is None and config.vocab_size == 50257:
+        eot = config.vocab_size - 1  # GPT-2's <|endoftext|>
     return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -116,7 +121,8 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_pretrained(model, save_directory) -> None:
+def save_pretrained(model, save_directory, eos_token_id: int | None = None) -> None:
+    """config.json + model.safetensors; eos_token_id: the tokenizer's end-of-text id (config_to_json)."""
     from safetensors.torch import save_file
 
     directory = Path(save_directory)
@@ -130,7 +136,7 @@ def save_pretrained(model, save_directory) -> None:
             tensor = tensor.t()
         tensors[name] = tensor.contiguous().cpu()
     _atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    config_json = json.dumps(config_to_json(model.config), indent=2) + "\n"
+    config_json = json.dumps(config_to_json(model.config, eos_token_id), indent=2) + "\n"
     _atomic_write(directory / "config.json", lambda p: Path(p).write_text(config_json))
     if not model.config.is_hf_compatible:
         warnings.warn(

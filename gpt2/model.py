@@ -262,8 +262,8 @@ class GPT2(nn.Module):
 
     generate = generate
 
-    def save_pretrained(self, save_directory) -> None:
-        hf.save_pretrained(self, save_directory)
+    def save_pretrained(self, save_directory, eos_token_id: int | None = None) -> None:
+        hf.save_pretrained(self, save_directory, eos_token_id)
 
     @classmethod
     def from_pretrained(cls, path_or_name, **config_overrides) -> GPT2:

@@ -9,8 +9,12 @@ keeps attention within each text (a model pretrained with --document_masking), a
 --restart_positions restarts its positions there.
 
     # our checkpoint (a scripts/pretrain.py output directory) on a local file, CPU or one GPU
-    python scripts/evaluate_perplexity.py --model_name_or_path out/gpt2-tiny \\
-        --validation_file ../shared/data/wikitext-2/test.txt --output_json out/eval-wikitext2.json
+    python scripts/evaluate_perplexity.py --model_name_or_path out \\
+        --validation_file my_text.txt --output_json out/eval.json
+
+    # the no-flag pretraining run's model on the built-in corpus's held-out documents (offline)
+    python scripts/evaluate_perplexity.py --model_name_or_path out --dataset_name builtin:pydocs \\
+        --dataset_split validation
 
     # a model pretrained with --document_masking, on the built-in corpus's held-out documents
     python scripts/evaluate_perplexity.py --model_name_or_path out --dataset_name builtin:pydocs \
@@ -26,7 +30,7 @@ keeps attention within each text (a model pretrained with --document_masking), a
         --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --batch_size 8 --dtype bf16
     # two CPU processes (gloo)
     accelerate launch --multi_gpu --num_processes 2 scripts/evaluate_perplexity.py --cpu \\
-        --model_name_or_path out/gpt2-tiny --validation_file ../shared/data/wikitext-2/test.txt
+        --model_name_or_path out --validation_file my_text.txt
 
 (`accelerate launch --cpu --num_processes 2` starts a single process: Accelerate's CPU launcher
 wants mpirun. Start the processes as for GPUs, or with torchrun, and pass --cpu.)
@@ -88,8 +92,11 @@ def parse_args(argv=None):
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.max_samples is not None and args.max_samples < 1:
         parser.error(f"--max_samples must be at least 1, got {args.max_samples}")
-    if (args.dataset_name is None) == (args.validation_file is None):
-        parser.error("give exactly one of --dataset_name or --validation_file")
+    if args.dataset_name is None and args.validation_file is None:
+        parser.error("give the text to score: --validation_file FILE or --dataset_name NAME (the no-flag "
+                     "pretraining run held out --dataset_name builtin:pydocs --dataset_split validation)")
+    if args.dataset_name is not None and args.validation_file is not None:
+        parser.error("give one of --dataset_name or --validation_file, not both")
     if args.restart_positions and not args.document_masking:
         parser.error("--restart_positions needs --document_masking (positions restart at each text)")
     return args

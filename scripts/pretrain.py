@@ -793,7 +793,7 @@ def save_final_model(accelerator, model, tokenizer, output_dir: str, block_size:
         if sharded:
             final = GPT2(unwrapped.config)
             final.load_state_dict(state)
-        final.save_pretrained(output_dir)
+        final.save_pretrained(output_dir, eos_token_id=eos_token_id(tokenizer))
         save_tokenizer(tokenizer, output_dir, model_max_length=block_size)
     accelerator.wait_for_everyone()
     return unwrapped

@@ -432,3 +432,10 @@ def test_bad_window_arguments(checkpoint, text_file, extra, fragment):
 def test_restart_positions_needs_document_masking(checkpoint, text_file):
     expect_error(["--model_name_or_path", checkpoint, "--validation_file", text_file, "--restart_positions"],
                  "--restart_positions needs --document_masking")
+
+
+def test_no_text_names_the_offline_choice(checkpoint, text_file):
+    """No data flag: the message names the held-out text a no-flag pretraining run can be scored on."""
+    expect_error(["--model_name_or_path", checkpoint], "--dataset_name builtin:pydocs --dataset_split validation")
+    expect_error(["--model_name_or_path", checkpoint, "--validation_file", text_file, "--dataset_name", "x"],
+                 "not both")

@@ -9,7 +9,7 @@ import torch
 
 from gpt2 import GPT2, GPT2Config
 from gpt2.errors import InputError
-from gpt2.hf import CheckpointNotFoundError, CorruptCheckpointError
+from gpt2.hf import CheckpointNotFoundError, CorruptCheckpointError, config_to_json
 from gpt2.hub import HubError
 
 transformers = pytest.importorskip("transformers")
@@ -262,3 +262,49 @@ def test_models_from_one_checkpoint_own_their_config(tmp_path):
     a, b = GPT2.from_pretrained(tmp_path), GPT2.from_pretrained(tmp_path)
     b.set_kernels(attn_impl="eager")
     assert a.config.attn_impl == "sdpa" and all(block.attn.config.attn_impl == "sdpa" for block in a.transformer.h)
+
+
+def _always_ends_text(model, eot: int):
+    """Make end-of-text the greedy choice at every position: ln_f outputs only its bias, set to
+    wte[eot], and wte[eot] is the longest row, so eot's logit |wte[eot]|^2 beats every other
+    wte[eot] . wte[j] (Cauchy-Schwarz)."""
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        wte[eot] *= 10 * wte.norm(dim=1).max() / wte[eot].norm()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(wte[eot])
+    return model
+
+
+def test_transformers_generation_stops_at_end_of_text(tmp_path):
+    """config.json carries the tokenizer's end-of-text id (0 in our trained tokenizers, not GPT-2's
+    50256), so transformers' generate and text-generation pipeline stop there, and AutoTokenizer
+    knows it as a special token."""
+    from gpt2.tokenizer import EOT, save_tokenizer, train_tokenizer
+
+    tokenizer = train_tokenizer(["the quick brown fox jumps over the lazy dog " * 5] * 4, vocab_size=300)
+    eot = tokenizer.token_to_id(EOT)
+    model = _always_ends_text(GPT2(tiny_config(vocab_size=tokenizer.get_vocab_size())).eval(), eot)
+    model.save_pretrained(tmp_path, eos_token_id=eot)
+    save_tokenizer(tokenizer, tmp_path, model_max_length=32)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["eos_token_id"] == saved["bos_token_id"] == eot
+
+    prompt = tokenizer.encode("the quick").ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    assert out[0].tolist() == [*prompt, eot]  # stopped after the first end-of-text, not 8 of them
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path))
+    (generated,) = pipe("the quick", max_new_tokens=8, do_sample=False, return_tensors=True)
+    assert generated["generated_token_ids"] == [*prompt, eot]
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf_tokenizer.eos_token_id == hf_tokenizer.bos_token_id == eot and eot in hf_tokenizer.all_special_ids
+    assert hf_tokenizer.decode([*prompt, eot], skip_special_tokens=True) == "the quick"
+
+
+def test_gpt2_vocabulary_defaults_to_gpt2_end_of_text(tmp_path):
+    """Without a tokenizer's id, a GPT-2-sized vocabulary gets GPT-2's 50256; another size gets none."""
+    config = GPT2Config(vocab_size=50257, n_positions=8, n_embd=8, n_layer=1, n_head=1)
+    assert config_to_json(config)["eos_token_id"] == 50256
+    assert config_to_json(tiny_config())["eos_token_id"] is None
+    assert config_to_json(tiny_config(), eos_token_id=7)["bos_token_id"] == 7
