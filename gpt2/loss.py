@@ -59,7 +59,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 dweight += (dlogits.T.to(h.dtype) @ h_c).to(acc_dtype)
         # The mean is over targets that count; with none, 0/0 = nan, as F.cross_entropy gives.
         scale = 1.0 / (targets != ignore_index).sum().to(total.dtype) if reduction == "mean" else None
-        loss = total * scale if scale is not None else total
+        # A new tensor, not the accumulator itself: returning the buffer that the loop added into in
+        # place gave zero gradients under torch.compile in torch 2.11.
+        loss = total * scale if scale is not None else total.clone()
         if want_grad:
             ctx.save_for_backward(dh, dweight.to(weight.dtype), scale if scale is not None else total.new_ones(()))
         return loss
