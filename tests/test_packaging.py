@@ -7,6 +7,7 @@ root (where the checkout's folders come first on sys.path) or from anywhere else
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -96,7 +97,11 @@ def test_wheel_shares_no_file_with_installed_distributions(tmp_path):
     """`pip wheel --no-deps .`: every file it would install is ours alone. A file (or top-level
     package) that another installed distribution also installs would be overwritten by whichever
     came last, and uninstalling either would break the other, with no warning from pip."""
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+    # Built from a copy: setuptools builds in the source tree, and a build/ left in the checkout
+    # would be one more copy of the packages for tools (and people) to read.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
                            capture_output=True, text=True, timeout=900)
     if build.returncode != 0 and "No matching distribution" in build.stderr:
         pytest.skip("setuptools can't be fetched for the isolated build here")
