@@ -116,8 +116,23 @@ class GPT2Config:
                 raise InputError(f"bad override {item!r}: {err}") from None
         return GPT2Config(**values)
 
-    def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    @classmethod
+    def from_name_or_path(cls, name: str | Path) -> GPT2Config:
+        """A preset by name, or a config.json (or a directory holding one: ours, or an HF GPT-2's,
+        whose extra keys are ignored)."""
+        if name in PRESETS:
+            return cls.from_preset(name)
+        path = Path(name)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise InputError(f"{str(name)!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: not valid JSON ({err})") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_dict({k: v for k, v in values.items() if k in known})
 
 
 def _parse_value(raw: str, annotation: str):

@@ -292,8 +292,7 @@ def resolve_text_column(column_names: list[str] | None, text_column: str | None)
     if column_names is None:  # a stream whose features are unknown until read
         return text_column or "text"
     if text_column:
-        if text_column not in column_names:
-            raise DataError(f"text column {text_column!r} not found; columns: {column_names} (--text_column)")
+        _check_column(column_names, text_column)
         return text_column
     if "text" in column_names:
         return "text"
@@ -339,6 +338,26 @@ def _pack_batch(batch, tokenized, doc_starts, block_size: int):
     return {"input_ids": tokens.tolist()}
 
 
+
+def _check_column(columns, column: str) -> None:
+    """columns: a dataset's column names, or a batch (a dict by column) read from a stream."""
+    if column not in columns:
+        raise DataError(f"text column {column!r} not found; columns: {sorted(columns)} (--text_column)")
+
+
+def text_sample(dataset, column: str, max_chars: int):
+    """The string texts from the start of a split, up to max_chars in all: what a tokenizer trains on
+    (a sample of a big corpus). Works on streams too."""
+    seen = 0
+    for batch in dataset.iter(batch_size=1000):
+        _check_column(batch, column)
+        for text in batch[column]:
+            if seen >= max_chars:
+                return
+            if isinstance(text, str):
+                seen += len(text)
+                yield text
+
 def tokenize_and_pack(raw, tokenizer, block_size: int, *, text_column: str | None = None, num_proc=None):
     """Non-streaming: (DatasetDict of {"input_ids": block_size ints} rows, {split: PackingStats}).
 
@@ -347,11 +366,9 @@ def tokenize_and_pack(raw, tokenizer, block_size: int, *, text_column: str | Non
     from datasets import Dataset, DatasetDict
     from datasets.fingerprint import Hasher
 
-    from gpt2.tokenizer import eos_token_id
+    from gpt2.tokenizer import require_eos_token_id
 
-    eot_id = eos_token_id(tokenizer)
-    if eot_id is None:
-        raise DataError("the tokenizer has no end-of-text token (<|endoftext|> or </s>) to separate documents")
+    eot_id = require_eos_token_id(tokenizer)
     packed, stats = DatasetDict(), {}
     for split, dataset in raw.items():
         column = resolve_text_column(dataset.column_names, text_column)
@@ -425,16 +442,13 @@ class WithDocumentIds:
 def stream_packed_blocks(dataset, tokenizer, block_size: int, *, text_column: str | None = None):
     """Streaming: {"input_ids": LongTensor(block_size)} dicts from an IterableDataset. Leftover tokens
     carry into the next block, so only the stream's last partial block is lost."""
-    from gpt2.tokenizer import eos_token_id
+    from gpt2.tokenizer import require_eos_token_id
 
-    eot_id = eos_token_id(tokenizer)
-    if eot_id is None:
-        raise DataError("the tokenizer has no end-of-text token (<|endoftext|> or </s>) to separate documents")
+    eot_id = require_eos_token_id(tokenizer)
     column = resolve_text_column(dataset.column_names, text_column)
     buffer: list[int] = []
     for batch in dataset.iter(batch_size=256):
-        if column not in batch:
-            raise DataError(f"text column {column!r} not found; columns: {sorted(batch)} (--text_column)")
+        _check_column(batch, column)
         for ids in _tokenize_batch(batch, tokenizer, column, eot_id)["input_ids"]:
             buffer.extend(ids)
         while len(buffer) >= block_size:

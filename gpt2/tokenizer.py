@@ -153,6 +153,14 @@ def eos_token_id(tokenizer: Tokenizer) -> int | None:
     return None
 
 
+def require_eos_token_id(tokenizer: Tokenizer) -> int:
+    """eos_token_id for packing documents, which needs one: InputError when the tokenizer has none."""
+    eot_id = eos_token_id(tokenizer)
+    if eot_id is None:
+        raise InputError("the tokenizer has no end-of-text token (<|endoftext|> or </s>) to separate documents")
+    return eot_id
+
+
 def save_tokenizer(
     tokenizer: Tokenizer, output_dir: str | os.PathLike, *, model_max_length: int | None = None
 ) -> None:

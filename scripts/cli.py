@@ -63,6 +63,17 @@ def exit_with_launcher(prog: str, poll_s: float = 1.0) -> None:
 
 
 @contextlib.contextmanager
+def about(flag: str):
+    """Report the library's InputErrors raised inside as this flag's: `--flag value: what is wrong`
+    (the library names the problem, the script the flag)."""
+    try:
+        yield
+    except InputError as err:
+        err.args = (f"{flag}: {err}",)
+        raise
+
+
+@contextlib.contextmanager
 def ending(accelerator):
     """Run the body, then end the run on every path out: trackers closed and the process group
     destroyed (a process group left alive can hang its process at exit)."""
@@ -76,8 +87,8 @@ def load_model_and_tokenizer(args, device: torch.device):
     """--model_name_or_path (ours, HF GPT-2, or a step_N checkpoint of scripts/pretrain.py) and its
     tokenizer (--tokenizer_name, default the model's), with --kernels, on device in --dtype, ready
     for inference."""
+    from gpt2.checkpoint import load_model
     from gpt2.tokenizer import load_tokenizer
-    from gpt2.training import load_model
 
     model = load_model(args.model_name_or_path)
     model.set_kernels(*resolve_kernels(args.kernels, torch.device(device).type))

@@ -20,7 +20,6 @@ marker); the final model, config and tokenizer go to OUTPUT_DIR in Hugging Face 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import itertools
 import json
@@ -45,12 +44,14 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from gpt2 import GPT2, PRESETS, GPT2Config, training
+from gpt2 import GPT2, PRESETS, GPT2Config, optim
+from gpt2 import checkpoint as ckpt
 from gpt2 import data as gdata
 from gpt2.errors import InputError, exit_on_input_error
 from gpt2.loss import IGNORE_INDEX
 from gpt2.registry import KernelUnavailableError, resolve_kernels
-from gpt2.tokenizer import eos_token_id, load_tokenizer, save_tokenizer, train_tokenizer
+from gpt2.throughput import ThroughputWindow, device_name, mfu, peak_flops, peak_memory
+from gpt2.tokenizer import eos_token_id, load_tokenizer, require_eos_token_id, save_tokenizer, train_tokenizer
 
 TOKENIZER_TRAINING_CHARS = 200_000_000  # train the BPE on at most this much text (a sample of big corpora)
 DEFAULT_TRAIN_STEPS = 400  # the no-flag run: about 6 minutes on 2 CPU cores
@@ -192,7 +193,7 @@ def _add_training_flags(t) -> None:
                    help=f"optimizer steps; wins over --num_train_epochs (without either: {DEFAULT_TRAIN_STEPS})")
     t.add_argument("--num_train_epochs", type=float, default=None, help="passes over the training split")
     t.add_argument("--num_warmup_steps", type=int, default=None, help="default: 5%% of the steps")
-    t.add_argument("--lr_scheduler_type", choices=training.SCHEDULES, default="cosine")
+    t.add_argument("--lr_scheduler_type", choices=optim.SCHEDULES, default="cosine")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--on_nonfinite", choices=("stop", "skip"), default="stop",
                    help="a non-finite loss or grad norm stops the run (keeping the last good "
@@ -284,7 +285,8 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     output_dir = Path(args.output_dir)
     resume_dir = None
     if args.resume_from_checkpoint:
-        resume_dir, passed_over = training.resolve_checkpoint(args.resume_from_checkpoint, output_dir,
+        with cli.about(f"--resume_from_checkpoint {args.resume_from_checkpoint}"):
+            resume_dir, passed_over = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir,
                                                               accelerator.num_processes)
         for problem in passed_over:
             accelerator.print(f"passing over a checkpoint that can't be resumed from: {problem}")
@@ -297,8 +299,7 @@ def setup_run(args, accelerator: Accelerator) -> Run:
 
     raw = load_raw_data(args, accelerator)
     tokenizer = build_tokenizer(args, raw, accelerator, resume_dir)
-    if eos_token_id(tokenizer) is None:
-        raise InputError("the tokenizer has no end-of-text token (<|endoftext|> or </s>) to separate documents")
+    require_eos_token_id(tokenizer)
     model = build_model(args, config, tokenizer.get_vocab_size())
     block_size = _block_size(args, model.config)
     train_loader, eval_loader, stats = build_dataloaders(args, raw, tokenizer, block_size, accelerator)
@@ -306,7 +307,10 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     steps_per_epoch = None if args.streaming else len(train_loader) // world // ga
     if args.max_train_steps is None:  # --num_train_epochs alone; --max_train_steps wins over it (HF's rule)
         args.max_train_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
-    optimizer, scheduler = build_optimizer(args, model, accelerator.device)
+    optimizer, scheduler = optim.build_optimizer(
+        model, lr=args.learning_rate, weight_decay=args.weight_decay, min_lr=args.min_lr,
+        schedule=args.lr_scheduler_type, total_steps=args.max_train_steps, warmup_steps=args.num_warmup_steps,
+        device=accelerator.device)
     if args.streaming:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     else:
@@ -325,7 +329,7 @@ def setup_run(args, accelerator: Accelerator) -> Run:
         metrics=MetricsLog(accelerator, output_dir / "metrics.jsonl", args.with_tracking),
         tokens_per_step=args.per_device_train_batch_size * block_size * ga * world,
         flops_per_token=unwrapped.flops_per_token(block_size),
-        peak_flops=training.peak_flops(training.device_name(accelerator.device)),
+        peak_flops=peak_flops(device_name(accelerator.device)),
         steps_per_epoch=steps_per_epoch,
     )
     if resume_dir is not None:
@@ -340,7 +344,12 @@ def setup_run(args, accelerator: Accelerator) -> Run:
 def prepare_output_dir(args, accelerator: Accelerator, resuming: bool) -> None:
     """--output_dir, writable and holding no other run (or, with --overwrite_output_dir, cleared of it)."""
     if accelerator.is_main_process:
-        removed = training.check_output_dir(args.output_dir, resuming, args.overwrite_output_dir)
+        try:
+            with cli.about(f"--output_dir {args.output_dir}"):
+                removed = ckpt.check_output_dir(args.output_dir, resuming, args.overwrite_output_dir)
+        except ckpt.OutputDirInUse as err:
+            raise InputError(f"{err}; pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir "
+                             f"to start afresh there, or another --output_dir") from None
         if removed:
             print(f"--overwrite_output_dir: deleted the earlier run's {', '.join(sorted(p.name for p in removed))}")
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -386,25 +395,12 @@ def build_tokenizer(args, raw, accelerator: Accelerator, resume_dir: Path | None
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             column = gdata.resolve_text_column(raw["train"].column_names, args.text_column)
-            tokenizer = train_tokenizer(_text_sample(raw["train"], column), args.vocab_size)
+            tokenizer = train_tokenizer(gdata.text_sample(raw["train"], column, TOKENIZER_TRAINING_CHARS),
+                                        args.vocab_size)
             save_tokenizer(tokenizer, args.output_dir)
         else:
             tokenizer = load_tokenizer(trained)
     return tokenizer
-
-
-def _text_sample(dataset, column: str):
-    """Documents from the start of the training split, up to TOKENIZER_TRAINING_CHARS."""
-    seen = 0
-    for batch in dataset.iter(batch_size=1000):
-        if column not in batch:
-            raise gdata.DataError(f"text column {column!r} not found; columns: {sorted(batch)} (--text_column)")
-        for text in batch[column]:
-            if seen >= TOKENIZER_TRAINING_CHARS:
-                return
-            if isinstance(text, str):
-                seen += len(text)
-                yield text
 
 
 def build_config(args) -> GPT2Config | None:
@@ -414,30 +410,15 @@ def build_config(args) -> GPT2Config | None:
         if args.config_overrides:
             raise InputError("--config_overrides applies to new models; drop it with --model_name_or_path")
         return None
-    config = _config_from_name(args.config_name)
+    with cli.about("--config_name"):
+        config = GPT2Config.from_name_or_path(args.config_name)
     return config.with_overrides(args.config_overrides) if args.config_overrides else config
-
-
-def _config_from_name(name: str) -> GPT2Config:
-    if name in PRESETS:
-        return GPT2Config.from_preset(name)
-    path = Path(name)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise InputError(f"--config_name {path}: not valid JSON ({err})") from None
-        known = set(GPT2Config().to_dict())  # a saved config.json also carries HF GPT-2 keys
-        return GPT2Config.from_dict({k: v for k, v in values.items() if k in known})
-    raise InputError(f"--config_name {name!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
 
 
 def build_model(args, config: GPT2Config | None, vocab_size: int) -> GPT2:
     """The model on CPU, from --model_name_or_path or the config, with the kernels picked by --kernels."""
     if config is None:
-        model = training.load_model(args.model_name_or_path)
+        model = ckpt.load_model(args.model_name_or_path)
     else:
         if "vocab_size" not in (args.config_overrides or ""):
             config.vocab_size = vocab_size  # the tokenizer's size, trained or loaded
@@ -503,28 +484,20 @@ def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
     return train, valid, stats
 
 
-def build_optimizer(args, model, device: torch.device):
-    """AdamW (weight decay on matrices only) and the warmup-then-decay schedule."""
-    warmup = args.num_warmup_steps if args.num_warmup_steps is not None else max(1, args.max_train_steps // 20)
-    optimizer = torch.optim.AdamW(
-        training.param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95),
-        fused=False if device.type == "cpu" else None,
-    )
-    scheduler = training.lr_scheduler(optimizer, args.lr_scheduler_type, warmup, args.max_train_steps,
-                                      args.learning_rate, args.min_lr)
-    return optimizer, scheduler
-
-
 def resume(run: Run, resume_dir: Path) -> None:
     """Weights, optimizer, scheduler and RNG from save_state; the data position from our file."""
-    args, saved = run.args, training.read_training_state(resume_dir)
-    training.check_resume_compatible(saved, run.settings)
+    args, saved = run.args, ckpt.read_training_state(resume_dir)
+    try:
+        ckpt.check_resume_compatible(saved, run.settings)
+    except InputError as err:
+        raise InputError(f"{err}. Run with the checkpoint's settings, or start a new run from its weights with "
+                         f"--model_name_or_path.") from None
     run.accelerator.load_state(str(resume_dir))
     run.step, run.epoch, run.batches_done = saved["step"], saved["epoch"], saved["batches_in_epoch"]
     say = run.accelerator.print
     say(f"Resumed from {resume_dir}: step {run.step}, epoch {run.epoch}, {run.batches_done} batches into it")
     if (saved.get("learning_rate"), saved.get("min_lr")) not in ((args.learning_rate, args.min_lr), (None, None)):
-        training.set_peak_lr(run.scheduler, args.learning_rate, args.min_lr)
+        optim.set_peak_lr(run.scheduler, args.learning_rate, args.min_lr)
         say(f"learning rate: the checkpoint's schedule peaked at {saved.get('learning_rate')}; the rest of it now "
             f"peaks at --learning_rate {args.learning_rate:g} and decays to --min_lr {args.min_lr:g}")
     planned = saved.get("max_train_steps", args.max_train_steps)
@@ -532,7 +505,7 @@ def resume(run: Run, resume_dir: Path) -> None:
         say(f"note: the learning-rate schedule comes from the checkpoint, planned for {planned} steps "
             f"(after them it stays at --min_lr)")
     if run.accelerator.is_main_process:
-        dropped = training.truncate_metrics(run.metrics.path, run.step)
+        dropped = ckpt.truncate_metrics(run.metrics.path, run.step)
         if dropped:
             say(f"metrics.jsonl: dropped {dropped} rows logged after step {run.step} by the interrupted run")
 
@@ -549,7 +522,7 @@ def fit(run: Run) -> int:
     run.model.train()
     window = ThroughputWindow()
     start_time, steps_run = window.start, 0
-    run.last_checkpoint = training.latest_checkpoint(args.output_dir)
+    run.last_checkpoint = ckpt.latest_checkpoint(args.output_dir)
     progress = tqdm(total=args.max_train_steps, initial=run.step, desc="training", dynamic_ncols=True,
                     disable=not run.accelerator.is_local_main_process)
     batches = _batches(args, run.train_loader, run.accelerator, run.epoch, run.batches_done)
@@ -560,7 +533,7 @@ def fit(run: Run) -> int:
         steps_run += 1
         if not result.finite and stop_on_nonfinite(run, result):
             return 1
-        window.add(result)
+        window.add(float(result.loss), result.tokens, applied=result.finite)
         run.scheduler.step()
         progress.update(1)
         if _due(run, args.logging_steps):
@@ -630,37 +603,6 @@ def stop_on_nonfinite(run: Run, result: StepResult) -> bool:
     return True
 
 
-class ThroughputWindow:
-    """Training loss and steps per second over the steps since the last log line; time spent in
-    evaluation and checkpointing (inside paused()) doesn't count."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.nll, self.tokens, self.steps, self.paused_s = 0.0, 0, 0, 0.0
-
-    def add(self, result: StepResult) -> None:
-        self.steps += 1
-        if result.finite:  # a skipped update counts as a step, its loss does not
-            self.nll += float(result.loss) * result.tokens
-            self.tokens += result.tokens
-
-    @contextlib.contextmanager
-    def paused(self):
-        start = time.perf_counter()
-        yield
-        self.paused_s += time.perf_counter() - start
-
-    def close(self) -> tuple[float | None, float]:
-        """(token-weighted mean loss, None if every update was skipped; steps per second) of the
-        window, and start the next one."""
-        now = time.perf_counter()
-        loss = self.nll / self.tokens if self.tokens else None
-        steps_per_s = self.steps / max(now - self.start - self.paused_s, 1e-9)
-        self.__init__()
-        self.start = now
-        return loss, steps_per_s
-
-
 def _due(run: Run, every: int) -> bool:
     """Every `every` steps (0: never), and at the last step."""
     return (every > 0 and run.step % every == 0) or run.step == run.args.max_train_steps
@@ -669,7 +611,7 @@ def _due(run: Run, every: int) -> bool:
 def log_training(run: Run, window: tuple[float, float], result: StepResult, progress) -> None:
     train_loss, steps_per_s = window
     tokens_per_s = run.tokens_per_step * steps_per_s
-    utilisation = training.mfu(tokens_per_s / run.accelerator.num_processes, run.flops_per_token, run.peak_flops)
+    utilisation = mfu(tokens_per_s / run.accelerator.num_processes, run.flops_per_token, run.peak_flops)
     record = {
         "train_loss": train_loss,
         "lr": run.scheduler.get_last_lr()[0],
@@ -755,31 +697,31 @@ def save_checkpoint(accelerator, args, step: int, position: dict, tokenizer, mod
     position, then the completion marker, last; so an interrupted save is never mistaken for a
     checkpoint. Then the oldest checkpoints beyond --checkpoints_total_limit go. A full disk ends the
     run with one line, the partial step_N removed and the previous checkpoint intact."""
-    path = training.checkpoint_dir(args.output_dir, step)
+    path = ckpt.checkpoint_dir(args.output_dir, step)
     if accelerator.is_main_process:
-        training.remove_completion_marker(path)  # overwriting step_N: it is incomplete until we finish
+        ckpt.remove_completion_marker(path)  # overwriting step_N: it is incomplete until we finish
         for directory in (args.output_dir, path):
             if Path(directory).is_dir():
-                training.remove_stale_temporaries(directory)
+                ckpt.remove_stale_temporaries(directory)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(path))
         accelerator.wait_for_everyone()  # every rank's shards and RNG states are on disk
         if accelerator.is_main_process:
-            training.save_model_config(path, model_config)
+            ckpt.save_model_config(path, model_config)
             save_tokenizer(tokenizer, path)
-            training.write_training_state(path, {"step": step, **position})
+            ckpt.write_training_state(path, {"step": step, **position})
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         shutil.rmtree(path, ignore_errors=True)
-        previous = training.latest_checkpoint(args.output_dir)
+        previous = ckpt.latest_checkpoint(args.output_dir)
         raise InputError(f"no space left on the device while saving {path} ({err.strerror}); the last complete "
                          f"checkpoint is {previous or 'none'}: free space, then --resume_from_checkpoint latest"
                          ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and args.checkpoints_total_limit:
-        training.prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+        ckpt.prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
     return path
 
 
@@ -823,14 +765,6 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.tracking:
             self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-
-
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-    import resource
-
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
 
 
 # --------------------------------------------------------------------------- the end
@@ -915,7 +849,7 @@ def _check_kernels_early(args):
 def banner(run: Run, model: GPT2, stats) -> str:
     """The run at a glance: model, kernels, tokenizer, data, devices, batch and plan."""
     args, accelerator, config = run.args, run.accelerator, model.config
-    device_name = training.device_name(accelerator.device)
+    device = device_name(accelerator.device)
     lines = [
         "=" * 78,
         f"GPT-2 pretraining: {args.model_name_or_path or args.config_name}"
@@ -938,7 +872,7 @@ def banner(run: Run, model: GPT2, stats) -> str:
         lines.append(f"    {split:<10} {s.documents:,} documents, {s.tokens:,} tokens -> {s.blocks:,} blocks of "
                      f"{run.block_size}; final partial block dropped: {s.dropped_tokens:,} tokens")
     lines += [
-        f"  devices    {accelerator.num_processes} x {device_name} ({accelerator.distributed_type.value}, "
+        f"  devices    {accelerator.num_processes} x {device} ({accelerator.distributed_type.value}, "
         f"mixed precision {accelerator.mixed_precision}); MFU peak "
         + (f"{run.peak_flops / 1e12:,.0f} TFLOP/s dense bf16" if run.peak_flops else "n/a (unknown device)"),
         f"  batch      {args.per_device_train_batch_size} x {run.block_size} tokens x "

@@ -1,5 +1,6 @@
 """The model itself: configuration, causality, implementations agreeing, init, presets, loss, FLOPs."""
 
+import json
 import math
 
 import pytest
@@ -332,3 +333,21 @@ def test_dense_attention_refuses_documents_it_cannot_honour(attn_impl):
         ATTENTION[attn_impl](q, k, v, causal=False, documents=prepare_documents(attn_impl, ids))
     with pytest.raises(ValueError, match=r"bool mask from prepare_documents"):
         ATTENTION[attn_impl](q, k, v, causal=True, documents=ids)
+
+
+def test_config_from_name_or_path(tmp_path):
+    """A preset by name, or a config.json (its directory too), whose keys we don't have (an HF
+    GPT-2 config's) are ignored; anything else is one message naming both choices."""
+    from gpt2.config import PRESETS
+
+    assert GPT2Config.from_name_or_path("gpt2-tiny") == GPT2Config.from_preset("gpt2-tiny")
+    (tmp_path / "config.json").write_text(json.dumps({"n_layer": 3, "n_embd": 48, "n_head": 4,
+                                                      "model_type": "gpt2", "resid_pdrop": 0.1}))
+    for name in (tmp_path, tmp_path / "config.json"):
+        config = GPT2Config.from_name_or_path(name)
+        assert (config.n_layer, config.n_embd, config.n_head, config.dropout) == (3, 48, 4, 0.0)
+    with pytest.raises(ValueError, match=f"neither a preset \\({', '.join(PRESETS)}\\) nor a config.json"):
+        GPT2Config.from_name_or_path("gpt2-huge")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        GPT2Config.from_name_or_path(tmp_path / "bad.json")

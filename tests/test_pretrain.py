@@ -159,62 +159,6 @@ def test_streaming_trains_and_resumes_exactly(tmp_path, train_file, monkeypatch)
     assert metrics(tmp_path / "straight", "val_loss")[4] < metrics(tmp_path / "straight", "val_loss")[0]
 
 
-@pytest.mark.parametrize(
-    "name, peak",
-    [
-        ("NVIDIA H100 80GB HBM3", 989.4e12),
-        ("NVIDIA H100 PCIe", 756e12),
-        ("NVIDIA H200", 989.4e12),
-        ("NVIDIA GH200 480GB", 989.4e12),
-        ("NVIDIA A100-SXM4-80GB", 312e12),
-        ("NVIDIA L4", 121e12),
-        ("NVIDIA L40S", 362.05e12),
-        ("NVIDIA A10G", None),
-        ("NVIDIA GeForce GTX 1080", None),
-        ("cpu", None),
-    ],
-)
-def test_peak_flops_by_gpu_name(name, peak):
-    from gpt2 import training
-
-    assert training.peak_flops(name) == peak
-    assert (training.mfu(1000.0, 1e9, training.peak_flops(name)) is None) == (peak is None)
-
-
-def test_optimizer_groups_and_schedule():
-    from gpt2 import GPT2, GPT2Config, training
-
-    model = GPT2(GPT2Config.from_preset("gpt2-tiny").with_overrides("n_layer=1,n_embd=32,vocab_size=64"))
-    decay, no_decay = training.param_groups(model, 0.1)
-    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_parameters()
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = training.lr_scheduler(optimizer, "cosine", warmup_steps=4, total_steps=14, lr=1.0, min_lr=0.1)
-    lrs = []
-    for _ in range(16):
-        lrs.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert lrs[9] == pytest.approx(0.55)  # halfway through the decay: min_lr + (lr - min_lr) / 2
-    assert lrs[14:] == pytest.approx([0.1, 0.1])
-
-
-def test_latest_skips_incomplete_checkpoints(tmp_path):
-    from gpt2 import training
-
-    for step, complete in ((2, True), (4, False)):
-        path = training.checkpoint_dir(tmp_path, step)
-        path.mkdir()
-        if complete:
-            training.write_training_state(path, {"step": step})
-    assert training.latest_checkpoint(tmp_path) == tmp_path / "step_2"
-    with pytest.raises(ValueError, match="not a complete checkpoint"):
-        training.resolve_checkpoint(str(tmp_path / "step_4"), tmp_path)
-    with pytest.raises(ValueError, match="did you mean .*step_2"):
-        training.resolve_checkpoint(str(tmp_path), tmp_path)
-
-
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, train_file, monkeypatch, capsys):
     from gpt2 import GPT2
 
@@ -608,35 +552,6 @@ def test_a_worker_exits_when_its_launcher_dies(tmp_path):
     pytest.fail("the orphaned worker was still running 10 s after its launcher died")
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                  "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"])
-def test_schedules_follow_transformers(kind):
-    """Each --lr_scheduler_type against transformers' get_scheduler of the same name (an independent
-    implementation): equal after warmup; in warmup ours is one step ahead (it starts at 1/warmup,
-    not 0). With min_lr = 0, as transformers' schedules end at 0 (polynomial: at its lr_end); with a
-    min_lr, every decay ends there and stays."""
-    transformers = pytest.importorskip("transformers")
-    from gpt2 import training
-
-    warmup, total = 6, 50
-    ours = training.WarmupDecay(kind, warmup, total, min_lr_ratio=0.0)
-    extra = {"polynomial": {"lr_end": 0.0}, "inverse_sqrt": {"timescale": warmup},
-             "warmup_stable_decay": {"num_decay_steps": ours.decay_steps,
-                                     "num_stable_steps": total - warmup - ours.decay_steps}}.get(kind, {})
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    theirs = transformers.get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total,
-                                        scheduler_specific_kwargs=extra).lr_lambdas[0]
-    for step in range(total + 1):  # (past the end transformers' cosine rises again; ours stays at the floor)
-        if kind == "constant" or step >= warmup:
-            assert ours(step) == pytest.approx(theirs(step), abs=1e-12), step
-        else:
-            assert ours(step) == pytest.approx(theirs(step + 1), abs=1e-12), step
-    floored = training.WarmupDecay(kind, warmup, total, min_lr_ratio=0.1)
-    if kind not in ("constant", "constant_with_warmup"):
-        assert floored(total) == pytest.approx(0.1) or kind == "inverse_sqrt"
-        assert min(floored(s) for s in range(warmup, total + 5)) >= 0.1 - 1e-12
-
-
 def test_flops_per_token_and_mfu_against_flop_counter(tmp_path, train_file, monkeypatch):
     """The model's flops_per_token (6N + 12 L H hs T, the PaLM estimate pretrain's MFU uses) against
     torch's FlopCounterMode over a real training step of the eager model, which counts every matmul
@@ -661,7 +576,7 @@ def test_flops_per_token_and_mfu_against_flop_counter(tmp_path, train_file, monk
     assert 0 < (estimate - counted) / counted < 0.04  # 3.7% for this toy; ~0.1% + 1/T of the head for GPT-2
 
     # pretrain's MFU is tokens/s per device x flops_per_token / the device's peak.
-    monkeypatch.setattr(pretrain.training, "peak_flops", lambda name: 1e12)
+    monkeypatch.setattr(pretrain, "peak_flops", lambda name: 1e12)
     assert run(["--train_file", train_file, *TINY, "--max_train_steps", 2, "--eval_steps", 2,
                 "--output_dir", tmp_path / "out"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
