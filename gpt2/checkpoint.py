@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from gpt2.errors import InputError, first_line
+from gpt2.files import atomic_write_text
 
 CHECKPOINT_PREFIX = "step_"
 TRAINING_STATE = "training_state.json"
@@ -168,25 +169,6 @@ def read_training_state(path: str | Path) -> dict:
     if missing:
         raise InputError(f"{file} is corrupt (no {missing[0]!r})")
     return state
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a temporary file beside path, then rename it over path: a crash leaves the old file or
-    the new one, never half of one (and a stale temporary that remove_stale_temporaries finds)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete the temporaries an interrupted atomic write left in directory (".NAME.tmp" here, and
-    the ".NAME.XXXXXXXX" files of gpt2.hf's writes); returns what was removed."""
-    directory = Path(directory)
-    stale = [p for p in directory.glob(".*") if p.is_file() and p.name.count(".") >= 2
-             and (p.name.endswith(".tmp") or p.name.startswith((".model.safetensors.", ".config.json.")))]
-    for file in stale:
-        file.unlink(missing_ok=True)
-    return stale
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:

@@ -12,8 +12,6 @@ are saved with model_type "gpt2-suite" and our own fields, with a warning that s
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 
 from gpt2.config import GPT2Config
 from gpt2.errors import InputError, first_line
+from gpt2.files import atomic_write
 from gpt2.hub import download_files, is_hub_id
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -106,21 +105,6 @@ def _config_from_fields(values: dict, source: str) -> GPT2Config:
     return GPT2Config.from_dict(fields)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over path: a crash leaves the old file or the new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model, save_directory, eos_token_id: int | None = None) -> None:
     """config.json + model.safetensors; eos_token_id: the tokenizer's end-of-text id (config_to_json)."""
     from safetensors.torch import save_file
@@ -135,9 +119,9 @@ def save_pretrained(model, save_directory, eos_token_id: int | None = None) -> N
         if name.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t()
         tensors[name] = tensor.contiguous().cpu()
-    _atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     config_json = json.dumps(config_to_json(model.config, eos_token_id), indent=2) + "\n"
-    _atomic_write(directory / "config.json", lambda p: Path(p).write_text(config_json))
+    atomic_write(directory / "config.json", lambda p: Path(p).write_text(config_json))
     if not model.config.is_hf_compatible:
         warnings.warn(
             f"{directory}: grouped-query attention, rotary embeddings or bias=False have no transformers "

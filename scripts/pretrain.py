@@ -48,6 +48,7 @@ from gpt2 import GPT2, PRESETS, GPT2Config, optim
 from gpt2 import checkpoint as ckpt
 from gpt2 import data as gdata
 from gpt2.errors import InputError, exit_on_input_error
+from gpt2.files import remove_stale_temporaries
 from gpt2.loss import IGNORE_INDEX
 from gpt2.registry import KernelUnavailableError, resolve_kernels
 from gpt2.throughput import ThroughputWindow, device_name, mfu, peak_flops, peak_memory
@@ -279,6 +280,20 @@ def build_accelerator(args) -> Accelerator:
     return accelerator
 
 
+def _check_kernels_early(args):
+    """--kernels triton where Triton can't run: say so before any data is loaded."""
+    if args.kernels == "triton":
+        try:
+            resolve_kernels("triton")
+        except KernelUnavailableError as err:
+            raise InputError(f"--kernels triton can't run here: {err}") from None
+
+
+def _block_size_message(block_size: int, n_positions: int) -> str:
+    return (f"--block_size {block_size} is larger than the model's context (n_positions={n_positions}); use "
+            f"--block_size {n_positions} or less, or --config_overrides n_positions={block_size}")
+
+
 def setup_run(args, accelerator: Accelerator) -> Run:
     """Flags, data, tokenizer, model, optimizer, prepared by Accelerate and resumed when asked. Cheap
     checks come first, so a typo fails in a second, before any data is read."""
@@ -339,6 +354,45 @@ def setup_run(args, accelerator: Accelerator) -> Run:
                                                    if isinstance(v, (int, float, str, bool))})
     accelerator.print(banner(run, unwrapped, stats))
     return run
+
+
+def banner(run: Run, model: GPT2, stats) -> str:
+    """The run at a glance: model, kernels, tokenizer, data, devices, batch and plan."""
+    args, accelerator, config = run.args, run.accelerator, model.config
+    device = device_name(accelerator.device)
+    lines = [
+        "=" * 78,
+        f"GPT-2 pretraining: {args.model_name_or_path or args.config_name}"
+        + (f" + {args.config_overrides}" if args.config_overrides else ""),
+        f"  model      {model.num_parameters():,} parameters ({model.num_parameters(exclude_embeddings=True):,} "
+        f"without embeddings): {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, "
+        f"context {config.n_positions}",
+        f"  kernels    attention {config.attn_impl}, LayerNorm {config.norm_impl} (--kernels {args.kernels})",
+    ]
+    if args.document_masking:
+        lines.append("  documents  masked: a token attends only to its own document (end-of-text ends one)"
+                     + ("; positions restart per document" if args.restart_positions else "")
+                     + ("" if config.attn_impl == "triton" else f"; {config.attn_impl} takes a dense T x T mask: slow"))
+    lines += [
+        f"  tokenizer  {run.tokenizer.get_vocab_size():,} tokens, end-of-text id {eos_token_id(run.tokenizer)}",
+        f"  data       {args.dataset_name or args.train_file or gdata.BUILTIN_CORPUS}"
+        + (" (streaming)" if args.streaming else ""),
+    ]
+    for split, s in (stats or {}).items():
+        lines.append(f"    {split:<10} {s.documents:,} documents, {s.tokens:,} tokens -> {s.blocks:,} blocks of "
+                     f"{run.block_size}; final partial block dropped: {s.dropped_tokens:,} tokens")
+    lines += [
+        f"  devices    {accelerator.num_processes} x {device} ({accelerator.distributed_type.value}, "
+        f"mixed precision {accelerator.mixed_precision}); MFU peak "
+        + (f"{run.peak_flops / 1e12:,.0f} TFLOP/s dense bf16" if run.peak_flops else "n/a (unknown device)"),
+        f"  batch      {args.per_device_train_batch_size} x {run.block_size} tokens x "
+        f"{args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes = "
+        f"{run.tokens_per_step:,} tokens per optimizer step",
+        f"  plan       {args.max_train_steps:,} steps = {args.max_train_steps * run.tokens_per_step:,} tokens; lr "
+        f"{args.learning_rate:g} ({args.lr_scheduler_type} to {args.min_lr:g}); output {args.output_dir}",
+        "=" * 78,
+    ]
+    return "\n".join(lines)
 
 
 def prepare_output_dir(args, accelerator: Accelerator, resuming: bool) -> None:
@@ -513,6 +567,41 @@ def resume(run: Run, resume_dir: Path) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
+def _batches(args, loader, accelerator, epoch: int, batches_done: int):
+    """Yields (the next optimizer step's ga micro-batches, epoch, batches consumed in that epoch).
+
+    Map-style data: each epoch is a fresh permutation (seeded by seed + epoch through Accelerate's
+    seedable sampler); a resumed epoch skips the batches already consumed with skip_first_batches,
+    so the run continues with exactly the batches it would have seen. A trailing part of an epoch
+    too short for a whole optimizer step is left out. Streams repeat forever; a resume reads past the
+    consumed batches."""
+    ga = args.gradient_accumulation_steps
+    if args.streaming:
+        iterator = iter(loader)
+        for _ in range(batches_done):
+            next(iterator)
+        while True:
+            micro = list(itertools.islice(iterator, ga))
+            batches_done += ga
+            yield micro, 0, batches_done
+    while True:
+        current = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+        current.set_epoch(epoch)
+        iterator = iter(current)
+        while True:
+            micro = list(itertools.islice(iterator, ga))
+            if len(micro) < ga:
+                break
+            batches_done += ga
+            yield micro, epoch, batches_done
+        epoch, batches_done = epoch + 1, 0
+
+
+def _due(run: Run, every: int) -> bool:
+    """Every `every` steps (0: never), and at the last step."""
+    return (every > 0 and run.step % every == 0) or run.step == run.args.max_train_steps
+
+
 def fit(run: Run) -> int:
     """Evaluate, then train to --max_train_steps, logging, evaluating and checkpointing on schedule;
     then save the model. 0 when done, 1 when a non-finite step stopped the run."""
@@ -601,11 +690,6 @@ def stop_on_nonfinite(run: Run, result: StepResult) -> bool:
                           f"(perhaps with a lower --learning_rate), or pass --on_nonfinite skip.")
     run.metrics.log({"nonfinite": True, "train_loss": float(result.loss)}, run.step)
     return True
-
-
-def _due(run: Run, every: int) -> bool:
-    """Every `every` steps (0: never), and at the last step."""
-    return (every > 0 and run.step % every == 0) or run.step == run.args.max_train_steps
 
 
 def log_training(run: Run, window: tuple[float, float], result: StepResult, progress) -> None:
@@ -702,7 +786,7 @@ def save_checkpoint(accelerator, args, step: int, position: dict, tokenizer, mod
         ckpt.remove_completion_marker(path)  # overwriting step_N: it is incomplete until we finish
         for directory in (args.output_dir, path):
             if Path(directory).is_dir():
-                ckpt.remove_stale_temporaries(directory)
+                remove_stale_temporaries(directory)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(path))
@@ -770,6 +854,32 @@ class MetricsLog:
 # --------------------------------------------------------------------------- the end
 
 
+def _evaluation_data_flags(args) -> str:
+    """evaluate_perplexity.py's data flags for the validation text this run used."""
+    if args.validation_file:
+        return f"--validation_file {args.validation_file}"
+    if args.dataset_name and args.dataset_name != gdata.BUILTIN_CORPUS:
+        config = f" --dataset_config_name {args.dataset_config_name}" if args.dataset_config_name else ""
+        return f"--dataset_name {args.dataset_name}{config} --dataset_split validation"
+    if args.train_file:
+        return "--validation_file HELD_OUT.txt"  # the carved split lives only inside this run
+    return f"--dataset_name {gdata.BUILTIN_CORPUS} --dataset_split validation"
+
+
+def _print_sample(args, model, tokenizer, device):
+    prompt_ids = tokenizer.encode(args.sample_prompt).ids or [eos_token_id(tokenizer)]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=args.sample_tokens,
+                             temperature=0.8, top_k=50, eos_token_id=eos_token_id(tokenizer), generator=generator)
+    print("\nSample:\n" + tokenizer.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
 def finish(run: Run, runtime: float) -> int:
     """The final model in Hugging Face format, all_results.json, a sample and the next commands."""
     accelerator, args, (loss, ppl) = run.accelerator, run.args, run.val
@@ -788,112 +898,3 @@ def finish(run: Run, runtime: float) -> int:
         print(f"  sample:   python scripts/generate.py --model_name_or_path {output_dir} --prompt \"The\"")
     accelerator.wait_for_everyone()  # then every rank ends (destroys the process group) together
     return 0
-
-
-def _batches(args, loader, accelerator, epoch: int, batches_done: int):
-    """Yields (the next optimizer step's ga micro-batches, epoch, batches consumed in that epoch).
-
-    Map-style data: each epoch is a fresh permutation (seeded by seed + epoch through Accelerate's
-    seedable sampler); a resumed epoch skips the batches already consumed with skip_first_batches,
-    so the run continues with exactly the batches it would have seen. A trailing part of an epoch
-    too short for a whole optimizer step is left out. Streams repeat forever; a resume reads past the
-    consumed batches."""
-    ga = args.gradient_accumulation_steps
-    if args.streaming:
-        iterator = iter(loader)
-        for _ in range(batches_done):
-            next(iterator)
-        while True:
-            micro = list(itertools.islice(iterator, ga))
-            batches_done += ga
-            yield micro, 0, batches_done
-    while True:
-        current = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
-        current.set_epoch(epoch)
-        iterator = iter(current)
-        while True:
-            micro = list(itertools.islice(iterator, ga))
-            if len(micro) < ga:
-                break
-            batches_done += ga
-            yield micro, epoch, batches_done
-        epoch, batches_done = epoch + 1, 0
-
-
-def _block_size_message(block_size: int, n_positions: int) -> str:
-    return (f"--block_size {block_size} is larger than the model's context (n_positions={n_positions}); use "
-            f"--block_size {n_positions} or less, or --config_overrides n_positions={block_size}")
-
-
-def _evaluation_data_flags(args) -> str:
-    """evaluate_perplexity.py's data flags for the validation text this run used."""
-    if args.validation_file:
-        return f"--validation_file {args.validation_file}"
-    if args.dataset_name and args.dataset_name != gdata.BUILTIN_CORPUS:
-        config = f" --dataset_config_name {args.dataset_config_name}" if args.dataset_config_name else ""
-        return f"--dataset_name {args.dataset_name}{config} --dataset_split validation"
-    if args.train_file:
-        return "--validation_file HELD_OUT.txt"  # the carved split lives only inside this run
-    return f"--dataset_name {gdata.BUILTIN_CORPUS} --dataset_split validation"
-
-
-def _check_kernels_early(args):
-    """--kernels triton where Triton can't run: say so before any data is loaded."""
-    if args.kernels == "triton":
-        try:
-            resolve_kernels("triton")
-        except KernelUnavailableError as err:
-            raise InputError(f"--kernels triton can't run here: {err}") from None
-
-
-def banner(run: Run, model: GPT2, stats) -> str:
-    """The run at a glance: model, kernels, tokenizer, data, devices, batch and plan."""
-    args, accelerator, config = run.args, run.accelerator, model.config
-    device = device_name(accelerator.device)
-    lines = [
-        "=" * 78,
-        f"GPT-2 pretraining: {args.model_name_or_path or args.config_name}"
-        + (f" + {args.config_overrides}" if args.config_overrides else ""),
-        f"  model      {model.num_parameters():,} parameters ({model.num_parameters(exclude_embeddings=True):,} "
-        f"without embeddings): {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, "
-        f"context {config.n_positions}",
-        f"  kernels    attention {config.attn_impl}, LayerNorm {config.norm_impl} (--kernels {args.kernels})",
-    ]
-    if args.document_masking:
-        lines.append("  documents  masked: a token attends only to its own document (end-of-text ends one)"
-                     + ("; positions restart per document" if args.restart_positions else "")
-                     + ("" if config.attn_impl == "triton" else f"; {config.attn_impl} takes a dense T x T mask: slow"))
-    lines += [
-        f"  tokenizer  {run.tokenizer.get_vocab_size():,} tokens, end-of-text id {eos_token_id(run.tokenizer)}",
-        f"  data       {args.dataset_name or args.train_file or gdata.BUILTIN_CORPUS}"
-        + (" (streaming)" if args.streaming else ""),
-    ]
-    for split, s in (stats or {}).items():
-        lines.append(f"    {split:<10} {s.documents:,} documents, {s.tokens:,} tokens -> {s.blocks:,} blocks of "
-                     f"{run.block_size}; final partial block dropped: {s.dropped_tokens:,} tokens")
-    lines += [
-        f"  devices    {accelerator.num_processes} x {device} ({accelerator.distributed_type.value}, "
-        f"mixed precision {accelerator.mixed_precision}); MFU peak "
-        + (f"{run.peak_flops / 1e12:,.0f} TFLOP/s dense bf16" if run.peak_flops else "n/a (unknown device)"),
-        f"  batch      {args.per_device_train_batch_size} x {run.block_size} tokens x "
-        f"{args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes = "
-        f"{run.tokens_per_step:,} tokens per optimizer step",
-        f"  plan       {args.max_train_steps:,} steps = {args.max_train_steps * run.tokens_per_step:,} tokens; lr "
-        f"{args.learning_rate:g} ({args.lr_scheduler_type} to {args.min_lr:g}); output {args.output_dir}",
-        "=" * 78,
-    ]
-    return "\n".join(lines)
-
-
-def _print_sample(args, model, tokenizer, device):
-    prompt_ids = tokenizer.encode(args.sample_prompt).ids or [eos_token_id(tokenizer)]
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=args.sample_tokens,
-                             temperature=0.8, top_k=50, eos_token_id=eos_token_id(tokenizer), generator=generator)
-    print("\nSample:\n" + tokenizer.decode(out[0].tolist()))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

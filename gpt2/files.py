@@ -1,0 +1,45 @@
+"""Writing files so that none is ever half written: the one writer every file of ours goes through.
+
+atomic_write writes a temporary file beside the target and renames it over the target, so a crash
+(or a full disk) leaves the old file or the new one, never part of one; at worst a stale temporary
+remains, which remove_stale_temporaries clears before the directory is written again.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """write(temporary_path), then rename it over path, with a normal file's permissions."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it a normal file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries an interrupted atomic_write left in directory (".NAME.XXXXXXXX.tmp",
+    and the ".NAME.tmp" / ".model.safetensors.XXXXXXXX" / ".config.json.XXXXXXXX" names of earlier
+    versions); returns what was removed."""
+    directory = Path(directory)
+    stale = [p for p in directory.glob(".*") if p.is_file() and p.name.count(".") >= 2
+             and (p.name.endswith(".tmp") or p.name.startswith((".model.safetensors.", ".config.json.")))]
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return stale
