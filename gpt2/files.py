@@ -3,14 +3,17 @@
 atomic_write writes a temporary file beside the target and renames it over the target, so a crash
 (or a full disk) leaves the old file or the new one, never part of one; at worst a stale temporary
 remains, which remove_stale_temporaries clears before the directory is written again.
+check_output_file says, before any work, whether a path can take that work's result.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from gpt2.errors import InputError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -43,3 +46,23 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     for file in stale:
         file.unlink(missing_ok=True)
     return stale
+
+
+def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Before any work whose result path is to hold: InputError when path is a directory, lies under
+    a file, can't be written, or is one of the inputs (a file or a file inside an input directory),
+    which writing it would destroy. Returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give a file path")
+    for source in inputs:
+        source = Path(source)
+        files = [p for p in source.iterdir() if p.is_file()] if source.is_dir() else [source]
+        if any(f.exists() and path.exists() and os.path.samefile(f, path) for f in files):
+            raise InputError(f"{path} is one of the inputs ({source}); writing it would destroy it")
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{path} can't be created: {existing} is a file")
+    if not os.access(existing if not path.exists() else path, os.W_OK):
+        raise InputError(f"{path} can't be written ({existing if not path.exists() else path} is not writable)")
+    return path

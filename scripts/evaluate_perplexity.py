@@ -60,6 +60,7 @@ from gpt2.evaluation import (
     score_batch,
     tokenize_texts,
 )
+from gpt2.files import atomic_write_text, check_output_file
 
 
 def parse_args(argv=None):
@@ -191,6 +192,10 @@ def main(argv=None) -> dict:
 
 def perplexity_report(args, accelerator: Accelerator) -> dict:
     """Load, plan the windows, score them on every process, print and return the report."""
+    if args.output_json:  # before any work: a path that can't take the report fails now, not after
+        inputs = [p for p in (args.validation_file, args.model_name_or_path, args.tokenizer_name) if p]
+        with cli.about(f"--output_json {args.output_json}"):
+            check_output_file(args.output_json, inputs)
     model, tokenizer = cli.load_model_and_tokenizer(args, accelerator.device)
     max_length, stride = window_lengths(args, model.config.n_positions)
     with accelerator.main_process_first():  # one process fills the datasets cache, the others read it
@@ -209,7 +214,7 @@ def perplexity_report(args, accelerator: Accelerator) -> dict:
         print_summary(report)
         if args.output_json:
             Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
+            atomic_write_text(args.output_json, json.dumps(report, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return report
 

@@ -439,3 +439,31 @@ def test_no_text_names_the_offline_choice(checkpoint, text_file):
     expect_error(["--model_name_or_path", checkpoint], "--dataset_name builtin:pydocs --dataset_split validation")
     expect_error(["--model_name_or_path", checkpoint, "--validation_file", text_file, "--dataset_name", "x"],
                  "not both")
+
+
+def test_output_json_is_checked_before_the_work_and_never_an_input(checkpoint, text_file, tmp_path, monkeypatch):
+    """A path that can't take the report fails in a second, before the model loads (the loader is
+    made to fail if it is reached); an input (the text, a file of the checkpoint) is refused and
+    left as it was; a good path gets the report through a temporary file and a rename."""
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the evaluation started before --output_json was checked")
+
+    (tmp_path / "a_file").write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root writes anywhere: fake the read-only directory
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    text_before, config_before = text_file.read_bytes(), (checkpoint / "config.json").read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(evaluate_perplexity.cli, "load_model_and_tokenizer", must_not_load)
+        for output, fragment in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "r.json", "is a file"),
+                                 (locked / "r.json", "not writable"), (text_file, "is one of the inputs"),
+                                 (checkpoint / "config.json", "is one of the inputs")):
+            expect_error(["--model_name_or_path", checkpoint, "--validation_file", text_file,
+                          "--output_json", output], "--output_json", fragment)
+    assert text_file.read_bytes() == text_before and (checkpoint / "config.json").read_bytes() == config_before
+    report = run_eval(checkpoint, text_file, "--output_json", tmp_path / "new" / "r.json")
+    assert json.loads((tmp_path / "new" / "r.json").read_text()) == json.loads(json.dumps(report))
+    assert os.listdir(tmp_path / "new") == ["r.json"]
