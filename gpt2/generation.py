@@ -55,13 +55,15 @@ def generate(
     eos_token_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Continue input_ids (B, T) by max_new_tokens tokens; returns (B, T + new).
 
     temperature 0 is greedy. A sequence that emits eos_token_id keeps emitting it (as padding)
     and generation stops once every sequence has. Without the cache the whole prefix is recomputed
     each step; with a fixed generator both paths draw the same random numbers, so they give the
-    same tokens (up to floating-point ties).
+    same tokens (up to floating-point ties). vocab_size: the tokenizer's size when it is smaller than
+    the model's vocabulary; ids from it on (which the tokenizer can't decode) are never produced.
     """
     if temperature < 0:
         raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -84,6 +86,8 @@ def generate(
     for _ in range(max_new_tokens):
         h = model.hidden_states(step_input if use_cache else tokens, caches)
         logits = model.lm_head(h[:, -1]).float()  # (B, V), the last position only
+        if vocab_size is not None:
+            logits[:, vocab_size:] = float("-inf")  # rows the model has and the tokenizer lacks
         if temperature == 0:
             next_token = logits.argmax(dim=-1)
         else:

@@ -99,3 +99,22 @@ def load_model_and_tokenizer(args, device: torch.device):
             f"{model.config.vocab_size}: they don't belong together (see --tokenizer_name)"
         )
     return model.to(device=device, dtype=DTYPES[args.dtype]).eval(), tokenizer
+
+
+def tokenizer_notes(args, model, tokenizer) -> list[str]:
+    """What a user should know before trusting the numbers or samples: a tokenizer smaller than the
+    model's vocabulary (its extra ids are never sampled), and a --tokenizer_name other than the one
+    saved with the checkpoint."""
+    from gpt2.tokenizer import load_tokenizer
+
+    notes, size = [], tokenizer.get_vocab_size()
+    if size < model.config.vocab_size:
+        notes.append(f"note: the tokenizer has {size:,} tokens and the model's vocabulary {model.config.vocab_size:,}; "
+                     f"ids from {size:,} on are never sampled")
+    saved = Path(args.model_name_or_path) / "tokenizer.json"
+    if args.tokenizer_name and saved.is_file():
+        own = load_tokenizer(saved)
+        if own.get_vocab(with_added_tokens=True) != tokenizer.get_vocab(with_added_tokens=True):
+            notes.append(f"note: --tokenizer_name {args.tokenizer_name} ({size:,} tokens) is not the tokenizer "
+                         f"saved with the checkpoint ({own.get_vocab_size():,} tokens, {saved})")
+    return notes

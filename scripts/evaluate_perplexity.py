@@ -197,6 +197,8 @@ def perplexity_report(args, accelerator: Accelerator) -> dict:
         with cli.about(f"--output_json {args.output_json}"):
             check_output_file(args.output_json, inputs)
     model, tokenizer = cli.load_model_and_tokenizer(args, accelerator.device)
+    for note in cli.tokenizer_notes(args, model, tokenizer):
+        accelerator.print(note)
     max_length, stride = window_lengths(args, model.config.n_positions)
     with accelerator.main_process_first():  # one process fills the datasets cache, the others read it
         texts = load_texts(args.dataset_name, args.dataset_config_name, args.dataset_split,

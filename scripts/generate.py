@@ -75,8 +75,10 @@ def encode_prompt(tokenizer, prompt: str, eos_id: int | None) -> list[int]:
     return ids
 
 
-def sample(model, prompt_ids: list[int], args, eos_id: int | None, generator: torch.Generator) -> list[list[int]]:
-    """num_samples continuations of one prompt, as one batch; each cut at its first end-of-text."""
+def sample(model, prompt_ids: list[int], args, eos_id: int | None, generator: torch.Generator,
+           tokenizer_size: int | None = None) -> list[list[int]]:
+    """num_samples continuations of one prompt, as one batch; each cut at its first end-of-text;
+    no id the tokenizer lacks (tokenizer_size)."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids] * args.num_samples, device=device)
     output = model.generate(  # an InputError when prompt + max_new_tokens exceed the context
@@ -88,6 +90,7 @@ def sample(model, prompt_ids: list[int], args, eos_id: int | None, generator: to
         eos_token_id=eos_id,
         use_cache=True,
         generator=generator,
+        vocab_size=tokenizer_size,
     )
     completions = []
     for row in output[:, len(prompt_ids) :].tolist():
@@ -107,12 +110,15 @@ def main(argv=None) -> list[dict]:
 def generate_samples(args, model, tokenizer, device) -> list[dict]:
     """Every prompt's samples, printed under a header and returned as dicts."""
     eos_id = eos_token_id(tokenizer)
+    for note in cli.tokenizer_notes(args, model, tokenizer):
+        print(note, flush=True)
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     samples = []
     for i, prompt in enumerate(read_prompts(args), start=1):
         prompt_ids = encode_prompt(tokenizer, prompt, eos_id)
-        for j, completion in enumerate(sample(model, prompt_ids, args, eos_id, generator), start=1):
+        completions = sample(model, prompt_ids, args, eos_id, generator, tokenizer.get_vocab_size())
+        for j, completion in enumerate(completions, start=1):
             text = tokenizer.decode(prompt_ids + completion)  # whole, so a character split at the seam joins
             print(f"=== prompt {i}, sample {j} ===\n{text}\n", flush=True)
             samples.append(dict(prompt=prompt, sample=j, token_ids=completion, text=text))

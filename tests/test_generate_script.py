@@ -96,3 +96,29 @@ def test_bad_input(checkpoint, tmp_path):
 )
 def test_bad_sampling_arguments(checkpoint, flag, value):
     expect_error(checkpoint, flag, value, fragment=flag)
+
+
+def test_samples_stay_inside_a_smaller_tokenizer(tmp_path, capsys):
+    """A model whose vocabulary is larger than its tokenizer, made to favour an id the tokenizer
+    lacks above all others: no sample holds such an id (they would be dropped from the text), and
+    the run says the sizes differ; as does naming a tokenizer other than the checkpoint's own."""
+    tokenizer = train_tokenizer([TEXT], vocab_size=300)
+    size = tokenizer.get_vocab_size()
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=size + 20))
+    with torch.no_grad():  # every position's hidden state points at wte[size + 5], the longest row
+        wte = model.transformer.wte.weight
+        wte[size + 5] *= 10 * wte.norm(dim=1).max() / wte[size + 5].norm()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(wte[size + 5])
+    model.save_pretrained(tmp_path / "big")
+    save_tokenizer(tokenizer, tmp_path / "big")
+    for temperature in (0, 1):
+        samples = run(tmp_path / "big", "--prompt", "To be", "--max_new_tokens", 20, "--num_samples", 4,
+                      "--temperature", temperature)
+        produced = [t for s in samples for t in s["token_ids"]]
+        assert produced and max(produced) < size
+    assert f"the tokenizer has {size} tokens and the model's vocabulary {size + 20}" in capsys.readouterr().out
+    other = train_tokenizer([TEXT[::-1]], vocab_size=280)
+    save_tokenizer(other, tmp_path / "other")
+    run(tmp_path / "big", "--tokenizer_name", tmp_path / "other", "--prompt", "To", "--max_new_tokens", 2)
+    assert "is not the tokenizer saved with the checkpoint" in capsys.readouterr().out
