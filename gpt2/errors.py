@@ -30,10 +30,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a bad flag raised as InputError (reported like every other input error:
-    one line, exit status 2) instead of printing the usage block, and defaults shown in --help."""
+    one line, exit status 2) instead of printing the usage block, defaults shown in --help, and no
+    abbreviations: `--lr 1e-3` is an unknown flag, not silently `--lr_scheduler_type 1e-3`."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):

@@ -64,3 +64,20 @@ def test_benchmarks_report_input_errors_the_same_way(module, argv, fragment, tmp
 
     bench = importlib.import_module(f"benchmarks.{module}")
     expect_input_error(bench.main, argv, fragment)
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("pretrain.py", ["--lr", "1e-3"]),  # would have been --lr_scheduler_type 1e-3
+    ("evaluate_perplexity.py", ["--model_name_or_path", "out", "--validation", "x.txt"]),
+    ("generate.py", ["--model_name_or_path", "out", "--temp", "0"]),
+])
+def test_no_flag_is_read_as_an_abbreviation(script, argv):
+    """argparse's prefix matching is off in every script: a shortened or misspelt flag is an error,
+    not the first flag it happens to begin."""
+    from pathlib import Path
+
+    from conftest import load_script
+
+    module = load_script(Path(__file__).resolve().parents[1] / "scripts" / script)
+    with pytest.raises(InputError, match="unrecognized arguments"):
+        module.parse_args(argv)
