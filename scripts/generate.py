@@ -18,6 +18,7 @@ end-of-text token.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import cli  # first: makes the checkout importable
@@ -26,6 +27,8 @@ from accelerate import Accelerator
 
 from gpt2.errors import InputError, exit_on_input_error
 from gpt2.tokenizer import eos_token_id
+
+MAX_SAMPLES = 1024  # samples of one prompt, generated as one batch with its KV cache
 
 
 def parse_args(argv=None):
@@ -44,10 +47,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        parser.error(f"--num_samples must be at least 1, got {args.num_samples}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        parser.error(f"--num_samples must be in [1, {MAX_SAMPLES}] (a prompt's samples are one batch), "
+                     f"got {args.num_samples}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        parser.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 <= args.seed < 2**64:
+        parser.error(f"--seed must be in [0, 2**64), got {args.seed}")
     if args.top_k is not None and args.top_k < 1:
         parser.error(f"--top_k must be at least 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -62,6 +68,9 @@ def read_prompts(args) -> list[str]:
             lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
         except OSError as error:
             raise InputError(f"can't read --prompt_file: {error}") from None
+        except UnicodeDecodeError as error:
+            raise InputError(f"--prompt_file {args.prompt_file} is not UTF-8 text ({error.reason} at byte "
+                             f"{error.start})") from None
         prompts += [line for line in lines if line.strip()]
     return prompts or [""]
 

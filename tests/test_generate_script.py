@@ -88,11 +88,14 @@ def test_bad_input(checkpoint, tmp_path):
     expect_error(tmp_path / "bert", "--prompt", "x", fragment="not a GPT-2 checkpoint")
     expect_error(checkpoint, "--prompt", "x", "--max_new_tokens", 200, fragment="exceeds the model's context")
     expect_error(checkpoint, "--prompt_file", tmp_path / "none.txt", fragment="can't read --prompt_file")
+    (tmp_path / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    expect_error(checkpoint, "--prompt_file", tmp_path / "binary.txt", fragment="is not UTF-8 text")
 
 
 @pytest.mark.parametrize(
     "flag, value",
-    [("--max_new_tokens", 0), ("--num_samples", 0), ("--temperature", -1), ("--top_k", 0), ("--top_p", 0)],
+    [("--max_new_tokens", 0), ("--num_samples", 0), ("--temperature", -1), ("--top_k", 0), ("--top_p", 0),
+     ("--temperature", "nan"), ("--top_p", "nan"), ("--seed", 2**64), ("--seed", -1), ("--num_samples", 10**8)],
 )
 def test_bad_sampling_arguments(checkpoint, flag, value):
     expect_error(checkpoint, flag, value, fragment=flag)
