@@ -213,7 +213,7 @@ def document_providers(document_ids: torch.Tensor) -> tuple[dict, dict]:
     {name: (function building that provider's mask, what it times)} for those that take one. Each
     provider builds its mask on its first call (the unmeasured check), so a failure there is that
     provider's recorded failure, and keeps it for the timed calls."""
-    from gpt2.registry import document_mask
+    from gpt2.documents import document_mask
     from gpt2_kernels import attention_ref, document_bounds, flash_attention
 
     def build_dense():

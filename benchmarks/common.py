@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from gpt2.errors import InputError
+from gpt2.files import atomic_write, atomic_write_text, check_writable_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 LEADING_FIELDS = ["benchmark", "kernel", "provider", "mode", "dtype"]
@@ -192,13 +193,15 @@ def write_csv(rows: list[dict], path: Path, shape_fields: list[str]) -> None:
     Written to a temporary file and renamed, so a run killed mid-write leaves the previous file."""
     fields = LEADING_FIELDS + shape_fields + TRAILING_FIELDS
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+
+    atomic_write(path, write)
 
 
 def read_csv(path: Path, shape_fields: list[str]) -> list[dict]:
@@ -221,8 +224,18 @@ def read_csv(path: Path, shape_fields: list[str]) -> list[dict]:
             except ValueError:
                 return value
 
-    with open(path, newline="") as f:
-        return [{k: parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [k for k in LEADING_FIELDS + shape_fields if k not in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"{path} can't be read as a results CSV ({err})") from None
+    ragged = next((i for i, row in enumerate(rows, start=2) if None in row or None in row.values()), None)
+    if missing or ragged:
+        what = f"no column {missing[0]!r}" if missing else f"line {ragged} has another number of cells than the header"
+        raise InputError(f"{path} is not a results CSV of this benchmark ({what}); move it aside or delete it")
+    return [{k: parse(k, v) for k, v in row.items()} for row in rows]
 
 
 def save_rows(rows: list[dict], path: Path, shape_fields: list[str], point_fields: list[str]) -> list[dict]:
@@ -246,6 +259,8 @@ def replot(output_dir: str | None, name: str, shape_fields: list[str], summarize
     if not output_dir:
         raise InputError(f"--replot needs --output_dir, the folder holding {name}.csv")
     out_dir = Path(output_dir)
+    if not out_dir.is_dir():
+        raise InputError(f"--output_dir {out_dir}: no such folder (--replot reads {name}.csv there)")
     rows = read_csv(out_dir / f"{name}.csv", shape_fields)
     if not rows:
         raise InputError(f"no rows in {out_dir / f'{name}.csv'}")
@@ -256,7 +271,7 @@ def replot(output_dir: str | None, name: str, shape_fields: list[str], summarize
 def write_summary(name: str, rows: list[dict], out_dir: Path, summarize) -> str:
     """<name>.md (and its plots) in out_dir, rebuilt from rows; returns the Markdown."""
     summary = summarize(rows, out_dir)
-    (out_dir / f"{name}.md").write_text(summary)
+    atomic_write_text(out_dir / f"{name}.md", summary)
     return summary
 
 
@@ -317,6 +332,9 @@ def output_dir(arg: str | None, env: dict, quick: bool) -> Path:
     """benchmarks/results/<device>/ for a full run; a quick run must name its own place (or gets
     benchmarks/results/quick-<device>/, which is not committed)."""
     if arg:
-        return Path(arg)
+        try:
+            return check_writable_dir(arg)
+        except InputError as err:
+            raise InputError(f"--output_dir {arg}: {err}") from None
     slug = device_slug(env["device"])
     return ROOT / "benchmarks" / "results" / (f"quick-{slug}" if quick else slug)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from gpt2.errors import ArgumentParser, exit_on_input_error
+from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
 
 SHAPE_FIELDS = ["rows", "hidden"]
 POINT_FIELDS = ["kernel", "provider", "dtype", *SHAPE_FIELDS]  # one provider's rows at a point, replaced together
@@ -272,6 +272,13 @@ def run(args) -> int:
     hiddens = args.hidden or ([64, 200] if args.quick else [768, 1024, 1280, 1600, 4096, 8192])
     rows_n = args.rows or (33 if args.quick else 16384)
     dtypes = args.dtype or (["fp32", "bf16"] if args.quick else ["bf16", "fp16", "fp32"])
+    from gpt2_kernels.layer_norm import MAX_FUSED_BYTES  # after start_run: the interpreter switch comes first
+
+    for dtype in dtypes:
+        limit = MAX_FUSED_BYTES // common.DTYPES[dtype].itemsize
+        if max(hiddens) > limit:
+            raise InputError(f"--hidden {max(hiddens)}: our fused LayerNorm holds a row in registers, at most "
+                             f"{limit} elements in {dtype}")
     csv_path = out_dir / "layer_norm.csv"
     results = common.read_csv(csv_path, SHAPE_FIELDS)
     for kernel in ("layer_norm", "add_layer_norm"):

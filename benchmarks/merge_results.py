@@ -21,6 +21,7 @@ if not __package__:  # run as a file (python benchmarks/merge_results.py): the c
 
 from benchmarks import attention, common, layer_norm, training
 from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
+from gpt2.files import check_writable_dir
 
 BENCHMARKS = {"attention": attention, "layer_norm": layer_norm, "training": training}
 RESULTS = common.ROOT / "benchmarks" / "results"
@@ -65,6 +66,10 @@ def check_source(source: Path) -> None:
 
 
 def run(args) -> int:
+    try:
+        check_writable_dir(args.into)
+    except InputError as err:
+        raise InputError(f"--into {args.into}: {err}") from None
     for source in args.sources:
         check_source(source)
     for source in args.sources:

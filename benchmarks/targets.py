@@ -113,7 +113,8 @@ def run(args) -> int:
         print("no measured results yet: run the benchmarks on a GPU (benchmarks/run_gpu.sh)", file=sys.stderr)
         return 0
     for folder in folders:
-        rows = [r for f in folder.glob("*.csv") for r in common.read_csv(f, [])]
+        rows = [r for name in ("attention", "layer_norm", "training")
+                for r in common.read_csv(folder / f"{name}.csv", [])]
         device = next((r["device"] for r in rows if r.get("device")), folder.name)
         print(render(device, check(folder)))
     return 0

@@ -126,6 +126,7 @@ def run(args) -> int:
 
     csv_path = out_dir / "training.csv"
     rows = common.read_csv(csv_path, SHAPE_FIELDS)
+    failed = 0
     for preset in args.presets:
         tokenizer = None
         for provider in args.providers:
@@ -140,6 +141,7 @@ def run(args) -> int:
                 rows = common.save_rows([dict(base, metric="tokens_per_s", unit="tok/s", status=status, note=tail)],
                                         csv_path, SHAPE_FIELDS, POINT_FIELDS)
                 print(f"{preset} {provider}: {status} (log {log})", file=sys.stderr)
+                failed += 1
                 continue
             tokenizer = tokenizer or run_dir  # the second run reuses the first one's tokenizer
             steady = records[WARMUP_STEPS:] if len(records) > WARMUP_STEPS else records
@@ -157,6 +159,9 @@ def run(args) -> int:
             rows = common.save_rows(run_rows, csv_path, SHAPE_FIELDS, POINT_FIELDS)
 
     print(common.write_summary("training", rows, out_dir, summarize))
+    if failed == len(args.presets) * len(args.providers):
+        print("every training run failed: see the logs above", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,6 +9,7 @@ a step_N directory as a model, as it reads a Hugging Face format one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,9 +18,15 @@ import zipfile
 from pathlib import Path
 
 from gpt2.errors import InputError, first_line
-from gpt2.files import atomic_write_text
+from gpt2.files import atomic_write_text, check_writable_dir
 
 CHECKPOINT_PREFIX = "step_"
+POSITION = ("step", "epoch", "batches_in_epoch")  # where a checkpoint's run stands, in TRAINING_STATE
+# What accelerator.save_state must have written for a resume: each a file (one process group) or,
+# second, a directory of shards (FSDP's sharded state dict).
+SAVED_STATE = {"model weights": ("model.safetensors", "pytorch_model_fsdp_0"),
+               "optimizer state": ("optimizer.bin", "optimizer_0"),
+               "learning-rate schedule": ("scheduler.bin",)}
 TRAINING_STATE = "training_state.json"
 COMPLETE_MARKER = "checkpoint_complete"
 MODEL_CONFIG = "model_config.json"  # the architecture, so that a checkpoint's model loads on its own
@@ -92,6 +99,9 @@ def checkpoint_problem(path: Path, world_size: int) -> str | None:
     for rank in range(world_size):
         if not (path / f"random_states_{rank}.pkl").is_file():
             return f"{path / f'random_states_{rank}.pkl'} is missing (the RNG state of process {rank})"
+    for what, names in SAVED_STATE.items():  # one file per process group, or a sharded (FSDP) directory
+        if not any((path / name).exists() for name in names):
+            return f"{path / names[0]} is missing (the {what})"
     for file in sorted(path.iterdir()):
         if file.suffix == ".safetensors":
             try:
@@ -164,48 +174,128 @@ def read_training_state(path: str | Path) -> dict:
         state = json.loads(file.read_text())
     except (OSError, ValueError) as err:
         raise InputError(f"{file} is unreadable or corrupt ({first_line(err)})") from None
-    missing = [key for key in ("step", "epoch", "batches_in_epoch") if key not in state] if isinstance(state, dict) \
-        else ["step"]
+    missing = [key for key in POSITION if key not in state] if isinstance(state, dict) else ["step"]
     if missing:
         raise InputError(f"{file} is corrupt (no {missing[0]!r})")
+    for key in POSITION:
+        if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
+            raise InputError(f"{file} is corrupt ({key!r} is {state[key]!r}, not a count)")
     return state
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints (--checkpoints_total_limit); returns them."""
-    old = list_checkpoints(output_dir)[:-keep] if keep > 0 else []
+    """Delete all but the newest `keep` complete checkpoints (--checkpoints_total_limit), and any
+    incomplete step_N of ours older than the oldest kept (a deletion cut short, say); returns them.
+    The marker goes first, so a deletion cut short leaves an incomplete checkpoint, never one that
+    looks complete with files missing."""
+    complete = list_checkpoints(output_dir)
+    old = complete[:-keep] if keep > 0 else []
+    kept = complete[-keep:] if keep > 0 else complete
+    if kept:
+        oldest_kept, written = _step(kept[0]), _written(Path(output_dir))
+        old += [p for p in Path(output_dir).iterdir() if p.name in written and p not in complete
+                and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name) and _step(p) < oldest_kept]
     for path in old:
+        remove_completion_marker(path)
         shutil.rmtree(path, ignore_errors=True)
-    return old
+    return sorted(old, key=_step)
 
 
-RUN_OUTPUTS = ("metrics.jsonl", "all_results.json")  # besides step_N: what a run writes and a new run must not mix
+def _step(path: Path) -> int:
+    return int(path.name.removeprefix(CHECKPOINT_PREFIX))
+
+
+# What a run of ours writes at the top of its output directory, besides step_N checkpoints. Each name
+# goes into MANIFEST before it is written, so that overwriting an output directory deletes only what
+# a run of ours wrote there, never a file of the user's that happens to sit beside it.
+RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt",
+             "tokenizer_config.json", "special_tokens_map.json", "metrics.jsonl", "all_results.json")
+MANIFEST = "gpt2_suite_outputs.json"  # {"written": [names]}: what runs of ours wrote in this directory
+LOCK_FILE = ".gpt2_suite.lock"  # held (flock) by the run writing here; holds its pid
 
 
 class OutputDirInUse(InputError):
-    """An output directory that already holds files: another run's, to be resumed or overwritten."""
+    """An output directory that already holds a run of ours: to be resumed or overwritten."""
+
+
+def _written(path: Path) -> set[str]:
+    try:
+        return set(json.loads((path / MANIFEST).read_text())["written"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def record_outputs(output_dir: str | Path, *names: str) -> None:
+    """Add names (files or directories directly in output_dir) to its manifest, before writing them."""
+    path = Path(output_dir)
+    written = _written(path)
+    if not set(names) <= written:
+        atomic_write_text(path / MANIFEST, json.dumps({"written": sorted(written | set(names))}, indent=2) + "\n")
+
+
+def _is_ours(entry: Path, written: set[str]) -> bool:
+    """Written by a run of ours: named in the manifest (the manifest and lock file included), or a
+    step_N checkpoint that carries our completion marker and training state."""
+    if entry.name in written or entry.name in (MANIFEST, LOCK_FILE):
+        return True
+    return bool(re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", entry.name)) and is_complete_checkpoint(entry)
+
+
+def _shown(entries: list[Path]) -> str:
+    names = sorted(p.name for p in entries)
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> list[Path]:
     """Refuse an output directory that can't be written or that holds another run (HF's rule: a
-    non-empty directory needs resuming or overwriting; OutputDirInUse). With overwrite, the earlier
-    run's checkpoints and logs are deleted (nothing else) and returned."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{path} is a file, not a directory")
-    existing = path if path.exists() else next((p for p in path.absolute().parents if p.exists()), Path("/"))
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{existing} is not writable")
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    non-empty directory needs resuming or overwriting; OutputDirInUse). With overwrite, what runs of
+    ours wrote there is deleted and returned; nothing else is touched, and files of someone else's
+    where this run would write (a config.json, a step_N) are refused rather than overwritten."""
+    path = check_writable_dir(output_dir)
+    entries = [p for p in path.iterdir() if p.name != LOCK_FILE] if path.is_dir() else []
     if not entries or resuming:
         return []
+    written = _written(path)
+    ours = [p for p in entries if _is_ours(p, written)]
+    theirs = [p for p in entries if p not in ours]
     if not overwrite:
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise OutputDirInUse(f"{path} already holds a run ({shown})")
-    removed = [p for p in path.iterdir() if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name) or p.name in RUN_OUTPUTS]
-    for p in removed:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return removed
+        if ours:
+            extra = f", beside files no run of ours wrote ({_shown(theirs)})" if theirs else ""
+            raise OutputDirInUse(f"{path} already holds a run ({_shown(ours)}){extra}")
+        raise InputError(f"{path} holds files that no run of ours wrote ({_shown(theirs)}); pick another output "
+                         f"directory (these would be left alone, but a run should have a directory of its own)")
+    in_the_way = [p for p in theirs if p.name in RUN_FILES or re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    if in_the_way:
+        raise InputError(f"{path} holds {_shown(in_the_way)}, which no run of ours wrote, where this run would write; "
+                         f"nothing was deleted: move them, or pick another output directory")
+    for p in ours:
+        if p.name != MANIFEST:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return [p for p in ours if p.name != MANIFEST]
+
+
+@contextlib.contextmanager
+def locked_output_dir(output_dir: str | Path):
+    """An exclusive lock on output_dir (created if need be) while the body runs: an OS file lock,
+    which the OS also releases when the process dies, however it dies, so a killed run never leaves
+    the directory locked. A second run meanwhile gets InputError naming the first one's pid."""
+    import fcntl
+
+    path = check_writable_dir(output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise InputError(f"{path} is in use by another run (pid {holder}); wait for it to end, or pick "
+                             f"another output directory") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield path  # closing the file at the end releases the lock
 
 
 def truncate_metrics(path: str | Path, step: int) -> int:
@@ -215,9 +305,18 @@ def truncate_metrics(path: str | Path, step: int) -> int:
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(kept))
+    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    atomic_write_text(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
     return len(lines) - len(kept)
+
+
+def _row_step(line: str) -> int | None:
+    """A metrics.jsonl row's step; None for a torn or garbled row (the run was killed mid-write)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("step", 0) if isinstance(row, dict) else None
 
 
 # Settings a resumed run must share with the checkpoint: anything else changes which examples land

@@ -20,7 +20,8 @@ Packing (non-streaming): every document is followed by the end-of-text token, th
 stream is cut into block_size rows, and only the final partial block is dropped (PackingStats
 says how many tokens). Both steps run through `datasets.map`, so they are cached on disk and run
 in parallel with num_proc; call them inside `accelerator.main_process_first()` so that one process
-builds the cache and the others read it.
+builds the cache and the others read it. Which document each token of a packed row belongs to, for
+document masking, is gpt2/documents.py's (WithDocumentIds collates it).
 
 Streaming (`load_raw_datasets(..., streaming=True)` then `stream_packed_blocks`): an
 IterableDataset, shuffled through a buffer and split between ranks with split_dataset_by_node, so
@@ -412,31 +413,6 @@ def tokenize_and_pack(raw, tokenizer, block_size: int, *, text_column: str | Non
             desc=f"Packing {split} into blocks of {block_size}",
         )
     return packed.with_format("torch"), stats
-
-
-def document_ids(input_ids: torch.Tensor, eot_id: int) -> torch.Tensor:
-    """(B, T) each token's document within its packed row: the count of end-of-text tokens before
-    it, so the end-of-text token that closes a document belongs to that document."""
-    ends = (input_ids == eot_id).long()
-    return ends.cumsum(dim=1) - ends
-
-
-class WithDocumentIds:
-    """A DataLoader collate_fn: the usual batch of {"input_ids": (B, T)} plus its "document_ids"
-    (document_ids above), for document-masked attention over packed rows, and with
-    restart_positions its "position_ids", 0 at the start of every document."""
-
-    def __init__(self, eot_id: int, restart_positions: bool = False):
-        self.eot_id, self.restart_positions = eot_id, restart_positions
-
-    def __call__(self, items):
-        from gpt2.model import document_positions
-
-        batch = torch.utils.data.default_collate(items)
-        batch["document_ids"] = document_ids(batch["input_ids"], self.eot_id)
-        if self.restart_positions:
-            batch["position_ids"] = document_positions(batch["document_ids"])
-        return batch
 
 
 def stream_packed_blocks(dataset, tokenizer, block_size: int, *, text_column: str | None = None):

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.data import BUILTIN_CORPUS, FILE_BUILDERS, file_builder, load_builtin_corpus
+from gpt2.documents import document_kwargs, document_positions
 from gpt2.errors import InputError, first_line
 from gpt2.hub import hub_offline, require_hub
 from gpt2.loss import IGNORE_INDEX
@@ -228,8 +229,6 @@ def collate_windows(items: list[dict], pad_token_id: int = 0, restart_positions:
             document_ids[row, n:] = item["document_ids"][-1] + 1
         batch["document_ids"] = document_ids
         if restart_positions:
-            from gpt2.model import document_positions
-
             batch["position_ids"] = document_positions(document_ids)
     return batch
 
@@ -250,8 +249,8 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def score_batch(model, batch: dict) -> torch.Tensor:
     """(B,) float64 NLL sums of a collated batch of windows (document-masked when it has document_ids)."""
-    documents = {name: batch[name] for name in ("document_ids", "position_ids") if name in batch}
-    return sequence_nll(model(batch["input_ids"], **documents), batch["labels"])
+    input_ids = batch["input_ids"]
+    return sequence_nll(model(input_ids, **document_kwargs(batch, input_ids.device)), batch["labels"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,3 +66,17 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
     if not os.access(existing if not path.exists() else path, os.W_OK):
         raise InputError(f"{path} can't be written ({existing if not path.exists() else path} is not writable)")
     return path
+
+
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """A directory this process can create or write into: InputError when path is a file, lies
+    under a file, or its nearest existing folder can't be written. Returns the path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} is a file, not a directory")
+    existing = path if path.exists() else next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    if not existing.is_dir():
+        raise InputError(f"{path} can't be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{existing} is not writable")
+    return path

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 
 from gpt2 import hf
 from gpt2.config import GPT2Config
+from gpt2.documents import prepare_documents
 from gpt2.errors import InputError
 from gpt2.generation import generate
 from gpt2.loss import IGNORE_INDEX, linear_cross_entropy
-from gpt2.registry import ATTENTION, NORM, check_available, prepare_documents
+from gpt2.registry import ATTENTION, NORM, check_available
 
 
 class LayerNorm(nn.Module):
@@ -57,16 +58,6 @@ def rotary_tables(config: GPT2Config, positions: torch.Tensor, dtype):
     if positions.dim() == 2:
         angles = angles[:, None]  # (B, 1, T, D): one table per row, shared by the heads
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) each token's position within its own document (ids non-decreasing along T): the
-    positions to use when every document should start at position 0."""
-    t = torch.arange(document_ids.shape[1], device=document_ids.device)
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    first = torch.where(starts, t, 0).cummax(dim=1).values  # where the token's document starts
-    return t - first
 
 
 def apply_rotary(x, cos, sin):
@@ -178,7 +169,7 @@ class GPT2(nn.Module):
     def hidden_states(self, input_ids, kv_caches=None, document_ids=None, position_ids=None):
         """The final LayerNorm's output, (B, T, C). With KV caches, input_ids continue the cached
         prefix. document_ids (B, T): attention stays within each document (packed rows);
-        position_ids (B, T): positions other than 0..T-1 (document_positions(document_ids)
+        position_ids (B, T): positions other than 0..T-1 (gpt2.documents.document_positions
         restarts them at every document)."""
         B, T = input_ids.shape
         past = kv_caches[0].length if kv_caches else 0

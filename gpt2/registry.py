@@ -3,20 +3,22 @@
 Attention implementations take q (B, H, Tq, D) and k, v (B, H_kv, Tk, D) with H_kv dividing H
 and Tq <= Tk, and return (B, H, Tq, D). When causal, the queries are the last Tq positions of
 the Tk keys (bottom-right alignment), which is what a KV cache needs. For packed documents they
-take `documents`, what prepare_documents built from the ids once per forward for every layer
-(the dense mask for eager and sdpa, our kernel's document bounds for triton).
+take `documents`, what gpt2.documents.prepare_documents built from the ids once per forward for
+every layer (the dense mask for eager and sdpa, our kernel's document bounds for triton).
 
 LayerNorm implementations come in pairs: `norm(x, weight, bias, eps)` and
 `add_norm(x, residual, weight, bias, eps) -> (normed, x + residual)`.
 
-The "triton" entries import the kernels package lazily, so the model runs where Triton can't.
+Everything from gpt2_kernels is imported on first use, not with this module: the "triton" entries
+need Triton, and importing it must wait until the program has chosen Triton's mode (the interpreter,
+TRITON_INTERPRET=1, for CPU tensors). "eager" is the dense reference of gpt2_kernels/reference.py,
+which needs torch only, so the model runs where Triton can't.
 The config field names the implementation; modules look it up on every call, so switching an
 existing model's kernels is a change of config, not a rebuild.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 
@@ -24,36 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.errors import InputError
-
-
-def _causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
-    """(Tq, Tk) bool, True where query i (at position Tk - Tq + i) may attend to key j."""
-    offset = t_k - t_q
-    rows = torch.arange(t_q, device=device)[:, None]
-    cols = torch.arange(t_k, device=device)[None, :]
-    return cols <= rows + offset
-
-
-def document_mask(document_ids: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(B, 1, T, T) bool, True where query i may attend to key j: the same document (ids (B, T),
-    non-decreasing along T) and, when causal, j <= i. The dense form of what our kernel does."""
-    mask = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-    if causal:
-        t = document_ids.shape[1]
-        mask = mask & _causal_mask(t, t, document_ids.device)
-    return mask[:, None]
-
-
-def prepare_documents(attn_impl: str, document_ids: torch.Tensor):
-    """What attn_impl takes as `documents` for causal attention within each document of ids (B, T),
-    non-decreasing along T: the dense (B, 1, T, T) mask for eager and sdpa, the document bounds for
-    triton (gpt2_kernels.document_bounds, which checks the order: one device-to-host sync). Built once
-    per forward and shared by every layer, as flash-attn's cu_seqlens or FlexAttention's block mask."""
-    if attn_impl == "triton":
-        from gpt2_kernels import document_bounds
-
-        return document_bounds(document_ids)
-    return document_mask(document_ids, causal=True)
 
 
 def _check_documents(q, k, documents, causal) -> None:
@@ -69,26 +41,17 @@ def _check_documents(q, k, documents, causal) -> None:
 
 
 def eager_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, documents=None):
-    """The readable reference: softmax(q k^T * scale + mask) v, materialising the scores. With
-    documents (prepare_documents: the dense mask, causal included), a query sees only keys of its
-    own document."""
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:  # grouped-query: each K/V head serves n_rep query heads
-        k = k.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, D)
-        v = v.repeat_interleave(n_rep, dim=1)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    """The readable reference: softmax(q k^T * scale + mask) v, materialising the scores, in the
+    inputs' precision with the softmax in fp32 (gpt2_kernels' attention_ref, the one the kernels
+    are tested against). With documents (prepare_documents: the dense mask, causal included), a
+    query sees only keys of its own document."""
     if documents is not None:
         _check_documents(q, k, documents, causal)
-        scores = scores.masked_fill(~documents, float("-inf"))
-    elif causal:
-        mask = _causal_mask(q.shape[2], k.shape[2], q.device)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    # Softmax in at least fp32, so half-precision scores don't lose the small probabilities.
-    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p)
-    return probs @ v  # (B, H, Tq, D)
+        causal = False  # the mask holds the causal part
+    from gpt2_kernels.reference import attention_ref
+
+    return attention_ref(q, k, v, causal=causal, softmax_scale=softmax_scale, upcast=False, mask=documents,
+                         dropout_p=dropout_p)  # (B, H, Tq, D)
 
 
 def sdpa_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, documents=None):
@@ -102,7 +65,9 @@ def sdpa_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None, d
         mask, causal = documents, False  # the mask holds the causal part
     elif causal and t_q != t_k and t_q > 1:
         # is_causal aligns top-left; a KV cache needs bottom-right. One query sees every key.
-        mask = _causal_mask(t_q, t_k, q.device)
+        from gpt2_kernels.reference import causal_mask
+
+        mask = causal_mask(t_q, t_k, q.device)
     return F.scaled_dot_product_attention(
         q, k, v,
         attn_mask=mask,
@@ -208,4 +173,5 @@ def check_available(attn_impl: str, norm_impl: str) -> None:
         reason = triton_unavailable_reason()
         if reason:
             raise KernelUnavailableError(reason)
-        import gpt2_kernels  # noqa: F401
+        import gpt2_kernels.attention  # noqa: F401
+        import gpt2_kernels.layer_norm  # noqa: F401

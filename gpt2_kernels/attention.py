@@ -50,10 +50,12 @@ whose autograd formula calls (with the same bounds, saved: not recomputed)
 
 (returns unnamed in the schemas; lse is non-differentiable and not returned by ``flash_attention``).
 On CUDA the ops run the launchers below; on CPU they run them too under the interpreter, and
-otherwise the same math in plain PyTorch (fp32 inside, scores materialised), so an exported or
-compiled graph holding the ops has a meaning off-GPU. Their fake implementations allocate exactly
-as the launchers do (out, dq, dk, dv as (B, H, T, D) views of (B, T, H, D) storage; lse (B, H, T)
-fp32). torch.compile(fullgraph=True) and torch.export keep each op as one opaque node.
+otherwise the same math in plain PyTorch, fp32 inside, scores materialised (the forward is
+``attention_ref`` of gpt2_kernels/reference.py, the backward its derivation below on the same
+scores), so an exported or compiled graph holding the ops has a meaning off-GPU. Their fake
+implementations allocate exactly as the launchers do (out, dq, dk, dv as (B, H, T, D) views of
+(B, T, H, D) storage; lse (B, H, T) fp32). torch.compile(fullgraph=True) and torch.export keep each
+op as one opaque node.
 
 FLOPs: both ops carry torch.utils.flop_counter formulas, torch's own for SDPA, so FlopCounterMode
 counts them exactly as it counts ``scaled_dot_product_attention`` on CUDA: the full T x T square,
@@ -61,7 +63,8 @@ causal or not (no halving for the mask), every query head (K/V heads of GQA coun
 forward 4 B H T^2 D (QK^T and PV), backward 10 B H T^2 D (S recomputed, then dP, dV, dQ, dK). The
 forward equals what the matmuls of eager attention count; the backward counts the recomputation of
 S (2 B H T^2 D) that eager autograd does not do. FlopCounterMode copies the formula registry when
-it is created: import this package (building a model with attn_impl="triton" does) first.
+it is created: import this module first (gpt2_kernels.flash_attention, or building a model with
+attn_impl="triton", does).
 
 Algorithm (FlashAttention-2, Dao 2023, arXiv:2307.08691; Triton tutorial 06)
 -------------------------------------------------------------------------
@@ -126,7 +129,6 @@ still cover the multi-block and diagonal-split logic (BLOCK_M = 2 BLOCK_N).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -135,6 +137,7 @@ import triton.language as tl
 from torch.utils import flop_counter
 
 from . import utils
+from .reference import attention_ref, attention_scale, attention_scores, repeat_kv
 from .utils import LN2, LOG2E
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -142,6 +145,13 @@ MAX_HEAD_DIM = 256
 # Sequence blocks go on grid axis 1, which CUDA caps at 65,535 programs; no config's row block on
 # that axis (BLOCK_M, BLOCK_N1, BLOCK_M2, the preprocess block) is under 32 rows.
 MAX_SEQ_LEN = 65535 * 32
+
+# The masks a key (or query) loop applies to its blocks, its MASK argument, named for what each one
+# hides. tl.constexpr, like LOG2E, so each loop compiles only its own mask's code.
+MASK_NONE = tl.constexpr(0)  # none: every position in the loop's range is valid and visible
+MASK_CAUSAL = tl.constexpr(1)  # the diagonal: keys after the query (with documents, also before its document)
+MASK_TAIL = tl.constexpr(2)  # the partial last block: positions >= T
+MASK_DOCUMENT = tl.constexpr(3)  # outside each row's document [doc_start, doc_end) (doc_end <= T: the tail too)
 
 
 def _tiles(names: tuple[str, str], by_head_dim: dict[int, list[tuple]]) -> dict[int, list[triton.Config]]:
@@ -357,35 +367,35 @@ def _attn_fwd_inner(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
-    """Online softmax over key blocks [lo, hi). MASK: 0 none (every key valid and visible),
-    1 causal diagonal (key <= query; also excludes keys >= T for every real query row; with
-    HAS_DOCS also the document mask), 2 sequence tail (key < T), 3 document only (HAS_DOCS:
-    row_start <= key < row_end, each query row's document; row_end <= T excludes the tail).
+    """Online softmax over key blocks [lo, hi). MASK: MASK_NONE (every key valid and visible),
+    MASK_CAUSAL (key <= query; also excludes keys >= T for every real query row; with HAS_DOCS also
+    the document mask), MASK_TAIL (key < T), MASK_DOCUMENT (HAS_DOCS: row_start <= key < row_end,
+    each query row's document; row_end <= T excludes the tail).
     qk_scale >= 0 (attention_fwd moves a negative scale's sign onto q).
     The masked loops are a few blocks long: no software pipelining there (num_stages=1)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASK > 0 else None):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASK != MASK_NONE else None):
         offs_n = start_n + offs_n0
-        k = _load_tile(k_base, offs_n, stride_kt, offs_d, T, HEAD_DIM, MASK > 0)
-        v = _load_tile(v_base, offs_n, stride_vt, offs_d, T, HEAD_DIM, MASK > 0)
+        k = _load_tile(k_base, offs_n, stride_kt, offs_d, T, HEAD_DIM, MASK != MASK_NONE)
+        v = _load_tile(v_base, offs_n, stride_vt, offs_d, T, HEAD_DIM, MASK != MASK_NONE)
         qk = _dot(q, tl.trans(k), None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N) raw scores
         # Every row has seen at least one visible key before (or in) its first masked block, so
         # m_new is finite and no exp2(-inf - -inf) NaN can arise.
-        if MASK == 0:
+        if MASK == MASK_NONE:
             # max(s) = max(qk) * qk_scale for qk_scale >= 0, so s - m_new is one FMA per score.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_ref = m_new
             p = tl.exp2(tl.fma(qk, qk_scale, -m_ref[:, None]))
         else:
             s = qk * qk_scale  # log2 units; scaled before masking, so qk_scale = 0 meets no -inf * 0
-            if MASK == 1:
+            if MASK == MASK_CAUSAL:
                 visible = offs_m[:, None] >= offs_n[None, :]
                 if HAS_DOCS:
                     visible = visible & (offs_n[None, :] >= row_start[:, None])
                 s = tl.where(visible, s, float("-inf"))
-            elif MASK == 2:
+            elif MASK == MASK_TAIL:
                 s = tl.where(offs_n[None, :] < T, s, float("-inf"))
-            else:
+            else:  # MASK_DOCUMENT
                 visible = (offs_n[None, :] >= row_start[:, None]) & (offs_n[None, :] < row_end[:, None])
                 s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -449,14 +459,14 @@ def _attn_fwd_kernel(
         # document with this query block and are never visited.
         row_start, row_end = _doc_rows(DOC_START, DOC_END, off_b, offs_m, T)
         lo, mid1, mid2, hi = _doc_key_blocks(DOC_START, DOC_END, off_b, start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
-        EDGE_MASK: tl.constexpr = 1 if CAUSAL else 3
+        EDGE_MASK: tl.constexpr = MASK_CAUSAL if CAUSAL else MASK_DOCUMENT
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, mid1, T, qk_scale,
-            row_start, row_end, HEAD_DIM, BLOCK_N, 3, DOT_PRECISION, True,
+            row_start, row_end, HEAD_DIM, BLOCK_N, MASK_DOCUMENT, DOT_PRECISION, True,
         )
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid1, mid2, T, qk_scale,
-            row_start, row_end, HEAD_DIM, BLOCK_N, 0, DOT_PRECISION, True,
+            row_start, row_end, HEAD_DIM, BLOCK_N, MASK_NONE, DOT_PRECISION, True,
         )
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid2, hi, T, qk_scale,
@@ -467,10 +477,10 @@ def _attn_fwd_kernel(
             mid, hi = start_m, tl.minimum(start_m + BLOCK_M, T)
         else:
             mid, hi = (T // BLOCK_N) * BLOCK_N, T
-        EDGE_MASK: tl.constexpr = 1 if CAUSAL else 2
+        EDGE_MASK: tl.constexpr = MASK_CAUSAL if CAUSAL else MASK_TAIL
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, mid, T, qk_scale,
-            None, None, HEAD_DIM, BLOCK_N, 0, DOT_PRECISION, False,
+            None, None, HEAD_DIM, BLOCK_N, MASK_NONE, DOT_PRECISION, False,
         )
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid, hi, T, qk_scale,
@@ -512,17 +522,16 @@ def _attn_bwd_dkdv_inner(
     HAS_DOCS: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over query blocks [lo, hi), working transposed
-    (keys on rows). MASK: 0 none, 1 causal diagonal (query >= key; with HAS_DOCS also the
-    document mask), 2 sequence tail (loads of query rows >= T read zeros: q = dO = 0 and
-    lse = delta = 0 there, so their P^T dO and dS^T Q terms vanish without a score mask),
-    3 document only (HAS_DOCS: key_start <= query < key_end, each key's document; key_end <= T
-    excludes the query rows >= T)."""
+    (keys on rows). MASK: MASK_NONE, MASK_CAUSAL (query >= key; with HAS_DOCS also the document
+    mask), MASK_TAIL (loads of query rows >= T read zeros: q = dO = 0 and lse = delta = 0 there,
+    so their P^T dO and dS^T Q terms vanish without a score mask), MASK_DOCUMENT (HAS_DOCS:
+    key_start <= query < key_end, each key's document; key_end <= T excludes the query rows >= T)."""
     offs_m0 = tl.arange(0, BLOCK_M1)
-    for start_m in tl.range(lo, hi, BLOCK_M1, num_stages=1 if MASK > 0 else None):  # masked: a few steps
+    for start_m in tl.range(lo, hi, BLOCK_M1, num_stages=1 if MASK != MASK_NONE else None):  # masked: a few steps
         offs_m = start_m + offs_m0
-        q = _load_tile(q_base, offs_m, stride_qt, offs_d, T, HEAD_DIM, MASK > 0)
-        do = _load_tile(do_base, offs_m, stride_dot, offs_d, T, HEAD_DIM, MASK > 0)
-        if MASK > 0:
+        q = _load_tile(q_base, offs_m, stride_qt, offs_d, T, HEAD_DIM, MASK != MASK_NONE)
+        do = _load_tile(do_base, offs_m, stride_dot, offs_d, T, HEAD_DIM, MASK != MASK_NONE)
+        if MASK != MASK_NONE:
             lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
         else:
@@ -530,12 +539,12 @@ def _attn_bwd_dkdv_inner(
             delta = tl.load(delta_base + offs_m)
         s_t = _dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale  # S^T, log2 units
         p_t = tl.exp2(s_t - (lse * LOG2E)[None, :])  # P^T = exp(S - lse)^T
-        if MASK == 1:
+        if MASK == MASK_CAUSAL:
             visible = offs_m[None, :] >= offs_n[:, None]
             if HAS_DOCS:
                 visible = visible & (offs_m[None, :] < key_end[:, None])
             p_t = tl.where(visible, p_t, 0.0)
-        elif MASK == 3:
+        elif MASK == MASK_DOCUMENT:
             visible = (offs_m[None, :] >= key_start[:, None]) & (offs_m[None, :] < key_end[:, None])
             p_t = tl.where(visible, p_t, 0.0)
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)  # dV += P^T dO
@@ -610,32 +619,34 @@ def _attn_bwd_dkdv_kernel(
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
                 offs_n, offs_d, start_n, tl.minimum(start_n + BLOCK_N1, T), T, qk_scale, key_start, key_end,
-                HEAD_DIM, BLOCK_M1, 1, DOT_PRECISION, HAS_DOCS,
+                HEAD_DIM, BLOCK_M1, MASK_CAUSAL, DOT_PRECISION, HAS_DOCS,
             )
         if HAS_DOCS:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
-                offs_n, offs_d, doc_lo, mid1, T, qk_scale, key_start, key_end, HEAD_DIM, BLOCK_M1, 3, DOT_PRECISION,
-                True,
+                offs_n, offs_d, doc_lo, mid1, T, qk_scale, key_start, key_end, HEAD_DIM, BLOCK_M1, MASK_DOCUMENT,
+                DOT_PRECISION, True,
             )
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
-                offs_n, offs_d, mid1, mid2, T, qk_scale, key_start, key_end, HEAD_DIM, BLOCK_M1, 0, DOT_PRECISION,
-                True,
+                offs_n, offs_d, mid1, mid2, T, qk_scale, key_start, key_end, HEAD_DIM, BLOCK_M1, MASK_NONE,
+                DOT_PRECISION, True,
             )
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
-                offs_n, offs_d, mid2, doc_hi, T, qk_scale, key_start, key_end, HEAD_DIM, BLOCK_M1, 3,
+                offs_n, offs_d, mid2, doc_hi, T, qk_scale, key_start, key_end, HEAD_DIM, BLOCK_M1, MASK_DOCUMENT,
                 DOT_PRECISION, True,
             )
         else:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
-                offs_n, offs_d, lo, t_full, T, qk_scale, None, None, HEAD_DIM, BLOCK_M1, 0, DOT_PRECISION, False,
+                offs_n, offs_d, lo, t_full, T, qk_scale, None, None, HEAD_DIM, BLOCK_M1, MASK_NONE, DOT_PRECISION,
+                False,
             )
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt, stride_dot,
-                offs_n, offs_d, t_full, T, T, qk_scale, None, None, HEAD_DIM, BLOCK_M1, 2, DOT_PRECISION, False,
+                offs_n, offs_d, t_full, T, T, qk_scale, None, None, HEAD_DIM, BLOCK_M1, MASK_TAIL, DOT_PRECISION,
+                False,
             )
 
     dk = dk * softmax_scale  # dK = scale dS^T Q
@@ -650,24 +661,24 @@ def _attn_bwd_dq_inner(
     HEAD_DIM: tl.constexpr, BLOCK_N2: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
-    """Accumulate dQ of one query block over key blocks [lo, hi). MASK: 0 none, 1 causal
-    diagonal (key <= query; with HAS_DOCS also the document mask), 2 sequence tail (key < T),
-    3 document only (HAS_DOCS: row_start <= key < row_end)."""
+    """Accumulate dQ of one query block over key blocks [lo, hi). MASK: MASK_NONE, MASK_CAUSAL
+    (key <= query; with HAS_DOCS also the document mask), MASK_TAIL (key < T), MASK_DOCUMENT
+    (HAS_DOCS: row_start <= key < row_end)."""
     offs_n0 = tl.arange(0, BLOCK_N2)
-    for start_n in tl.range(lo, hi, BLOCK_N2, num_stages=1 if MASK > 0 else None):  # masked: a few steps
+    for start_n in tl.range(lo, hi, BLOCK_N2, num_stages=1 if MASK != MASK_NONE else None):  # masked: a few steps
         offs_n = start_n + offs_n0
-        k = _load_tile(k_base, offs_n, stride_kt, offs_d, T, HEAD_DIM, MASK > 0)
-        v = _load_tile(v_base, offs_n, stride_vt, offs_d, T, HEAD_DIM, MASK > 0)
+        k = _load_tile(k_base, offs_n, stride_kt, offs_d, T, HEAD_DIM, MASK != MASK_NONE)
+        v = _load_tile(v_base, offs_n, stride_vt, offs_d, T, HEAD_DIM, MASK != MASK_NONE)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # log2 units
         p = tl.exp2(s - lse2[:, None])  # P = exp(S - lse)
-        if MASK == 1:
+        if MASK == MASK_CAUSAL:
             visible = offs_m[:, None] >= offs_n[None, :]
             if HAS_DOCS:
                 visible = visible & (offs_n[None, :] >= row_start[:, None])
             p = tl.where(visible, p, 0.0)
-        elif MASK == 2:
+        elif MASK == MASK_TAIL:
             p = tl.where(offs_n[None, :] < T, p, 0.0)
-        elif MASK == 3:
+        elif MASK == MASK_DOCUMENT:
             visible = (offs_n[None, :] >= row_start[:, None]) & (offs_n[None, :] < row_end[:, None])
             p = tl.where(visible, p, 0.0)
         dp = _dot(do, tl.trans(v), None, DOT_PRECISION)  # dP = dO V^T
@@ -717,14 +728,14 @@ def _attn_bwd_dq_kernel(
         # Documents: the forward kernel's three key ranges (blocks sharing no document skipped).
         row_start, row_end = _doc_rows(DOC_START, DOC_END, off_b, offs_m, T)
         lo, mid1, mid2, hi = _doc_key_blocks(DOC_START, DOC_END, off_b, start_m, T, BLOCK_M2, BLOCK_N2, CAUSAL)
-        EDGE_MASK: tl.constexpr = 1 if CAUSAL else 3
+        EDGE_MASK: tl.constexpr = MASK_CAUSAL if CAUSAL else MASK_DOCUMENT
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, mid1, T, qk_scale,
-            row_start, row_end, HEAD_DIM, BLOCK_N2, 3, DOT_PRECISION, True,
+            row_start, row_end, HEAD_DIM, BLOCK_N2, MASK_DOCUMENT, DOT_PRECISION, True,
         )
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid1, mid2, T, qk_scale,
-            row_start, row_end, HEAD_DIM, BLOCK_N2, 0, DOT_PRECISION, True,
+            row_start, row_end, HEAD_DIM, BLOCK_N2, MASK_NONE, DOT_PRECISION, True,
         )
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid2, hi, T, qk_scale,
@@ -735,10 +746,10 @@ def _attn_bwd_dq_kernel(
             mid, hi = start_m, tl.minimum(start_m + BLOCK_M2, T)
         else:
             mid, hi = (T // BLOCK_N2) * BLOCK_N2, T
-        EDGE_MASK: tl.constexpr = 1 if CAUSAL else 2
+        EDGE_MASK: tl.constexpr = MASK_CAUSAL if CAUSAL else MASK_TAIL
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, mid, T, qk_scale,
-            None, None, HEAD_DIM, BLOCK_N2, 0, DOT_PRECISION, False,
+            None, None, HEAD_DIM, BLOCK_N2, MASK_NONE, DOT_PRECISION, False,
         )
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, mid, hi, T, qk_scale,
@@ -770,10 +781,6 @@ def _fwd_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _bwd_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv), allocated like q, k, v but each laid out as _empty_bhtd."""
     return tuple(_empty_bhtd(*x.shape, x.dtype, x.device) for x in (q, k, v))
-
-
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _contiguous_bounds(doc_start, doc_end):
@@ -844,14 +851,6 @@ def _check_bounds(q: torch.Tensor, doc_start, doc_end) -> None:
 DOCUMENT_ID_DTYPES = (torch.int32, torch.int64)
 
 
-class DocumentBounds(NamedTuple):
-    """Each token's document as positions [start, end) of its row: int32 (B, T) tensors, contiguous.
-    Build with document_bounds(document_ids); pass as flash_attention's document_ids."""
-
-    start: torch.Tensor
-    end: torch.Tensor
-
-
 def _check_document_ids(document_ids, q: torch.Tensor | None = None) -> None:
     """document_ids: an int32/int64 (B, T) tensor (q's batch and seq_len, on q's device, when given)."""
     if not isinstance(document_ids, torch.Tensor):
@@ -869,26 +868,6 @@ def _check_document_ids(document_ids, q: torch.Tensor | None = None) -> None:
         raise ValueError(f"flash_attention: document_ids must be on q's device {q.device}, got {document_ids.device}")
 
 
-def document_bounds(document_ids: torch.Tensor) -> DocumentBounds:
-    """The document bounds flash_attention works from, for ids (B, T) non-decreasing along T: one
-    small reduction and a device-to-host sync check the order (skipped while torch.compile traces,
-    a data-dependent branch, where the order is unchecked), a few small ops find the bounds. Build
-    them once per batch and pass them to every layer. A document is a run of equal ids."""
-    _check_document_ids(document_ids)
-    if not torch.compiler.is_compiling() and document_ids.shape[1] > 1:
-        if bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
-            raise ValueError("flash_attention: document_ids must be non-decreasing along the sequence in every row")
-    b, t = document_ids.shape
-    pos = torch.arange(t, dtype=torch.int32, device=document_ids.device).expand(b, t)
-    starts_here = torch.ones(b, t, dtype=torch.bool, device=document_ids.device)
-    starts_here[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    ends_here = torch.ones_like(starts_here)
-    ends_here[:, :-1] = starts_here[:, 1:]
-    doc_start = torch.where(starts_here, pos, 0).cummax(dim=1).values
-    doc_end = torch.where(ends_here, pos + 1, t).flip(1).cummin(dim=1).values.flip(1)
-    return DocumentBounds(doc_start.to(torch.int32).contiguous(), doc_end.to(torch.int32).contiguous())
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: IEEE products unless PyTorch itself allows TF32 for matmuls; halves: native
     (the value is then ignored), except bf16 under the interpreter (see _dot)."""
@@ -901,10 +880,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
-
-
-def _scale(head_dim: int, softmax_scale: float | None) -> float:
-    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
 
 
 def _grid(heads: int, t: int, block: int) -> tuple[int, int]:
@@ -929,11 +904,11 @@ def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None, doc_start=
     """Validate and launch the forward kernel. Returns (out, lse): out (B, H, T, D) in q's dtype,
     lse (B, H, T) fp32, the natural-log logsumexp of each row's scaled scores."""
     _check_inputs(q, k, v, doc_start, doc_end)
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    q, k, v = utils.unit_last_stride(q), utils.unit_last_stride(k), utils.unit_last_stride(v)
     doc_start, doc_end = _contiguous_bounds(doc_start, doc_end)
     b, h, t, d = q.shape
     h_kv = k.shape[1]
-    scale = _scale(d, softmax_scale)
+    scale = attention_scale(d, softmax_scale)
     out, lse = _fwd_outputs(q)
     if out.numel() == 0:
         return out, lse
@@ -953,12 +928,12 @@ def attention_fwd(q, k, v, causal: bool, softmax_scale: float | None, doc_start=
 def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None, doc_start=None, doc_end=None):
     """Launch the backward kernels (preprocess delta, dK/dV, dQ). Returns (dq, dk, dv) shaped and
     typed like q, k, v."""
-    dout = _unit_last_stride(dout)
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    dout = utils.unit_last_stride(dout)
+    q, k, v = utils.unit_last_stride(q), utils.unit_last_stride(k), utils.unit_last_stride(v)
     doc_start, doc_end = _contiguous_bounds(doc_start, doc_end)
     b, h, t, d = q.shape
     h_kv = k.shape[1]
-    scale = _scale(d, softmax_scale)
+    scale = attention_scale(d, softmax_scale)
     qk_scale = scale * LOG2E.value  # log2(e): scores in log2 units
     block_d = _block_d(d)
     dq, dk, dv = _bwd_outputs(q, k, v)
@@ -995,48 +970,38 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | 
 # ----------------------------------------------------------------------------------------------
 
 
-def _visible(t: int, causal: bool, doc_start, doc_end, device) -> torch.Tensor | None:
-    """The dense mask of visible (query, key) pairs, (T, T) or (B, 1, T, T); None when all are."""
-    visible = torch.ones(t, t, dtype=torch.bool, device=device).tril() if causal else None
-    if doc_start is not None:
-        keys = torch.arange(t, device=device)
-        same_doc = ((keys >= doc_start[:, :, None]) & (keys < doc_end[:, :, None]))[:, None]  # (B, 1, T, T)
-        visible = same_doc if visible is None else same_doc & visible
-    return visible
-
-
-def _scores_math(q, k, v, causal: bool, scale: float, doc_start=None, doc_end=None):
-    """(S, K, V) in fp32 for the math implementations: K and V repeated to q's heads (B, H, T, D),
-    S = scale Q K^T (B, H, T, T), -inf above the diagonal when causal and between documents."""
-    n_rep = q.shape[1] // k.shape[1]
-    k32 = k.float().repeat_interleave(n_rep, dim=1)
-    v32 = v.float().repeat_interleave(n_rep, dim=1)
-    s = (q.float() @ k32.transpose(-2, -1)) * scale
-    visible = _visible(q.shape[2], causal, doc_start, doc_end, q.device)
-    if visible is not None:
-        s = s.masked_fill(~visible, float("-inf"))
-    return s, k32, v32
+def _bounds_mask(doc_start, doc_end) -> torch.Tensor | None:
+    """The dense mask of the document bounds, (B, 1, T, T) bool, True where key n is in query m's
+    document (doc_start[m] <= n < doc_end[m]); None without documents."""
+    if doc_start is None:
+        return None
+    keys = torch.arange(doc_start.shape[1], device=doc_start.device)
+    return ((keys >= doc_start[:, :, None]) & (keys < doc_end[:, :, None]))[:, None]  # (B, 1, T, T)
 
 
 def _attention_fwd_math(q, k, v, causal: bool, softmax_scale: float | None, doc_start=None, doc_end=None):
-    """attention_fwd in plain PyTorch, fp32 inside, materialising the scores: the op's CPU
-    implementation without the interpreter. Same outputs, layout and dtypes as the kernel's."""
-    s, _, v32 = _scores_math(q, k, v, causal, _scale(q.shape[-1], softmax_scale), doc_start, doc_end)
+    """attention_fwd as the dense reference (gpt2_kernels/reference.py) computes it in fp32,
+    materialising the scores: the op's CPU implementation without the interpreter. Same outputs,
+    layout and dtypes as the kernel's."""
+    out32, lse32 = attention_ref(q.float(), k.float(), v.float(), causal, softmax_scale, upcast=False,
+                                 mask=_bounds_mask(doc_start, doc_end), return_lse=True)
     out, lse = _fwd_outputs(q)
-    lse.copy_(torch.logsumexp(s, dim=-1))
-    out.copy_(torch.exp(s - lse[..., None]) @ v32)  # P V
+    out.copy_(out32)
+    lse.copy_(lse32)
     return out, lse
 
 
 def _attention_bwd_math(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None, doc_start=None,
                         doc_end=None):
-    """attention_bwd in plain PyTorch, fp32 inside, by the derivation in the module docstring."""
+    """attention_bwd in plain PyTorch, fp32 inside, by the derivation in the module docstring, on
+    the reference's scores."""
     b, h, t, d = q.shape
     h_kv = k.shape[1]
     n_rep = h // h_kv
-    scale = _scale(d, softmax_scale)
-    s, k32, v32 = _scores_math(q, k, v, causal, scale, doc_start, doc_end)
+    scale = attention_scale(d, softmax_scale)
     q32, do32 = q.float(), dout.float()
+    k32, v32 = repeat_kv(k.float(), n_rep), repeat_kv(v.float(), n_rep)  # (B, H, T, D)
+    s = attention_scores(q32, k32, causal, scale, mask=_bounds_mask(doc_start, doc_end))  # S = scale Q K^T
     p = torch.exp(s - lse[..., None])  # P = exp(S - lse)
     dp = do32 @ v32.transpose(-2, -1)  # dP = dO V^T
     delta = (do32 * out.float()).sum(-1, keepdim=True)  # delta = rowsum(dO * O)
@@ -1119,8 +1084,36 @@ utils.define_op(
 
 
 # ----------------------------------------------------------------------------------------------
-# Public function
+# Public API
 # ----------------------------------------------------------------------------------------------
+
+
+class DocumentBounds(NamedTuple):
+    """Each token's document as positions [start, end) of its row: int32 (B, T) tensors, contiguous.
+    Build with document_bounds(document_ids); pass as flash_attention's document_ids."""
+
+    start: torch.Tensor
+    end: torch.Tensor
+
+
+def document_bounds(document_ids: torch.Tensor) -> DocumentBounds:
+    """The document bounds flash_attention works from, for ids (B, T) non-decreasing along T: one
+    small reduction and a device-to-host sync check the order (skipped while torch.compile traces,
+    a data-dependent branch, where the order is unchecked), a few small ops find the bounds. Build
+    them once per batch and pass them to every layer. A document is a run of equal ids."""
+    _check_document_ids(document_ids)
+    if not torch.compiler.is_compiling() and document_ids.shape[1] > 1:
+        if bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
+            raise ValueError("flash_attention: document_ids must be non-decreasing along the sequence in every row")
+    b, t = document_ids.shape
+    pos = torch.arange(t, dtype=torch.int32, device=document_ids.device).expand(b, t)
+    starts_here = torch.ones(b, t, dtype=torch.bool, device=document_ids.device)
+    starts_here[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    ends_here = torch.ones_like(starts_here)
+    ends_here[:, :-1] = starts_here[:, 1:]
+    doc_start = torch.where(starts_here, pos, 0).cummax(dim=1).values
+    doc_end = torch.where(ends_here, pos + 1, t).flip(1).cummin(dim=1).values.flip(1)
+    return DocumentBounds(doc_start.to(torch.int32).contiguous(), doc_end.to(torch.int32).contiguous())
 
 
 def flash_attention(
@@ -1153,36 +1146,3 @@ def flash_attention(
         q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale), doc_start, doc_end
     )
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference (tests and benchmarks use this one)
-# ----------------------------------------------------------------------------------------------
-
-
-def attention_ref(
-    q, k, v, causal: bool = True, softmax_scale: float | None = None, upcast: bool = True, document_ids=None
-):
-    """Plain PyTorch attention with the same contract as flash_attention, materialising the scores.
-    document_ids (B, T): a query sees only keys of its own id (the dense mask; any order of ids).
-
-    upcast=True computes in float64 and returns float64: the ground truth for tests.
-    upcast=False computes in the inputs' dtype, step by step as eager PyTorch would (scores,
-    softmax and P V each rounded to that dtype): the "same-precision PyTorch" error baseline.
-    """
-    dtype = torch.float64 if upcast else q.dtype
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
-        v = v.repeat_interleave(n_rep, dim=1)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
-    if causal:
-        t_q, t_k = q.shape[2], k.shape[2]
-        visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~visible, float("-inf"))
-    if document_ids is not None:
-        same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-        scores = scores.masked_fill(~same_doc[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v  # (B, H, T, D)

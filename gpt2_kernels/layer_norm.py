@@ -93,7 +93,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -276,14 +275,9 @@ def _layer_norm_dwdb_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
-    """t, or a contiguous copy when its last stride isn't 1: the kernels index columns as contiguous."""
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as (M, N) with unit column stride, a view when possible."""
-    return _unit_stride(x.reshape(-1, x.shape[-1]))
+    return utils.unit_last_stride(x.reshape(-1, x.shape[-1]))
 
 
 def _out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
@@ -343,7 +337,7 @@ def layer_norm_fwd(x, weight, bias, eps: float, residual=None):
     """Validate and launch the forward kernel. Returns (y, z, mean, rstd): y shaped like x, z the
     new residual stream x + residual (None without residual), mean/rstd fp32 of shape (M,)."""
     _check_inputs(x, residual, weight, bias)
-    weight, bias = _unit_stride(weight), _unit_stride(bias)
+    weight, bias = utils.unit_last_stride(weight), utils.unit_last_stride(bias)
     n = x.shape[-1]
     x2 = _rows(x)
     m = x2.shape[0]
@@ -380,7 +374,7 @@ def layer_norm_bwd(dy, z, weight, bias, mean, rstd, dz_out=None):
     Returns (dz, dweight, dbias): dz shaped like z and in its dtype, dweight/dbias shaped (N,) like
     weight/bias and in their dtypes; dbias None without bias (an empty tensor from the op, whose
     schema has no optional outputs)."""
-    weight = _unit_stride(weight)
+    weight = utils.unit_last_stride(weight)
     n = z.shape[-1]
     z2 = _rows(z)
     dy2 = _rows(dy)
@@ -602,26 +596,3 @@ def add_layer_norm(
     y, z, _, _ = torch.ops.gpt2_suite.add_layer_norm(x, residual, weight, bias, float(eps))
     return y, z
 
-
-# ----------------------------------------------------------------------------------------------
-# Reference (tests and benchmarks use this one)
-# ----------------------------------------------------------------------------------------------
-
-
-def layer_norm_ref(x, weight, bias, eps: float = 1e-5, residual=None, upcast: bool = True):
-    """Plain PyTorch LayerNorm with the same contract as layer_norm / add_layer_norm.
-
-    Returns y, or (y, z) with z = x + residual when a residual is given.
-    upcast=True computes everything, the residual add included, in float64 and returns float64:
-    the exact math, for tests. upcast=False computes as eager PyTorch would in the inputs' own
-    precision (z = x + residual in the promoted dtype, F.layer_norm in that dtype with weight and
-    bias cast to it): the same-precision error baseline.
-    """
-    if upcast:
-        x = x.double()
-        residual = residual.double() if residual is not None else None
-    z = x + residual if residual is not None else x
-    w = weight.to(z.dtype)
-    b = bias.to(z.dtype) if bias is not None else None
-    y = F.layer_norm(z, (z.shape[-1],), w, b, eps)
-    return (y, z) if residual is not None else y

@@ -11,12 +11,14 @@ here once, so the ops agree on them and a test flips one switch for both:
   environment switch ``GPT2_SUITE_AUTOTUNE`` (``full``, the default, or ``short``: 3-4 configs per
   head-dim class, for a GPU session whose first calls must compile quickly). Autotune lists are
   built when ``@triton.autotune`` decorates a kernel, so the switch is read when an op file is
-  imported: set it before the first ``import kernels`` (setting it later changes nothing).
+  imported: set it before the first use of a kernel (setting it later changes nothing).
 * ``launch_device(x)``: a context that makes x's CUDA device current around a launch, since Triton
   launches on the current device (a no-op for CPU tensors).
 * ``POISON_OUTPUTS`` and ``empty(shape, dtype, device)``: output allocation behind one debug
   switch; when a test sets it, every buffer a kernel writes starts as NaN, so an element the
   kernel forgets to write shows up.
+* ``unit_last_stride(x)``: x, or a contiguous copy when its last stride isn't 1 (the kernels index
+  the last dimension as contiguous; any other stride is theirs to follow).
 * ``check_device(op, name, x, cpu_alternative)``: CUDA tensors, or CPU tensors under the
   interpreter; anything else is refused with a message naming the CPU alternative.
 * ``LOG2E``, ``LN2``: the base-2 conversion constants, as ``tl.constexpr`` so ``@triton.jit`` code
@@ -105,6 +107,12 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def unit_last_stride(x: torch.Tensor | None) -> torch.Tensor | None:
+    """x (None stays None), or a contiguous copy when its last stride isn't 1: the kernels index the
+    last dimension as contiguous, and copying only then keeps views (a fused qkv's) free."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
 def check_device(op: str, name: str, x: torch.Tensor, cpu_alternative: str) -> None:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: gp
 
 import torch  # noqa: E402
 
-from gpt2.errors import ArgumentParser, InputError, exit_on_input_error  # noqa: E402,F401 (re-exported)
+from gpt2.errors import ArgumentParser, InputError, exit_on_input_error, first_line  # noqa: E402,F401 (re-exported)
 from gpt2.registry import KERNEL_CHOICES, resolve_kernels  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,6 +71,22 @@ def about(flag: str):
     except InputError as err:
         err.args = (f"{flag}: {err}",)
         raise
+
+
+@contextlib.contextmanager
+def stop_on_collective_timeout(prog: str, rank: int, timeout_s: int):
+    """A collective that timed out (another process stopped, hung or died) ends this process with
+    one line naming it and the timeout, exit status 1, instead of a page of backend traceback."""
+    try:
+        yield
+    except RuntimeError as err:  # gloo and NCCL report it as RuntimeError or its DistBackendError
+        text = str(err).lower()
+        if "timed out" not in text and "timeout" not in text:
+            raise
+        print(f"{prog}: error: process {rank} waited {timeout_s} s (--ddp_timeout) for the other processes at a "
+              f"collective and gave up: one of them stopped, hung or died ({first_line(err)[:200]})",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 @contextlib.contextmanager

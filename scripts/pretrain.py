@@ -20,6 +20,7 @@ marker); the final model, config and tokenizer go to OUTPUT_DIR in Hugging Face 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import itertools
 import json
@@ -29,6 +30,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import cli  # first: makes the checkout importable
@@ -38,6 +40,7 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedType,
     GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     set_seed,
 )
@@ -47,7 +50,8 @@ from tqdm.auto import tqdm
 from gpt2 import GPT2, PRESETS, GPT2Config, optim
 from gpt2 import checkpoint as ckpt
 from gpt2 import data as gdata
-from gpt2.errors import InputError, exit_on_input_error
+from gpt2.documents import WithDocumentIds, document_kwargs
+from gpt2.errors import InputError, exit_on_input_error, first_line
 from gpt2.files import remove_stale_temporaries
 from gpt2.loss import IGNORE_INDEX
 from gpt2.registry import KernelUnavailableError, resolve_kernels
@@ -56,6 +60,7 @@ from gpt2.tokenizer import eos_token_id, load_tokenizer, require_eos_token_id, s
 
 TOKENIZER_TRAINING_CHARS = 200_000_000  # train the BPE on at most this much text (a sample of big corpora)
 DEFAULT_TRAIN_STEPS = 400  # the no-flag run: about 6 minutes on 2 CPU cores
+TRACKER_PROJECT = "gpt2-pretrain"  # Accelerate's trackers log under OUTPUT_DIR/TRACKER_PROJECT
 
 
 class _TiedWeightsNotice(logging.Filter):
@@ -72,8 +77,12 @@ def main(argv=None) -> int:
     cli.exit_with_launcher("pretrain.py")
     with exit_on_input_error("pretrain.py"):
         args = parse_args(argv)
-        with cli.ending(build_accelerator(args)) as accelerator:
-            return fit(setup_run(args, accelerator))
+        with cli.ending(build_accelerator(args)) as accelerator, contextlib.ExitStack() as held:
+            if accelerator.is_main_process:  # one run at a time in an output directory, for the run's life
+                with cli.about(f"--output_dir {args.output_dir}"):
+                    held.enter_context(ckpt.locked_output_dir(args.output_dir))
+            with cli.stop_on_collective_timeout("pretrain.py", accelerator.process_index, args.ddp_timeout):
+                return fit(setup_run(args, accelerator))
 
 
 # --------------------------------------------------------------------------- flags
@@ -100,7 +109,7 @@ def validate_args(args) -> None:
     at_least = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
                 "max_train_steps": 1, "eval_steps": 1, "logging_steps": 1, "num_warmup_steps": 0,
                 "checkpoints_total_limit": 1, "vocab_size": 257, "max_eval_samples": 1, "sample_tokens": 0,
-                "shuffle_buffer_size": 1, "validation_split_percentage": 1}
+                "shuffle_buffer_size": 1, "validation_split_percentage": 1, "ddp_timeout": 1}
     for name, low in at_least.items():
         value = getattr(args, name)
         if value is not None and value < low:
@@ -110,11 +119,20 @@ def validate_args(args) -> None:
                 "num_train_epochs": ""}
     for name, why in positive.items():
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise InputError(f"--{name} must be positive{why}, got {value}")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise InputError(f"--{name} must be positive and finite{why}, got {value}")
     for name in ("min_lr", "weight_decay"):
-        if getattr(args, name) < 0:
-            raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
+        if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
+            raise InputError(f"--{name} must be >= 0 and finite, got {getattr(args, name)}")
+    if args.min_lr > args.learning_rate:
+        raise InputError(f"--min_lr ({args.min_lr:g}) is above --learning_rate ({args.learning_rate:g}); the "
+                         f"schedule decays from the learning rate down to min_lr")
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        raise InputError("--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir "
+                         "deletes it: give one of them")
+    if args.num_warmup_steps is not None and args.max_train_steps and args.num_warmup_steps > args.max_train_steps:
+        raise InputError(f"--num_warmup_steps ({args.num_warmup_steps}) is more than --max_train_steps "
+                         f"({args.max_train_steps}): the run would end before its warmup")
     if args.validation_split_percentage >= 100:
         raise InputError(f"--validation_split_percentage must be below 100, got {args.validation_split_percentage}")
     if args.streaming and (args.num_train_epochs or args.checkpointing_steps == "epoch"):
@@ -221,6 +239,8 @@ def _add_output_flags(o) -> None:
     o.add_argument("--overwrite_output_dir", action="store_true",
                    help="start afresh in an --output_dir that holds an earlier run (its checkpoints and logs "
                         "are deleted)")
+    o.add_argument("--ddp_timeout", type=int, default=1800,
+                   help="seconds a process waits for the others at a collective before the run stops (HF's name)")
     o.add_argument("--with_tracking", action="store_true")
     o.add_argument("--report_to", default="all", help="tensorboard, wandb, ... or all (every installed one)")
     o.add_argument("--sample_prompt", default="The", help="prompt for the sample printed at the end")
@@ -270,6 +290,9 @@ def build_accelerator(args) -> Accelerator:
         log_with=args.report_to if args.with_tracking else None,  # a list, checked in validate_args
         project_config=ProjectConfiguration(project_dir=args.output_dir),
         dynamo_backend="inductor" if args.compile else None,
+        # How long a process waits for the others at a collective before it gives up (HF Trainer's
+        # --ddp_timeout): a stopped or hung process must not leave the rest waiting in silence.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")  # accelerate launch --use_fsdp
     if asked and accelerator.distributed_type != DistributedType.FSDP:
@@ -350,7 +373,7 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     if resume_dir is not None:
         resume(run, resume_dir)
     if args.with_tracking:
-        accelerator.init_trackers("gpt2-pretrain", {k: v for k, v in vars(args).items()
+        accelerator.init_trackers(TRACKER_PROJECT, {k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
     accelerator.print(banner(run, unwrapped, stats))
     return run
@@ -407,6 +430,7 @@ def prepare_output_dir(args, accelerator: Accelerator, resuming: bool) -> None:
         if removed:
             print(f"--overwrite_output_dir: deleted the earlier run's {', '.join(sorted(p.name for p in removed))}")
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        ckpt.record_outputs(args.output_dir, *ckpt.RUN_FILES, *([TRACKER_PROJECT] if args.with_tracking else []))
     accelerator.wait_for_everyone()
 
 
@@ -500,7 +524,7 @@ def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
     streams are split between ranks by split_dataset_by_node already and are not prepared (prepare
     would shard them a second time)."""
     # --document_masking: every batch also carries its rows' document ids, from the end-of-text token.
-    collate = gdata.WithDocumentIds(eos_token_id(tokenizer), args.restart_positions) if args.document_masking else None
+    collate = WithDocumentIds(eos_token_id(tokenizer), args.restart_positions) if args.document_masking else None
     if args.streaming:
         train = gdata.PackedStream(
             raw["train"], tokenizer, block_size, rank=accelerator.process_index,
@@ -546,6 +570,10 @@ def resume(run: Run, resume_dir: Path) -> None:
     except InputError as err:
         raise InputError(f"{err}. Run with the checkpoint's settings, or start a new run from its weights with "
                          f"--model_name_or_path.") from None
+    epoch_batches = run.steps_per_epoch * args.gradient_accumulation_steps if run.steps_per_epoch else None
+    if epoch_batches is not None and saved["batches_in_epoch"] > epoch_batches:
+        raise InputError(f"{resume_dir / ckpt.TRAINING_STATE} is corrupt: {saved['batches_in_epoch']} batches into "
+                         f"an epoch of {epoch_batches}")
     run.accelerator.load_state(str(resume_dir))
     run.step, run.epoch, run.batches_done = saved["step"], saved["epoch"], saved["batches_in_epoch"]
     say = run.accelerator.print
@@ -655,7 +683,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
     for batch in micro_batches:
         input_ids = batch["input_ids"].to(accelerator.device)
         with accelerator.accumulate(model):
-            nll_sum = model(input_ids, labels=input_ids, reduction="sum", **documents(batch, accelerator.device))
+            nll_sum = model(input_ids, labels=input_ids, reduction="sum", **document_kwargs(batch, accelerator.device))
             # DDP averages gradients over ranks and accelerator.backward divides by ga; undo both
             # so the gradient is that of (sum of NLL over the step's tokens) / (its token count).
             accelerator.backward(nll_sum * (world * ga) / step_tokens)
@@ -738,12 +766,6 @@ def validate(run: Run, write) -> None:
     run.metrics.log({"val_loss": loss, "val_perplexity": ppl}, run.step)
 
 
-def documents(batch: dict, device) -> dict:
-    """The model's document arguments a batch carries: none, or its document_ids
-    (--document_masking) and position_ids (--restart_positions), on device."""
-    return {name: batch[name].to(device) for name in ("document_ids", "position_ids") if name in batch}
-
-
 def _loader_rng(args) -> torch.Generator:
     """A DataLoader's own generator. Without one, every new iterator (each evaluation, the first
     batch after a resume) draws its seed from the global RNG, which dropout draws from too, so a
@@ -763,7 +785,7 @@ def evaluate(model, dataloader, accelerator: Accelerator, prepared: bool) -> tup
     for batch in dataloader:
         input_ids = batch["input_ids"].to(accelerator.device)
         token_nll = model(input_ids, labels=input_ids, reduction="none",  # (B, T-1), chunked: no full logits
-                          **documents(batch, accelerator.device))
+                          **document_kwargs(batch, accelerator.device))
         seq_nll, seq_count = token_nll.sum(1).double(), (input_ids[:, 1:] != IGNORE_INDEX).sum(1).double()
         if prepared:
             seq_nll, seq_count = accelerator.gather_for_metrics((seq_nll, seq_count))
@@ -779,34 +801,57 @@ def evaluate(model, dataloader, accelerator: Accelerator, prepared: bool) -> tup
 def save_checkpoint(accelerator, args, step: int, position: dict, tokenizer, model_config) -> Path:
     """accelerator.save_state into output_dir/step_N, then the model config, tokenizer and training
     position, then the completion marker, last; so an interrupted save is never mistaken for a
-    checkpoint. Then the oldest checkpoints beyond --checkpoints_total_limit go. A full disk ends the
-    run with one line, the partial step_N removed and the previous checkpoint intact."""
+    checkpoint. Then the oldest checkpoints beyond --checkpoints_total_limit go. Any failure while
+    writing (a full disk, a quota, a storage error) ends the run with one line on every rank: once
+    every rank has stopped writing, the partial step_N is removed and the previous checkpoint is
+    left intact."""
     path = ckpt.checkpoint_dir(args.output_dir, step)
     if accelerator.is_main_process:
+        ckpt.record_outputs(args.output_dir, path.name)  # ours from its first byte, even if this save breaks
         ckpt.remove_completion_marker(path)  # overwriting step_N: it is incomplete until we finish
         for directory in (args.output_dir, path):
             if Path(directory).is_dir():
                 remove_stale_temporaries(directory)
     accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(path))
-        accelerator.wait_for_everyone()  # every rank's shards and RNG states are on disk
+    error = _attempt(lambda: accelerator.save_state(str(path)))
+    # Every rank joins each check (a collective, so also a barrier): no rank removes step_N, or
+    # writes what completes it, while another is still writing its shards and RNG state.
+    if not _failed_anywhere(accelerator, error) and accelerator.is_main_process:
+        error = _attempt(lambda: (ckpt.save_model_config(path, model_config), save_tokenizer(tokenizer, path),
+                                  ckpt.write_training_state(path, {"step": step, **position})))
+    if _failed_anywhere(accelerator, error):
         if accelerator.is_main_process:
-            ckpt.save_model_config(path, model_config)
-            save_tokenizer(tokenizer, path)
-            ckpt.write_training_state(path, {"step": step, **position})
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        shutil.rmtree(path, ignore_errors=True)
-        previous = ckpt.latest_checkpoint(args.output_dir)
-        raise InputError(f"no space left on the device while saving {path} ({err.strerror}); the last complete "
-                         f"checkpoint is {previous or 'none'}: free space, then --resume_from_checkpoint latest"
-                         ) from None
-    accelerator.wait_for_everyone()
+            shutil.rmtree(path, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        raise InputError(_save_failure(path, error, ckpt.latest_checkpoint(args.output_dir))) from None
     if accelerator.is_main_process and args.checkpoints_total_limit:
         ckpt.prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
     return path
+
+
+def _attempt(write) -> Exception | None:
+    """Run write(); what it raised, if anything (an interrupt still interrupts)."""
+    try:
+        write()
+    except Exception as err:  # noqa: BLE001 - safetensors, torch and the OS each raise their own types
+        return err
+    return None
+
+
+def _failed_anywhere(accelerator, error: Exception | None) -> bool:
+    flag = torch.tensor([0 if error is None else 1], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item())
+
+
+def _save_failure(path: Path, error: Exception | None, previous: Path | None) -> str:
+    if error is None:
+        what = "another process failed to write its part"
+    elif isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f"no space left on the device ({error.strerror})"
+    else:
+        what = first_line(error)
+    return (f"saving {path} failed: {what}; the partial checkpoint was removed and the last complete one is "
+            f"{previous or 'none'}: fix that, then --resume_from_checkpoint latest")
 
 
 def save_final_model(accelerator, model, tokenizer, output_dir: str, block_size: int):
@@ -867,17 +912,21 @@ def _evaluation_data_flags(args) -> str:
 
 
 def _print_sample(args, model, tokenizer, device):
+    """A short sample from --sample_prompt, cut to what the context leaves room for (never an error
+    after the model is trained and saved)."""
     prompt_ids = tokenizer.encode(args.sample_prompt).ids or [eos_token_id(tokenizer)]
+    prompt_ids = prompt_ids[-(model.config.n_positions - 1):]
+    room = model.config.n_positions - len(prompt_ids)
+    if args.sample_tokens > room:
+        print(f"\n(the sample is {room} tokens, not --sample_tokens {args.sample_tokens}: the context is "
+              f"{model.config.n_positions})")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     model.eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=args.sample_tokens,
-                             temperature=0.8, top_k=50, eos_token_id=eos_token_id(tokenizer), generator=generator)
+        out = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=min(args.sample_tokens, room),
+                             temperature=0.8, top_k=50, eos_token_id=eos_token_id(tokenizer), generator=generator,
+                             vocab_size=tokenizer.get_vocab_size())
     print("\nSample:\n" + tokenizer.decode(out[0].tolist()))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 def finish(run: Run, runtime: float) -> int:
@@ -898,3 +947,7 @@ def finish(run: Run, runtime: float) -> int:
         print(f"  sample:   python scripts/generate.py --model_name_or_path {output_dir} --prompt \"The\"")
     accelerator.wait_for_everyone()  # then every rank ends (destroys the process group) together
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

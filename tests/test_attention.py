@@ -309,19 +309,6 @@ def test_bad_document_bounds_say_what_is_wrong():
         document_bounds(torch.tensor([[0, 1, 0]]))
 
 
-def test_reference_document_mask():
-    """attention_ref's document mask by hand: with documents [0, 3) and [3, 5), token 3 attends to
-    itself alone (causal), so its output is v[3]; non-causal, token 0 averages v[0:3] under equal scores."""
-    v = torch.randn(1, 1, 5, 4, dtype=torch.float64)
-    q = k = torch.zeros(1, 1, 5, 4, dtype=torch.float64)
-    document_ids = torch.tensor([[0, 0, 0, 1, 1]])
-    out = attention_ref(q, k, v, causal=True, document_ids=document_ids)
-    torch.testing.assert_close(out[0, 0, 3], v[0, 0, 3])
-    out = attention_ref(q, k, v, causal=False, document_ids=document_ids)
-    torch.testing.assert_close(out[0, 0, 0], v[0, 0, :3].mean(0))
-    torch.testing.assert_close(out[0, 0, 4], v[0, 0, 3:].mean(0))
-
-
 def test_registry_routes_to_kernel():
     """The model's registry entry "triton" calls this kernel (equal lengths) with the same result."""
     registry = importlib.import_module("gpt2.registry")

@@ -76,7 +76,7 @@ def test_document_suite_records_a_failing_mask_and_goes_on(tmp_path, monkeypatch
 def test_packed_document_ids_pack_the_pool():
     """Rows of documents from the pool, each closed by an end-of-text token, cut into rows; the
     visible pairs by the FLOP convention (ΣL²/2) are the dense mask's count less the diagonal's half."""
-    from gpt2.registry import document_mask
+    from gpt2.documents import document_mask
 
     B, T = 3, 50
     ids = attention_bench.packed_document_ids(B, T, "uniform-2-5", "cpu", seed=1)
@@ -554,3 +554,35 @@ def test_layer_norm_copy_target_uses_the_same_size_copy(tmp_path):
     common.write_csv(rows, tmp_path / "layer_norm.csv", layer_norm_bench.SHAPE_FIELDS)
     _, _, _, ln_copy, _ = targets.check(tmp_path)
     assert ln_copy["value"] == 0.8 and ln_copy["measured"] == "ours 2000 GB/s, same-size copy 2500 GB/s"
+
+
+def test_bad_places_and_files_are_one_line(tmp_path):
+    """Output folders that can't be one, a CSV that is not ours, a row too long for our LayerNorm, a
+    job count of 0: one line and exit status 2 each, before anything is measured or written."""
+    from benchmarks import merge_results, resources, targets
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for argv, fragment in ((["--output_dir", a_file], "is a file, not a directory"),
+                           (["--output_dir", a_file / "sub"], "is a file")):
+        expect_input_error(layer_norm_bench.main, ["--quick", *argv], "--output_dir", fragment)
+    expect_input_error(layer_norm_bench.main, ["--quick", "--output_dir", tmp_path / "ln", "--hidden", "100000"],
+                       "--hidden 100000", "at most 16384 elements in fp32")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "layer_norm.csv").write_text("name,score\nx,1,2\n")
+    expect_input_error(layer_norm_bench.main, ["--replot", "--output_dir", bad], "is not a results CSV",
+                       "no column 'benchmark'")
+    (bad / "device").mkdir()
+    (bad / "device" / "attention.csv").write_text("benchmark,kernel,provider,mode,dtype\nattention,f,ours,fwd\n")
+    expect_input_error(targets.main, ["--results", bad / "device"], "attention.csv is not a results CSV")
+    expect_input_error(merge_results.main, [bad, "--into", a_file], "--into", "is a file, not a directory")
+    expect_input_error(resources.main, ["--jobs", "0"], "--jobs: must be at least 1, got 0")
+
+
+def test_training_quick_exits_1_when_every_run_fails(tmp_path):
+    from benchmarks import training as training_bench
+
+    assert training_bench.main(["--quick", "--output_dir", str(tmp_path), "--config_overrides", "n_layers=1"]) == 1
+    rows = read_rows(tmp_path / "training.csv")
+    assert {r["status"] for r in rows if r["metric"] == "tokens_per_s"} == {"error"}

@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 datasets = pytest.importorskip("datasets")
 
@@ -147,13 +146,3 @@ def test_stream_shards_are_disjoint_and_lossless(tokenizer):
     assert ids[0] and ids[1] and not ids[0] & ids[1]
     stream_tokens = sum(len(enc.ids) + 1 for enc in tokenizer.encode_batch(docs))
     assert stream_tokens - 16 < 8 * (len(shards[0]) + len(shards[1])) <= stream_tokens  # one partial block per rank
-
-
-def test_document_ids_from_end_of_text():
-    """A packed row's documents: the end-of-text token closes its document and belongs to it."""
-    eot = 0
-    rows = torch.tensor([[5, 6, 0, 7, 0, 0, 8, 9], [0, 1, 2, 3, 4, 5, 6, 7]])
-    assert gdata.document_ids(rows, eot).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1]]
-    batch = gdata.WithDocumentIds(eot, restart_positions=True)([{"input_ids": r} for r in rows])
-    assert batch["document_ids"].tolist() == gdata.document_ids(rows, eot).tolist()
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 5, 6]]

@@ -278,7 +278,7 @@ def test_packed_documents_equal_separate_sequences(attn_impl, position_embedding
     """A packed row of three documents (one of a single token), with document_ids and positions
     restarted per document, gives each document the logits it gets alone: nothing leaks across a
     boundary. float64, so any leak shows far above rounding."""
-    from gpt2.model import document_positions
+    from gpt2.documents import document_positions
 
     config = tiny_config(attn_impl=attn_impl, position_embedding=position_embedding, n_kv_head=1)
     model = GPT2(config).double().eval()
@@ -298,11 +298,11 @@ def test_packed_documents_equal_separate_sequences(attn_impl, position_embedding
 @pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
 def test_document_mask_is_built_once_per_forward(attn_impl, monkeypatch):
     """The dense mask is built once for every layer, not once per layer."""
-    from gpt2 import registry
+    from gpt2 import documents
 
     calls = []
-    real = registry.document_mask
-    monkeypatch.setattr(registry, "document_mask", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    real = documents.document_mask
+    monkeypatch.setattr(documents, "document_mask", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     model = GPT2(tiny_config(attn_impl=attn_impl, n_layer=3)).eval()
     x = torch.randint(0, model.config.vocab_size, (2, 11))
     with torch.no_grad():
@@ -325,7 +325,8 @@ def test_one_document_per_row_is_plain_causal(attn_impl):
 @pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
 def test_dense_attention_refuses_documents_it_cannot_honour(attn_impl):
     """A direct caller of the registry: the prepared mask is causal, and the ids are not a mask."""
-    from gpt2.registry import ATTENTION, prepare_documents
+    from gpt2.documents import prepare_documents
+    from gpt2.registry import ATTENTION
 
     q = k = v = torch.randn(1, 2, 6, 8)
     ids = torch.tensor([[0, 0, 1, 1, 1, 2]])

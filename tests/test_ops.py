@@ -20,6 +20,8 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import gpt2_kernels
+import gpt2_kernels.attention  # noqa: F401  (importing the op files registers the ops)
+import gpt2_kernels.layer_norm  # noqa: F401
 from gpt2_kernels import utils
 
 ops = torch.ops.gpt2_suite

@@ -125,3 +125,85 @@ def test_wheel_shares_no_file_with_installed_distributions(tmp_path):
             clashing[dist.metadata["Name"]] = sorted(both)
     assert not shared, f"files that another distribution also installs: {shared}"
     assert not clashing, f"top-level packages that another distribution also installs: {clashing}"
+
+
+# A machine without Triton (macOS, Windows): every import of triton fails, as it does there. The model
+# must still build and run with its torch implementations, and the kernels' references import.
+WITHOUT_TRITON = r"""
+import importlib.abc, sys
+
+
+class NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "triton":
+            raise ImportError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, NoTriton())
+import torch
+from gpt2 import GPT2, GPT2Config
+from gpt2.registry import KernelUnavailableError
+from gpt2_kernels import attention_ref, layer_norm_ref
+
+ids = torch.randint(0, 97, (2, 13))
+document_ids = torch.arange(13).expand(2, 13) // 5
+logits = {}
+for attn_impl in ("eager", "sdpa"):
+    torch.manual_seed(0)  # the same weights for both
+    model = GPT2(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_kv_head=2,
+                            attn_impl=attn_impl)).eval()
+    with torch.no_grad():
+        logits[attn_impl] = (model(ids), model(ids, document_ids=document_ids))
+        model.generate(ids[:, :4], max_new_tokens=3)  # the KV cache: fewer queries than keys
+q = torch.randn(1, 2, 5, 8)
+assert attention_ref(q, q, q).shape == q.shape and layer_norm_ref(q, torch.ones(8), None).shape == q.shape
+try:
+    GPT2(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=1, n_head=4, attn_impl="triton"))
+    raise AssertionError("a triton model was built without triton")
+except KernelUnavailableError as error:
+    assert "triton is not installed" in str(error), error
+import gpt2_kernels
+assert not hasattr(gpt2_kernels, "flash_attention"), "flash_attention imported without triton"
+for eager, sdpa in zip(logits["eager"], logits["sdpa"]):
+    torch.testing.assert_close(eager, sdpa, rtol=1e-5, atol=1e-5)
+assert "triton" not in sys.modules
+print("ran without triton")
+"""
+
+
+def test_the_model_runs_without_triton():
+    """gpt2 imports no triton for eager and sdpa, and gpt2_kernels none for its references: both
+    work where every import of triton fails; a triton model says why it can't be built."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}  # the check reaches `import triton`
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "ran without triton" in result.stdout, result.stderr[-3000:]
+
+
+# The op file gpt2_kernels/layer_norm.py and the public function gpt2_kernels.layer_norm share a name:
+# whichever is imported first, the package's `layer_norm` is the function and the op file still
+# registers its ops. And `import gpt2` imports no triton: a program chooses Triton's mode (the
+# interpreter, TRITON_INTERPRET=1) after importing gpt2, before the first kernel runs.
+LAYER_NORM_NAME = r"""
+import importlib, sys, types
+import torch
+import gpt2, gpt2.model, gpt2.registry, gpt2.documents
+assert "triton" not in sys.modules, "import gpt2 imported triton"
+import gpt2_kernels.layer_norm
+from gpt2_kernels import layer_norm
+assert gpt2_kernels.layer_norm is layer_norm and not isinstance(layer_norm, types.ModuleType), layer_norm
+assert importlib.import_module("gpt2_kernels.layer_norm").layer_norm is layer_norm
+x, weight = torch.randn(3, 8), torch.ones(8)
+torch.testing.assert_close(layer_norm(x, weight, None), gpt2_kernels.layer_norm_ref(x, weight, None).float())
+y, _, _ = torch.ops.gpt2_suite.layer_norm(x, weight, None, 1e-5)
+print("function")
+"""
+
+
+def test_layer_norm_names_the_function_whatever_is_imported_first():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", LAYER_NORM_NAME], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "function", result.stderr[-3000:]

@@ -1,8 +1,10 @@
 """scripts/pretrain.py end to end on tiny models: outputs, exact resume, two CPU processes, NaN
 handling, and a clear one-line error for each kind of bad input."""
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -216,13 +218,18 @@ def _bad_input_cases(tmp_path, train_file):
         "tracker": (["--with_tracking", "--report_to", "wandb"], "pip install wandb"),
         "choice": (["--lr_scheduler_type", "cosine_with_restarts_typo"], "invalid choice"),
         "override_value": (["--config_overrides", "n_layer=abc"], "bad override 'n_layer=abc'"),
+        "learning_rate_inf": (["--learning_rate", "inf"], "--learning_rate must be positive and finite"),
+        "min_lr_above": (["--learning_rate", "1e-3", "--min_lr", "1e-2"], "--min_lr (0.01) is above --learning_rate"),
+        "resume_and_overwrite": (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "give one of them"),
+        "warmup_beyond": (["--max_train_steps", 10, "--num_warmup_steps", 20], "end before its warmup"),
     }
 
 
 @pytest.mark.parametrize(
     "case", ["unreachable", "column", "empty", "block", "preset", "override", "triton", "resume", "flag", "choice",
              "override_value", "grad_norm_zero", "grad_norm_negative", "checkpointing_zero", "epochs_negative",
-             "weight_decay", "warmup", "vocab", "learning_rate", "output_file", "tracker"]
+             "weight_decay", "warmup", "vocab", "learning_rate", "output_file", "tracker", "learning_rate_inf",
+             "min_lr_above", "resume_and_overwrite", "warmup_beyond"]
 )
 def test_bad_input_is_one_clear_line(case, tmp_path, train_file, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the hub can't be reached, quickly
@@ -280,6 +287,40 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, train_
                                rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_frozen_process_stops_the_others_after_ddp_timeout(tmp_path, train_file):
+    """Two CPU processes; once they train, process 1 is frozen (SIGSTOP): process 0 waits --ddp_timeout
+    seconds at the next collective, then ends with one line naming itself and the timeout."""
+    import signal
+
+    import psutil
+
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(_free_port()), str(SCRIPT), "--train_file", str(train_file), *map(str, TINY),
+         "--max_train_steps", "100000", "--eval_steps", "100000", "--cpu", "--ddp_timeout", "10",
+         "--output_dir", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    workers = []
+    try:
+        for line in launcher.stdout:
+            if line.startswith("step 3:"):
+                break
+        workers = psutil.Process(launcher.pid).children(recursive=True)
+        frozen = [w for w in workers if w.environ().get("LOCAL_RANK") == "1"]
+        assert len(frozen) == 1
+        frozen[0].send_signal(signal.SIGSTOP)
+        _, stderr = launcher.communicate(timeout=240)
+    finally:
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+        launcher.kill()
+    assert "pretrain.py: error: process 0 waited 10 s (--ddp_timeout)" in stderr, stderr[-3000:]
+
+
 def _kill_after_checkpoint(monkeypatch, at_step: int):
     """Make the next run die (KeyboardInterrupt) right after its step-`at_step` checkpoint is saved."""
     save_checkpoint = pretrain.save_checkpoint
@@ -328,12 +369,52 @@ def test_output_dir_of_another_run_is_refused_unless_overwritten(tmp_path, train
     assert run([*_four_steps(train_file), "--output_dir", out]) == 0
     expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", out],
                        "already holds a run", "--resume_from_checkpoint latest", "--overwrite_output_dir")
-    (out / "step_99").mkdir()  # a stale checkpoint of that earlier run: it must go too
+    shutil.copytree(out / "step_4", out / "step_99")  # a stale checkpoint of that earlier run: it must go too
+    (out / "notes.txt").write_text("mine")  # the user's, beside the run: never deleted
+    (out / "step_2023").mkdir()  # the user's too, though named like a checkpoint (no marker, no state)
+    (out / "step_2023" / "keep.csv").write_text("a,b\n")
     _reset_accelerate()
-    assert run([*_four_steps(train_file, "--max_train_steps", 2), "--output_dir", out, "--overwrite_output_dir"]) == 0
+    shorter = [*_four_steps(train_file, "--max_train_steps", 2), "--output_dir", out, "--overwrite_output_dir"]
+    expect_input_error(pretrain.main, shorter, "step_2023", "no run of ours wrote", "nothing was deleted")
+    assert (out / "step_99").is_dir() and (out / "config.json").is_file()
+    shutil.move(out / "step_2023", tmp_path / "step_2023")
+    _reset_accelerate()
+    assert run(shorter) == 0
     assert "deleted the earlier run's" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("step_*")) == ["step_2"]
     assert sorted(metrics(out, "train_loss")) == [1, 2]  # no rows of the first run
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_of_other_files_is_not_called_a_run(tmp_path, train_file):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_bytes(b"\xff\xd8")
+    message = expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", out],
+                                 "holds files that no run of ours wrote (cat.jpg)")
+    assert "holds a run" not in message
+
+
+def test_two_runs_never_share_an_output_dir(tmp_path, train_file):
+    """While a run holds the output directory (an OS lock, here taken by a process that then dies
+    by SIGKILL), a second run is one line naming the first one's pid; once the holder is gone,
+    however it went, the directory is free again."""
+    import signal
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from gpt2.checkpoint import locked_output_dir\n"
+         "with locked_output_dir(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)", str(out)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", out],
+                           "--output_dir", f"in use by another run (pid {holder.pid})")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    _reset_accelerate()
+    assert run([*_four_steps(train_file, "--max_train_steps", 2), "--output_dir", out]) == 0
 
 
 def test_read_only_output_dir_is_refused(tmp_path, train_file, monkeypatch):
@@ -377,6 +458,27 @@ def test_resume_refuses_other_seed_or_data_and_applies_a_new_learning_rate(tmp_p
 
 
 @pytest.mark.slow
+def test_the_end_of_run_sample_fits_the_context(tmp_path, train_file, capsys):
+    """--sample_tokens beyond a small context: the run still ends 0, its sample cut to fit, and says so."""
+    argv = ["--train_file", train_file, *TINY, "--config_overrides", "n_layer=2,n_head=2,n_embd=32,n_positions=32",
+            "--max_train_steps", 2, "--eval_steps", 2, "--sample_tokens", 60, "--output_dir", tmp_path / "out"]
+    assert run(argv) == 0
+    out = capsys.readouterr().out
+    assert "not --sample_tokens 60: the context is 32" in out and "Sample:" in out
+
+
+def test_an_implausible_data_position_is_refused(tmp_path, train_file):
+    out = tmp_path / "out"
+    assert run([*_four_steps(train_file), "--output_dir", out]) == 0
+    state_file = out / "step_4" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "batches_in_epoch": 99999}))
+    _reset_accelerate()
+    expect_input_error(pretrain.main, _four_steps(train_file, "--output_dir", out, "--resume_from_checkpoint",
+                                                  out / "step_4", "--max_train_steps", 6),
+                       str(state_file), "99999 batches into an epoch of")
+
+
 def test_corrupt_checkpoints_fall_back_or_name_the_file(tmp_path, train_file, capsys):
     out = tmp_path / "out"
     assert run([*_four_steps(train_file), "--output_dir", out]) == 0
@@ -440,6 +542,34 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, train_f
     # about how promptly a save failure is reported.
     expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", out], "no space left",
                        str(out / "step_2"), within=None)
+    assert (out / "step_2" / "checkpoint_complete").is_file() and not (out / "step_4").exists()
+
+
+@pytest.mark.parametrize("where", ["save_state", "our files"])
+def test_any_failure_while_saving_keeps_the_previous_checkpoint(tmp_path, train_file, monkeypatch, where):
+    """Not only a full disk: torch's writer ("enforce fail"), safetensors' errors, a failure in the
+    files written after save_state: one line, the partial step removed, the previous one intact."""
+    from accelerate import Accelerator
+
+    save_state, save_tokenizer = Accelerator.save_state, pretrain.save_tokenizer
+
+    def breaks_at_step_4(original):
+        def write(*args, **kwargs):
+            target = str(kwargs.get("output_dir") or args[1])
+            if target.endswith("step_4"):
+                Path(target).mkdir(parents=True, exist_ok=True)
+                (Path(target) / "optimizer.bin").write_bytes(b"PK partial")
+                raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+            return original(*args, **kwargs)
+        return write
+
+    if where == "save_state":
+        monkeypatch.setattr(Accelerator, "save_state", breaks_at_step_4(save_state))
+    else:
+        monkeypatch.setattr(pretrain, "save_tokenizer", breaks_at_step_4(save_tokenizer))
+    out = tmp_path / "out"
+    expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", out], "saving",
+                       "RuntimeError: [enforce fail", str(out / "step_2"), within=None)
     assert (out / "step_2" / "checkpoint_complete").is_file() and not (out / "step_4").exists()
 
 
