@@ -40,7 +40,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from gpt2.data import BUILTIN_CORPUS, FILE_BUILDERS, file_builder, load_builtin_corpus
 from gpt2.documents import document_kwargs, document_positions
@@ -233,24 +232,18 @@ def collate_windows(items: list[dict], pad_token_id: int = 0, restart_positions:
     return batch
 
 
-def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) float64: each row's sum of next-token NLL over labels[:, 1:] != IGNORE_INDEX.
-
-    logits (B, T, V) in any dtype; log-softmax runs in float32 on the scored positions only.
-    """
-    targets = labels[:, 1:]  # (B, T-1): position t predicts token t + 1
-    scored = targets != IGNORE_INDEX
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[scored]
-    token_nll = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
-    sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=logits.device)
-    return sums.index_add_(0, rows, token_nll.double())
-
-
 @torch.no_grad()
-def score_batch(model, batch: dict) -> torch.Tensor:
-    """(B,) float64 NLL sums of a collated batch of windows (document-masked when it has document_ids)."""
-    input_ids = batch["input_ids"]
-    return sequence_nll(model(input_ids, **document_kwargs(batch, input_ids.device)), batch["labels"])
+def sequence_nll(model, batch: dict, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a batch: the sum of next-token NLL in float64 (B,), and the number of tokens
+    scored (B,). The targets are batch["labels"] (input_ids when it has none) shifted by one, those
+    equal to IGNORE_INDEX not scored; document-masked when the batch carries document ids. Through
+    the model's chunked loss, so the batch's logits never exist whole. Both evaluations (this
+    module's windows, pretraining's validation blocks) sum NLL here."""
+    device = device if device is not None else batch["input_ids"].device
+    input_ids = batch["input_ids"].to(device)
+    labels = batch["labels"].to(device) if "labels" in batch else input_ids
+    token_nll = model(input_ids, labels=labels, reduction="none", **document_kwargs(batch, device))  # (B, T-1)
+    return token_nll.double().sum(1), (labels[:, 1:] != IGNORE_INDEX).sum(1)
 
 
 # --------------------------------------------------------------------------------------------

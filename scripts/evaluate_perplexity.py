@@ -57,7 +57,7 @@ from gpt2.evaluation import (
     collate_windows,
     load_texts,
     plan_windows,
-    score_batch,
+    sequence_nll,
     tokenize_texts,
 )
 from gpt2.files import atomic_write_text, check_output_file
@@ -123,7 +123,7 @@ def evaluate(model, dataloader, num_windows: int, accelerator: Accelerator) -> P
     arrived exactly once."""
     totals = PerplexityTotals(num_windows)
     for batch in tqdm(dataloader, desc="windows", disable=not accelerator.is_local_main_process):
-        nll = score_batch(model, batch)
+        nll, _ = sequence_nll(model, batch)
         gathered = accelerator.gather_for_metrics((batch["window_index"], nll, batch["num_tokens"], batch["num_bytes"]))
         totals.add(*gathered)
     totals.check_complete()

@@ -52,6 +52,7 @@ from gpt2 import checkpoint as ckpt
 from gpt2 import data as gdata
 from gpt2.documents import WithDocumentIds, document_kwargs
 from gpt2.errors import InputError, exit_on_input_error, first_line
+from gpt2.evaluation import sequence_nll
 from gpt2.files import remove_stale_temporaries
 from gpt2.loss import IGNORE_INDEX
 from gpt2.registry import KernelUnavailableError, resolve_kernels
@@ -783,10 +784,7 @@ def evaluate(model, dataloader, accelerator: Accelerator, prepared: bool) -> tup
     nll, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     nll, count = nll.to(accelerator.device), count.to(accelerator.device)
     for batch in dataloader:
-        input_ids = batch["input_ids"].to(accelerator.device)
-        token_nll = model(input_ids, labels=input_ids, reduction="none",  # (B, T-1), chunked: no full logits
-                          **document_kwargs(batch, accelerator.device))
-        seq_nll, seq_count = token_nll.sum(1).double(), (input_ids[:, 1:] != IGNORE_INDEX).sum(1).double()
+        seq_nll, seq_count = sequence_nll(model, batch, accelerator.device)
         if prepared:
             seq_nll, seq_count = accelerator.gather_for_metrics((seq_nll, seq_count))
         nll += seq_nll.sum()
