@@ -313,14 +313,17 @@ class PackingStats:
     tokens: int  # including one end-of-text token per document
     blocks: int
     dropped_tokens: int  # the final partial block
+    rows_without_text: int = 0  # null in the text column: dropped
 
 
 def _tokenize_batch(batch, tokenizer, text_column: str, eot_id: int):
     """Token ids of each row, followed by the end-of-text token where the row ends a document
     (every row, unless an end_of_document column says otherwise)."""
-    texts = [text if isinstance(text, str) else "" for text in batch[text_column]]
+    texts = batch[text_column]  # text, or None: a row without text is dropped (no end-of-text either)
     ends = batch.get("end_of_document") or [True] * len(texts)
-    return {"input_ids": [enc.ids + [eot_id] * end for enc, end in zip(tokenizer.encode_batch(texts), ends)]}
+    encoded = tokenizer.encode_batch([text or "" for text in texts])
+    return {"input_ids": [enc.ids + [eot_id] * end if text is not None else []
+                          for enc, end, text in zip(encoded, ends, texts)]}
 
 
 def _pack_batch(batch, tokenized, doc_starts, block_size: int):
@@ -341,9 +344,30 @@ def _pack_batch(batch, tokenized, doc_starts, block_size: int):
 
 
 def _check_column(columns, column: str) -> None:
-    """columns: a dataset's column names, or a batch (a dict by column) read from a stream."""
+    """columns: a dataset's column names, or a batch (a dict by column) read from a stream, whose
+    values are checked too: text or nothing (null)."""
     if column not in columns:
         raise DataError(f"text column {column!r} not found; columns: {sorted(columns)} (--text_column)")
+    if isinstance(columns, dict):
+        wrong = next((value for value in columns[column] if value is not None and not isinstance(value, str)), None)
+        if wrong is not None:
+            raise _not_text(column, f"{type(wrong).__name__} values such as {str(wrong)[:40]!r}")
+
+
+def _not_text(column: str, found: str) -> DataError:
+    return DataError(f"text column {column!r} holds {found}, not text; name the column that holds the text "
+                     f"(--text_column)")
+
+
+def check_text_column(dataset, column: str) -> int:
+    """A map-style split's text column holds strings (nulls allowed, and dropped): DataError naming
+    the type found otherwise, an int or list column say, which would train on nothing. Returns how
+    many rows are null."""
+    feature = dataset.features[column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        found = f"{feature.dtype} values" if hasattr(feature, "dtype") else f"{type(feature).__name__} values"
+        raise _not_text(column, found)
+    return dataset.with_format("arrow")[column].null_count  # this split's rows (a split may index a shared table)
 
 
 def text_sample(dataset, column: str, max_chars: int):
@@ -375,6 +399,7 @@ def tokenize_and_pack(raw, tokenizer, block_size: int, *, text_column: str | Non
         column = resolve_text_column(dataset.column_names, text_column)
         if len(dataset) == 0:
             raise DataError(f"the {split} split is empty")
+        nulls = check_text_column(dataset, column)
         tokenized = dataset.map(
             _tokenize_batch,
             batched=True,
@@ -390,7 +415,7 @@ def tokenize_and_pack(raw, tokenizer, block_size: int, *, text_column: str | Non
         total = int(doc_starts[-1])
         n_blocks = total // block_size
         documents = sum(dataset["end_of_document"]) if "end_of_document" in dataset.column_names else len(dataset)
-        stats[split] = PackingStats(documents, total, n_blocks, total - n_blocks * block_size)
+        stats[split] = PackingStats(documents - nulls, total, n_blocks, total - n_blocks * block_size, nulls)
         if n_blocks == 0:
             raise DataError(
                 f"the {split} split has {total} tokens, fewer than one block of {block_size}; "

@@ -41,7 +41,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpt2.data import BUILTIN_CORPUS, FILE_BUILDERS, file_builder, load_builtin_corpus
+from gpt2.data import (
+    BUILTIN_CORPUS,
+    FILE_BUILDERS,
+    check_text_column,
+    file_builder,
+    load_builtin_corpus,
+    resolve_text_column,
+)
 from gpt2.documents import document_kwargs, document_positions
 from gpt2.errors import InputError, first_line
 from gpt2.hub import hub_offline, require_hub
@@ -345,10 +352,8 @@ def load_texts(
         dataset = load()
     except Exception as error:  # datasets raises many types; all mean "could not load"
         raise EvaluationInputError(f"could not load {source}: {first_line(error)}") from None
-    if text_column not in dataset.column_names:
-        raise EvaluationInputError(
-            f"{source} has no column {text_column!r}; columns: {dataset.column_names} (use --text_column)"
-        )
+    resolve_text_column(dataset.column_names, text_column)  # there, and text: a DataError otherwise
+    check_text_column(dataset, text_column)
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     # Empty rows stay: the guide joins every row (wikitext's blank lines included) with "\n\n".

@@ -404,7 +404,8 @@ def banner(run: Run, model: GPT2, stats) -> str:
     ]
     for split, s in (stats or {}).items():
         lines.append(f"    {split:<10} {s.documents:,} documents, {s.tokens:,} tokens -> {s.blocks:,} blocks of "
-                     f"{run.block_size}; final partial block dropped: {s.dropped_tokens:,} tokens")
+                     f"{run.block_size}; final partial block dropped: {s.dropped_tokens:,} tokens"
+                     + (f"; {s.rows_without_text:,} rows without text (null) dropped" if s.rows_without_text else ""))
     lines += [
         f"  devices    {accelerator.num_processes} x {device} ({accelerator.distributed_type.value}, "
         f"mixed precision {accelerator.mixed_precision}); MFU peak "
@@ -457,9 +458,10 @@ def load_raw_data(args, accelerator: Accelerator):
         )
     if not args.streaming:
         for split in ("train", "validation"):
-            gdata.resolve_text_column(raw[split].column_names, args.text_column)
+            column = gdata.resolve_text_column(raw[split].column_names, args.text_column)
             if len(raw[split]) == 0:
                 raise gdata.DataError(f"the {split} split is empty")
+            gdata.check_text_column(raw[split], column)  # before a tokenizer trains on it
     return raw
 
 

@@ -4,6 +4,7 @@ handling, and a clear one-line error for each kind of bad input."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -465,6 +466,60 @@ def test_the_end_of_run_sample_fits_the_context(tmp_path, train_file, capsys):
     assert run(argv) == 0
     out = capsys.readouterr().out
     assert "not --sample_tokens 60: the context is 32" in out and "Sample:" in out
+
+
+def _column_files(tmp_path) -> dict:
+    """A text column that holds no text, in each format: ints (jsonl, csv, parquet), lists, a mix."""
+    import pandas as pd
+
+    files = {}
+    for name, values in (("int", list(range(60))), ("list", [["a", "b"]] * 60),
+                         ("mixed", [i if i % 2 else f"word {i}" for i in range(60)])):
+        files[f"{name}.jsonl"] = tmp_path / f"{name}.jsonl"
+        files[f"{name}.jsonl"].write_text("".join(json.dumps({"text": v}) + "\n" for v in values))
+    pd.DataFrame({"text": list(range(60))}).to_csv(tmp_path / "int.csv", index=False)
+    pd.DataFrame({"text": list(range(60))}).to_parquet(tmp_path / "int.parquet")
+    files["int.csv"], files["int.parquet"] = tmp_path / "int.csv", tmp_path / "int.parquet"
+    return files
+
+
+@pytest.mark.parametrize("name, found", [("int.jsonl", "int64 values"), ("list.jsonl", "List values"),
+                                         ("mixed.jsonl", "Json values"), ("int.csv", "int64 values"),
+                                         ("int.parquet", "int64 values")])
+def test_a_text_column_without_text_is_one_line(tmp_path, name, found):
+    """Not an empty training run that exits 0: one line naming the column and what it holds, before
+    a tokenizer is trained on nothing; the evaluator says the same of the same file."""
+    data = _column_files(tmp_path)[name]
+    message = f"text column 'text' holds {found}, not text"
+    expect_input_error(pretrain.main, ["--train_file", data, *TINY, "--output_dir", tmp_path / "out"], message)
+    checkpoint = tmp_path / "model"
+    from gpt2 import GPT2, GPT2Config
+    from gpt2.tokenizer import save_tokenizer, train_tokenizer
+
+    GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=300)).save_pretrained(checkpoint)
+    save_tokenizer(train_tokenizer(["some words to learn from"] * 20, vocab_size=300), checkpoint)
+    evaluate = load_script(ROOT / "scripts" / "evaluate_perplexity.py")
+    expect_input_error(evaluate.main, ["--model_name_or_path", checkpoint, "--validation_file", data], message)
+
+
+def test_an_int_column_named_by_text_column_is_refused(tmp_path, train_file):
+    rows = [json.dumps({"body": f"some words of row {i} " * 5, "id": i}) for i in range(200)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    expect_input_error(pretrain.main, ["--train_file", tmp_path / "rows.jsonl", "--text_column", "id", *TINY,
+                                       "--output_dir", tmp_path / "out"], "text column 'id' holds int64 values")
+
+
+def test_rows_without_text_are_dropped_and_counted(tmp_path, train_file, capsys):
+    texts = Path(train_file).read_text().split("\n")
+    rows = [{"text": None if i % 10 == 0 else text} for i, text in enumerate(texts)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run(["--train_file", tmp_path / "rows.jsonl", *TINY, "--max_train_steps", 2, "--eval_steps", 2,
+                "--output_dir", tmp_path / "out"]) == 0
+    banner = capsys.readouterr().out
+    nulls = sum(r["text"] is None for r in rows)
+    train, validation = (re.search(rf"{split} .*?(\d+) rows without text \(null\) dropped", banner)
+                         for split in ("train", "validation"))
+    assert train and validation and int(train.group(1)) + int(validation.group(1)) == nulls
 
 
 def test_an_implausible_data_position_is_refused(tmp_path, train_file):
