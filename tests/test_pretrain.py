@@ -322,6 +322,46 @@ def test_a_frozen_process_stops_the_others_after_ddp_timeout(tmp_path, train_fil
     assert "pretrain.py: error: process 0 waited 10 s (--ddp_timeout)" in stderr, stderr[-3000:]
 
 
+# Loaded by every Python process of the run through PYTHONPATH (test code, not the product's): process
+# 1's save of step_4 fails at once with a full disk, while process 0 is still writing its part.
+_BREAK_ONE_RANKS_SAVE = """
+import os, time
+if os.environ.get("GPT2_SUITE_TEST_BREAK_SAVE"):
+    import errno
+    from accelerate import Accelerator
+    save_state = Accelerator.save_state
+
+    def breaking_save_state(self, output_dir=None, **kwargs):
+        if str(output_dir).endswith("step_4"):
+            if self.process_index == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            time.sleep(3)  # process 0 writes on, long after process 1 failed
+        return save_state(self, output_dir, **kwargs)
+
+    Accelerator.save_state = breaking_save_state
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_to_save_never_deletes_what_another_writes(tmp_path, train_file):
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "sitecustomize.py").write_text(_BREAK_ONE_RANKS_SAVE)
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "GPT2_SUITE_TEST_BREAK_SAVE": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "hooks"), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "out"
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(_free_port()), str(SCRIPT), "--train_file", str(train_file), *map(str, TINY),
+         "--max_train_steps", "4", "--eval_steps", "2", "--cpu", "--output_dir", str(out)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode != 0
+    for rank_message in ("no space left on the device", "another process failed to write its part"):
+        assert f"pretrain.py: error: saving {out / 'step_4'} failed: {rank_message}" in two.stderr, two.stderr[-3000:]
+    assert (out / "step_2" / "checkpoint_complete").is_file() and not (out / "step_4").exists()
+
+
 def _kill_after_checkpoint(monkeypatch, at_step: int):
     """Make the next run die (KeyboardInterrupt) right after its step-`at_step` checkpoint is saved."""
     save_checkpoint = pretrain.save_checkpoint
