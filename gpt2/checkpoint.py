@@ -14,18 +14,22 @@ import json
 import os
 import re
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
 from gpt2.errors import InputError, first_line
 from gpt2.files import atomic_write_text, check_writable_dir
+from gpt2.tokenizer import TOKENIZER_FILES
 
 CHECKPOINT_PREFIX = "step_"
 POSITION = ("step", "epoch", "batches_in_epoch")  # where a checkpoint's run stands, in TRAINING_STATE
-# What accelerator.save_state must have written for a resume: each a file (one process group) or,
-# second, a directory of shards (FSDP's sharded state dict).
-SAVED_STATE = {"model weights": ("model.safetensors", "pytorch_model_fsdp_0"),
-               "optimizer state": ("optimizer.bin", "optimizer_0"),
+# What accelerator.save_state must have written for a resume, under any of its names: one file (one
+# process group, or FSDP's full state dict), a directory of shards (FSDP's sharded state dict), or
+# DeepSpeed's own directory, which holds the optimizer too.
+SAVED_STATE = {"model weights": ("model.safetensors", "model.bin", "pytorch_model_fsdp.bin", "pytorch_model_fsdp_0",
+                                 "pytorch_model"),
+               "optimizer state": ("optimizer.bin", "optimizer_0", "pytorch_model"),
                "learning-rate schedule": ("scheduler.bin",)}
 TRAINING_STATE = "training_state.json"
 COMPLETE_MARKER = "checkpoint_complete"
@@ -205,11 +209,10 @@ def _step(path: Path) -> int:
     return int(path.name.removeprefix(CHECKPOINT_PREFIX))
 
 
-# What a run of ours writes at the top of its output directory, besides step_N checkpoints. Each name
-# goes into MANIFEST before it is written, so that overwriting an output directory deletes only what
-# a run of ours wrote there, never a file of the user's that happens to sit beside it.
-RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt",
-             "tokenizer_config.json", "special_tokens_map.json", "metrics.jsonl", "all_results.json")
+# What a run of ours writes at the top of its output directory, besides step_N checkpoints. The run
+# records each name in MANIFEST just before it first writes it, so that overwriting an output
+# directory deletes only what a run of ours wrote there, never a file of the user's beside it.
+RUN_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES, "metrics.jsonl", "all_results.json")
 MANIFEST = "gpt2_suite_outputs.json"  # {"written": [names]}: what runs of ours wrote in this directory
 LOCK_FILE = ".gpt2_suite.lock"  # held (flock) by the run writing here; holds its pid
 
@@ -238,7 +241,11 @@ def _is_ours(entry: Path, written: set[str]) -> bool:
     step_N checkpoint that carries our completion marker and training state."""
     if entry.name in written or entry.name in (MANIFEST, LOCK_FILE):
         return True
-    return bool(re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", entry.name)) and is_complete_checkpoint(entry)
+    return _is_step(entry) and is_complete_checkpoint(entry)
+
+
+def _is_step(entry: Path) -> bool:
+    return bool(re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", entry.name))
 
 
 def _shown(entries: list[Path]) -> str:
@@ -246,16 +253,20 @@ def _shown(entries: list[Path]) -> str:
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
-def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> list[Path]:
+def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool,
+                     will_write: tuple[str, ...] = RUN_FILES) -> list[Path]:
     """Refuse an output directory that can't be written or that holds another run (HF's rule: a
     non-empty directory needs resuming or overwriting; OutputDirInUse). With overwrite, what runs of
     ours wrote there is deleted and returned; nothing else is touched, and files of someone else's
-    where this run would write (a config.json, a step_N) are refused rather than overwritten."""
+    where this run would write (will_write, a step_N) are refused rather than overwritten. A
+    directory holding only our manifest and lock (a run that stopped before writing) is empty."""
     path = check_writable_dir(output_dir)
-    entries = [p for p in path.iterdir() if p.name != LOCK_FILE] if path.is_dir() else []
+    entries = [p for p in path.iterdir() if p.name not in (LOCK_FILE, MANIFEST)] if path.is_dir() else []
     if not entries or resuming:
         return []
     written = _written(path)
+    if not (path / MANIFEST).exists() and any(_is_step(p) and is_complete_checkpoint(p) for p in entries):
+        written = set(RUN_FILES)  # a run of an earlier version, which kept no manifest: its checkpoints say so
     ours = [p for p in entries if _is_ours(p, written)]
     theirs = [p for p in entries if p not in ours]
     if not overwrite:
@@ -264,14 +275,14 @@ def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) ->
             raise OutputDirInUse(f"{path} already holds a run ({_shown(ours)}){extra}")
         raise InputError(f"{path} holds files that no run of ours wrote ({_shown(theirs)}); pick another output "
                          f"directory (these would be left alone, but a run should have a directory of its own)")
-    in_the_way = [p for p in theirs if p.name in RUN_FILES or re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    in_the_way = [p for p in theirs if p.name in will_write or _is_step(p)]
     if in_the_way:
         raise InputError(f"{path} holds {_shown(in_the_way)}, which no run of ours wrote, where this run would write; "
                          f"nothing was deleted: move them, or pick another output directory")
     for p in ours:
-        if p.name != MANIFEST:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return [p for p in ours if p.name != MANIFEST]
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (path / MANIFEST).unlink(missing_ok=True)  # what it named is gone; the new run records its own
+    return ours
 
 
 @contextlib.contextmanager
@@ -291,6 +302,8 @@ def locked_output_dir(output_dir: str | Path):
             holder = handle.read().strip() or "unknown"
             raise InputError(f"{path} is in use by another run (pid {holder}); wait for it to end, or pick "
                              f"another output directory") from None
+        except OSError as err:  # a filesystem without locks (some NFS, Lustre, FUSE mounts): run unlocked
+            warnings.warn(f"{path}: no lock against a second run here ({err.strerror})", stacklevel=3)
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")

@@ -128,9 +128,11 @@ class GPT2Config:
         if not path.is_file():
             raise InputError(f"{str(name)!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
         try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:  # invalid JSON, not UTF-8, unreadable
             raise InputError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise InputError(f"{path}: expected a JSON object of config fields, got a {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls.from_dict({k: v for k, v in values.items() if k in known})
 

@@ -9,6 +9,7 @@ check_output_file says, before any work, whether a path can take that work's res
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -36,13 +37,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries an interrupted atomic_write left in directory (".NAME.XXXXXXXX.tmp",
-    and the ".NAME.tmp" / ".model.safetensors.XXXXXXXX" / ".config.json.XXXXXXXX" names of earlier
-    versions); returns what was removed."""
-    directory = Path(directory)
-    stale = [p for p in directory.glob(".*") if p.is_file() and p.name.count(".") >= 2
-             and (p.name.endswith(".tmp") or p.name.startswith((".model.safetensors.", ".config.json.")))]
+def remove_stale_temporaries(directory: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Delete the temporaries an interrupted atomic_write left in directory: ".NAME.XXXXXXXX.tmp", and
+    the ".NAME.tmp" / ".model.safetensors.XXXXXXXX" / ".config.json.XXXXXXXX" of earlier versions;
+    only those of the given file names when names are given (a directory shared with other files).
+    Returns what was removed."""
+    pattern = re.compile(r"\.(.+?)(\.[A-Za-z0-9_]{6,8})?\.tmp|\.(model\.safetensors|config\.json)\.[A-Za-z0-9_]{6,8}")
+    wanted = set(names) if names is not None else None
+    stale = []
+    for p in Path(directory).glob(".*"):
+        match = pattern.fullmatch(p.name)
+        if match and p.is_file() and (wanted is None or (match.group(1) or match.group(3)) in wanted):
+            stale.append(p)
     for file in stale:
         file.unlink(missing_ok=True)
     return stale
@@ -63,8 +69,8 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
     existing = next(p for p in path.absolute().parents if p.exists())
     if not existing.is_dir():
         raise InputError(f"{path} can't be created: {existing} is a file")
-    if not os.access(existing if not path.exists() else path, os.W_OK):
-        raise InputError(f"{path} can't be written ({existing if not path.exists() else path} is not writable)")
+    if not os.access(existing, os.W_OK | os.X_OK):  # atomic_write creates its temporary beside the file
+        raise InputError(f"{path} can't be written ({existing} is not writable)")
     return path
 
 

@@ -84,8 +84,10 @@ def linear_cross_entropy(h, weight, targets, ignore_index: int = IGNORE_INDEX, r
         if want_grad:
             raise ValueError("reduction='none' is for evaluation: call it under torch.no_grad()")
         chunk = max(1, _MAX_CHUNK_ELEMENTS // weight.shape[0])
-        return torch.cat([
-            _chunk_nll(h[i : i + chunk], weight, targets[i : i + chunk], ignore_index, False)[0]
-            for i in range(0, h.shape[0], chunk)
+        nll_dtype = torch.promote_types(h.dtype, torch.float32)
+        return torch.cat([  # (no rows, e.g. a one-token window: an empty result, not an error)
+            torch.empty(0, dtype=nll_dtype, device=h.device),
+            *(_chunk_nll(h[i : i + chunk], weight, targets[i : i + chunk], ignore_index, False)[0]
+              for i in range(0, h.shape[0], chunk)),
         ])
     return LinearCrossEntropyFunction.apply(h, weight, targets, ignore_index, reduction, want_grad)

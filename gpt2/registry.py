@@ -9,10 +9,11 @@ every layer (the dense mask for eager and sdpa, our kernel's document bounds for
 LayerNorm implementations come in pairs: `norm(x, weight, bias, eps)` and
 `add_norm(x, residual, weight, bias, eps) -> (normed, x + residual)`.
 
-Everything from gpt2_kernels is imported on first use, not with this module: the "triton" entries
-need Triton, and importing it must wait until the program has chosen Triton's mode (the interpreter,
-TRITON_INTERPRET=1, for CPU tensors). "eager" is the dense reference of gpt2_kernels/reference.py,
-which needs torch only, so the model runs where Triton can't.
+gpt2_kernels is imported on the first call that needs it, not with this module, so `import gpt2`
+imports no Triton and a program can still choose Triton's mode after it (the interpreter,
+TRITON_INTERPRET=1, for CPU tensors). Where Triton is installed that first call imports it (the
+package registers its ops); "eager" is the dense reference of gpt2_kernels/reference.py, which needs
+torch only, so the model runs where Triton can't be installed.
 The config field names the implementation; modules look it up on every call, so switching an
 existing model's kernels is a change of config, not a rebuild.
 """

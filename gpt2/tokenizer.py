@@ -25,6 +25,8 @@ from gpt2.errors import InputError, first_line
 from gpt2.hub import is_hub_id, local_directory_note, require_hub
 
 EOT = "<|endoftext|>"  # GPT-2's document separator; our trained tokenizers reserve it as a special token
+# What save_tokenizer writes into a directory (vocab.json and merges.txt for a BPE only).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # Separator tokens of other tokenizer families, tried in order when <|endoftext|> is absent.
 _EOS_CANDIDATES = (EOT, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")

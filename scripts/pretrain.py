@@ -53,11 +53,18 @@ from gpt2 import data as gdata
 from gpt2.documents import WithDocumentIds, document_kwargs
 from gpt2.errors import InputError, exit_on_input_error, first_line
 from gpt2.evaluation import sequence_nll
-from gpt2.files import remove_stale_temporaries
+from gpt2.files import atomic_write_text, remove_stale_temporaries
 from gpt2.loss import IGNORE_INDEX
 from gpt2.registry import KernelUnavailableError, resolve_kernels
 from gpt2.throughput import ThroughputWindow, device_name, mfu, peak_flops, peak_memory
-from gpt2.tokenizer import eos_token_id, load_tokenizer, require_eos_token_id, save_tokenizer, train_tokenizer
+from gpt2.tokenizer import (
+    TOKENIZER_FILES,
+    eos_token_id,
+    load_tokenizer,
+    require_eos_token_id,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 TOKENIZER_TRAINING_CHARS = 200_000_000  # train the BPE on at most this much text (a sample of big corpora)
 DEFAULT_TRAIN_STEPS = 400  # the no-flag run: about 6 minutes on 2 CPU cores
@@ -99,6 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     validate_args(args)
     if args.max_train_steps is None and not args.num_train_epochs:
         args.max_train_steps = DEFAULT_TRAIN_STEPS
+    _check_warmup(args)  # once the steps are known; again in setup_run when epochs set them
     if args.checkpointing_steps is None:
         args.checkpointing_steps = args.eval_steps
     return args
@@ -131,9 +139,6 @@ def validate_args(args) -> None:
     if args.resume_from_checkpoint and args.overwrite_output_dir:
         raise InputError("--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir "
                          "deletes it: give one of them")
-    if args.num_warmup_steps is not None and args.max_train_steps and args.num_warmup_steps > args.max_train_steps:
-        raise InputError(f"--num_warmup_steps ({args.num_warmup_steps}) is more than --max_train_steps "
-                         f"({args.max_train_steps}): the run would end before its warmup")
     if args.validation_split_percentage >= 100:
         raise InputError(f"--validation_split_percentage must be below 100, got {args.validation_split_percentage}")
     if args.streaming and (args.num_train_epochs or args.checkpointing_steps == "epoch"):
@@ -142,6 +147,12 @@ def validate_args(args) -> None:
         raise InputError("--restart_positions needs --document_masking (positions restart at each document)")
     if args.with_tracking:
         args.report_to = check_trackers(args.report_to)
+
+
+def _check_warmup(args) -> None:
+    if args.num_warmup_steps is not None and args.max_train_steps and args.num_warmup_steps > args.max_train_steps:
+        raise InputError(f"--num_warmup_steps ({args.num_warmup_steps}) is more than the run's "
+                         f"{args.max_train_steps} steps: it would end before its warmup")
 
 
 def check_trackers(report_to: str) -> list[str]:
@@ -329,12 +340,15 @@ def setup_run(args, accelerator: Accelerator) -> Run:
                                                               accelerator.num_processes)
         for problem in passed_over:
             accelerator.print(f"passing over a checkpoint that can't be resumed from: {problem}")
-    prepare_output_dir(args, accelerator, resuming=resume_dir is not None)
     set_seed(args.seed)  # before the model is built: its initial weights follow from the seed
     _check_kernels_early(args)
     config = build_config(args)
     if config is not None and args.block_size and args.block_size > config.n_positions:
         raise InputError(_block_size_message(args.block_size, config.n_positions))
+    # After the checks that need no data, so a typo deletes nothing. A run resumed from a checkpoint
+    # elsewhere still needs an output directory of its own.
+    prepare_output_dir(args, accelerator, resuming=resume_dir is not None and resume_dir.parent.resolve()
+                       == output_dir.resolve())
 
     raw = load_raw_data(args, accelerator)
     tokenizer = build_tokenizer(args, raw, accelerator, resume_dir)
@@ -346,6 +360,7 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     steps_per_epoch = None if args.streaming else len(train_loader) // world // ga
     if args.max_train_steps is None:  # --num_train_epochs alone; --max_train_steps wins over it (HF's rule)
         args.max_train_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+        _check_warmup(args)
     optimizer, scheduler = optim.build_optimizer(
         model, lr=args.learning_rate, weight_decay=args.weight_decay, min_lr=args.min_lr,
         schedule=args.lr_scheduler_type, total_steps=args.max_train_steps, warmup_steps=args.num_warmup_steps,
@@ -374,6 +389,8 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     if resume_dir is not None:
         resume(run, resume_dir)
     if args.with_tracking:
+        if accelerator.is_main_process:
+            ckpt.record_outputs(args.output_dir, TRACKER_PROJECT)
         accelerator.init_trackers(TRACKER_PROJECT, {k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
     accelerator.print(banner(run, unwrapped, stats))
@@ -425,14 +442,14 @@ def prepare_output_dir(args, accelerator: Accelerator, resuming: bool) -> None:
     if accelerator.is_main_process:
         try:
             with cli.about(f"--output_dir {args.output_dir}"):
-                removed = ckpt.check_output_dir(args.output_dir, resuming, args.overwrite_output_dir)
+                removed = ckpt.check_output_dir(args.output_dir, resuming, args.overwrite_output_dir,
+                                            will_write=(*ckpt.RUN_FILES, TRACKER_PROJECT))
         except ckpt.OutputDirInUse as err:
             raise InputError(f"{err}; pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir "
                              f"to start afresh there, or another --output_dir") from None
         if removed:
             print(f"--overwrite_output_dir: deleted the earlier run's {', '.join(sorted(p.name for p in removed))}")
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        ckpt.record_outputs(args.output_dir, *ckpt.RUN_FILES, *([TRACKER_PROJECT] if args.with_tracking else []))
     accelerator.wait_for_everyone()
 
 
@@ -478,6 +495,7 @@ def build_tokenizer(args, raw, accelerator: Accelerator, resume_dir: Path | None
             column = gdata.resolve_text_column(raw["train"].column_names, args.text_column)
             tokenizer = train_tokenizer(gdata.text_sample(raw["train"], column, TOKENIZER_TRAINING_CHARS),
                                         args.vocab_size)
+            ckpt.record_outputs(args.output_dir, *TOKENIZER_FILES)
             save_tokenizer(tokenizer, args.output_dir)
         else:
             tokenizer = load_tokenizer(trained)
@@ -806,27 +824,38 @@ def save_checkpoint(accelerator, args, step: int, position: dict, tokenizer, mod
     every rank has stopped writing, the partial step_N is removed and the previous checkpoint is
     left intact."""
     path = ckpt.checkpoint_dir(args.output_dir, step)
-    if accelerator.is_main_process:
-        ckpt.record_outputs(args.output_dir, path.name)  # ours from its first byte, even if this save breaks
-        ckpt.remove_completion_marker(path)  # overwriting step_N: it is incomplete until we finish
-        for directory in (args.output_dir, path):
-            if Path(directory).is_dir():
-                remove_stale_temporaries(directory)
-    accelerator.wait_for_everyone()
-    error = _attempt(lambda: accelerator.save_state(str(path)))
-    # Every rank joins each check (a collective, so also a barrier): no rank removes step_N, or
-    # writes what completes it, while another is still writing its shards and RNG state.
-    if not _failed_anywhere(accelerator, error) and accelerator.is_main_process:
-        error = _attempt(lambda: (ckpt.save_model_config(path, model_config), save_tokenizer(tokenizer, path),
-                                  ckpt.write_training_state(path, {"step": step, **position})))
-    if _failed_anywhere(accelerator, error):
-        if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    # Every rank joins each check (a collective, so also a barrier) and all take the same branch: no
+    # rank removes step_N, or writes what completes it, while another is still writing its part.
+    error = _attempt(lambda: _start_checkpoint(args.output_dir, path)) if main else None
+    failed = _failed_anywhere(accelerator, error)
+    if not failed:
+        error = _attempt(lambda: accelerator.save_state(str(path)))
+        failed = _failed_anywhere(accelerator, error)
+    if not failed:
+        if main:
+            error = _attempt(lambda: (ckpt.save_model_config(path, model_config), save_tokenizer(tokenizer, path),
+                                      ckpt.write_training_state(path, {"step": step, **position})))
+        failed = _failed_anywhere(accelerator, error)
+    if failed:
+        if main:
             shutil.rmtree(path, ignore_errors=True)
         accelerator.wait_for_everyone()
         raise InputError(_save_failure(path, error, ckpt.latest_checkpoint(args.output_dir))) from None
     if accelerator.is_main_process and args.checkpoints_total_limit:
         ckpt.prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
     return path
+
+
+def _start_checkpoint(output_dir: str, path: Path) -> None:
+    """Before step_N is written: it is recorded as ours (from its first byte, even if this save
+    breaks), marked incomplete if it is being overwritten, and stale temporaries of our interrupted
+    writes are cleared."""
+    ckpt.record_outputs(output_dir, path.name)
+    ckpt.remove_completion_marker(path)
+    remove_stale_temporaries(output_dir, names=(*ckpt.RUN_FILES, ckpt.MANIFEST))
+    if path.is_dir():
+        remove_stale_temporaries(path)
 
 
 def _attempt(write) -> Exception | None:
@@ -864,6 +893,7 @@ def save_final_model(accelerator, model, tokenizer, output_dir: str, block_size:
         if sharded:
             final = GPT2(unwrapped.config)
             final.load_state_dict(state)
+        ckpt.record_outputs(output_dir, "config.json", "model.safetensors", *TOKENIZER_FILES)
         final.save_pretrained(output_dir, eos_token_id=eos_token_id(tokenizer))
         save_tokenizer(tokenizer, output_dir, model_max_length=block_size)
     accelerator.wait_for_everyone()
@@ -890,6 +920,8 @@ class MetricsLog:
 
     def log(self, metrics: dict, step: int):
         if self.accelerator.is_main_process:
+            if not self.path.exists():
+                ckpt.record_outputs(self.path.parent, self.path.name)
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.tracking:
@@ -938,7 +970,8 @@ def finish(run: Run, runtime: float) -> int:
                "train_runtime_s": round(runtime, 1),
                "ranks_hold_identical_weights": weights_agree(accelerator, run.model)}
     if accelerator.is_main_process:
-        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        ckpt.record_outputs(output_dir, "all_results.json")
+        atomic_write_text(output_dir / "all_results.json", json.dumps(results, indent=2) + "\n")
         _print_sample(args, unwrapped, run.tokenizer, accelerator.device)
         print(f"\nDone in {runtime:.0f} s: val loss {loss:.4f}, val perplexity {ppl:.2f}. Model, config and "
               f"tokenizer in {output_dir}/ (Hugging Face format).")

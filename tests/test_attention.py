@@ -3,7 +3,7 @@ gradient, on CPU through Triton's interpreter (on a CUDA machine the same tests 
 
 Tolerance (the flash-attention rule): for each of out, dq, dk, dv the kernel's max abs error
 against a float64 reference must be at most twice the error of a same-precision PyTorch
-computation (attention_ref(upcast=False): scores, softmax and P V each in the input dtype) plus a
+computation (attention_ref(upcast=False): scores and P V in the input dtype, the softmax in fp32) plus a
 floor. The floor covers tensors whose same-precision error is (near) zero, e.g. T = 1 where
 P = 1 exactly and dq = 0 in exact arithmetic: there the kernel still carries fp32 rounding from
 its internal reductions (lse round trip, dP - delta), a few fp32 ulps of the largest intermediate,

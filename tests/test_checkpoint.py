@@ -42,7 +42,7 @@ def test_overwrite_deletes_only_what_a_run_of_ours_wrote(tmp_path):
     (out / "step_7").rmdir()
     removed = checkpoint.check_output_dir(out, resuming=False, overwrite=True)
     assert sorted(p.name for p in removed) == ["metrics.jsonl", "step_3"]
-    assert sorted(p.name for p in out.iterdir()) == [checkpoint.MANIFEST, "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # and the manifest, whose names are gone
     with pytest.raises(ValueError, match="is a file, not a directory"):
         checkpoint.check_output_dir(out / "notes.txt", resuming=False, overwrite=False)
 
@@ -110,3 +110,24 @@ def test_pruning_finishes_a_deletion_cut_short(tmp_path):
     removed = checkpoint.prune_checkpoints(tmp_path, keep=1)
     assert [p.name for p in removed] == ["step_2", "step_4"]
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_1", "step_6"]
+
+
+def test_what_the_manifest_names_is_ours_only_once_written(tmp_path):
+    """A folder whose only files are our manifest and lock (a run that stopped before writing) is
+    empty; a run of an earlier version, without a manifest, is recognised by its checkpoints; a
+    folder of the user's where the run would write (its tracker folder, say) stops an overwrite."""
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoint.record_outputs(out, "step_2")
+    (out / checkpoint.LOCK_FILE).write_text("123\n")
+    assert checkpoint.check_output_dir(out, resuming=False, overwrite=False) == []
+    _fake_checkpoint(out, 4)
+    (out / checkpoint.MANIFEST).unlink()  # written by an earlier version
+    (out / "config.json").write_text("{}")
+    removed = checkpoint.check_output_dir(out, resuming=False, overwrite=True)
+    assert sorted(p.name for p in removed) == ["config.json", "step_4"]
+    (out / "runs-of-mine").mkdir()
+    (out / "runs-of-mine" / "thesis.tex").write_text("mine")
+    with pytest.raises(ValueError, match="runs-of-mine, which no run of ours wrote.*nothing was deleted"):
+        checkpoint.check_output_dir(out, resuming=False, overwrite=True, will_write=("runs-of-mine",))
+    assert (out / "runs-of-mine" / "thesis.tex").read_text() == "mine"

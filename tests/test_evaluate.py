@@ -467,3 +467,30 @@ def test_output_json_is_checked_before_the_work_and_never_an_input(checkpoint, t
     report = run_eval(checkpoint, text_file, "--output_json", tmp_path / "new" / "r.json")
     assert json.loads((tmp_path / "new" / "r.json").read_text()) == json.loads(json.dumps(report))
     assert os.listdir(tmp_path / "new") == ["r.json"]
+    inode = (tmp_path / "new" / "r.json").stat().st_ino  # a second report replaces the file (a rename),
+    run_eval(checkpoint, text_file, "--output_json", tmp_path / "new" / "r.json")  # never rewrites it in place
+    assert (tmp_path / "new" / "r.json").stat().st_ino != inode and os.listdir(tmp_path / "new") == ["r.json"]
+
+
+def test_a_last_window_of_one_token(checkpoint, tmp_path):
+    """Disjoint windows (--stride = --max_length) over N = 1 (mod stride) tokens end with a window of
+    one token, alone in its batch: it scores nothing, and the totals are the brute force's over the
+    other windows (each scores its tokens after the first, in float64)."""
+    tokenizer = load_tokenizer(checkpoint)
+    text = sample_text(60, seed=5)
+    while len(tokenizer.encode(text).ids) % 4 != 1:
+        text += " a"
+    ids = tokenizer.encode(text).ids
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    report = run_eval(checkpoint, tmp_path / "t.txt", "--max_length", 4, "--stride", 4, "--batch_size", 1)
+    model = GPT2.from_pretrained(checkpoint).double().eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), 4):
+            window = torch.tensor([ids[start : start + 4]])
+            if window.shape[1] > 1:
+                log_probs = torch.log_softmax(model(window)[0, :-1].double(), dim=-1)
+                nll -= log_probs.gather(1, window[0, 1:, None]).sum().item()
+                count += window.shape[1] - 1
+    assert report["windows"] == (len(ids) + 3) // 4 and report["tokens"] == count
+    assert report["nll_per_token"] == pytest.approx(nll / count, rel=1e-5)

@@ -28,8 +28,9 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
 
 def test_stale_temporaries_are_ours_only(tmp_path):
     ours = [".config.json.a1b2c3d4.tmp", ".training_state.json.tmp", ".model.safetensors.k2j3h4"]
-    theirs = [".gitignore", "notes.tmp", ".hidden"]
+    theirs = [".gitignore", "notes.tmp", ".hidden", ".config.json.swp"]  # the last: vim's, of an open file
     for name in ours + theirs:
         (tmp_path / name).write_text("x")
-    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == sorted(ours)
+    assert [p.name for p in remove_stale_temporaries(tmp_path, names=["config.json"])] == [ours[0]]
+    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == sorted(ours[1:])
     assert sorted(os.listdir(tmp_path)) == sorted(theirs)

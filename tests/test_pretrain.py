@@ -223,6 +223,7 @@ def _bad_input_cases(tmp_path, train_file):
         "min_lr_above": (["--learning_rate", "1e-3", "--min_lr", "1e-2"], "--min_lr (0.01) is above --learning_rate"),
         "resume_and_overwrite": (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "give one of them"),
         "warmup_beyond": (["--max_train_steps", 10, "--num_warmup_steps", 20], "end before its warmup"),
+        "warmup_beyond_default": (["--num_warmup_steps", 1000], "more than the run's 400 steps"),
     }
 
 
@@ -230,7 +231,7 @@ def _bad_input_cases(tmp_path, train_file):
     "case", ["unreachable", "column", "empty", "block", "preset", "override", "triton", "resume", "flag", "choice",
              "override_value", "grad_norm_zero", "grad_norm_negative", "checkpointing_zero", "epochs_negative",
              "weight_decay", "warmup", "vocab", "learning_rate", "output_file", "tracker", "learning_rate_inf",
-             "min_lr_above", "resume_and_overwrite", "warmup_beyond"]
+             "min_lr_above", "resume_and_overwrite", "warmup_beyond", "warmup_beyond_default"]
 )
 def test_bad_input_is_one_clear_line(case, tmp_path, train_file, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the hub can't be reached, quickly
@@ -425,6 +426,20 @@ def test_output_dir_of_another_run_is_refused_unless_overwritten(tmp_path, train
     assert sorted(p.name for p in out.glob("step_*")) == ["step_2"]
     assert sorted(metrics(out, "train_loss")) == [1, 2]  # no rows of the first run
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_that_stops_before_writing_leaves_the_folder_usable(tmp_path, train_file):
+    """A typo fails before anything is written, and the next run in the same folder starts; nothing is
+    deleted by an overwrite whose flags are wrong."""
+    out = tmp_path / "out"
+    expect_input_error(pretrain.main, [*_four_steps(tmp_path / "nope.txt"), "--output_dir", out], "nope.txt")
+    _reset_accelerate()
+    assert run([*_four_steps(train_file, "--max_train_steps", 2), "--output_dir", out]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    _reset_accelerate()
+    expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", out, "--overwrite_output_dir",
+                                       "--config_name", "gpt2-tinyy"], "neither a preset")
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_a_folder_of_other_files_is_not_called_a_run(tmp_path, train_file):
