@@ -655,7 +655,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, train_f
     assert (out / "step_2" / "checkpoint_complete").is_file() and not (out / "step_4").exists()
 
 
-@pytest.mark.parametrize("where", ["save_state", "our files"])
+@pytest.mark.parametrize("where", ["save_state", "our files", "the manifest"])
 def test_any_failure_while_saving_keeps_the_previous_checkpoint(tmp_path, train_file, monkeypatch, where):
     """Not only a full disk: torch's writer ("enforce fail"), safetensors' errors, a failure in the
     files written after save_state: one line, the partial step removed, the previous one intact."""
@@ -675,8 +675,13 @@ def test_any_failure_while_saving_keeps_the_previous_checkpoint(tmp_path, train_
 
     if where == "save_state":
         monkeypatch.setattr(Accelerator, "save_state", breaks_at_step_4(save_state))
-    else:
+    elif where == "our files":
         monkeypatch.setattr(pretrain, "save_tokenizer", breaks_at_step_4(save_tokenizer))
+    else:  # recording step_4 as ours, before anything of it is written
+        record = pretrain.ckpt.record_outputs
+        monkeypatch.setattr(pretrain.ckpt, "record_outputs", lambda out, *names: (
+            breaks_at_step_4(lambda *a: None)(None, Path(out) / names[0]) if names == ("step_4",)
+            else record(out, *names)))
     out = tmp_path / "out"
     expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", out], "saving",
                        "RuntimeError: [enforce fail", str(out / "step_2"), within=None)
