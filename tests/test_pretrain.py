@@ -546,6 +546,8 @@ def test_a_text_column_without_text_is_one_line(tmp_path, name, found):
     a tokenizer is trained on nothing; the evaluator says the same of the same file."""
     data = _column_files(tmp_path)[name]
     message = f"text column 'text' holds {found}, not text"
+    if found == "Json values" and not hasattr(datasets, "Json"):
+        message = "could not"  # datasets before 5 refuses a column of mixed types as it reads it
     expect_input_error(pretrain.main, ["--train_file", data, *TINY, "--output_dir", tmp_path / "out"], message)
     checkpoint = tmp_path / "model"
     from gpt2 import GPT2, GPT2Config
@@ -774,9 +776,11 @@ def test_a_worker_exits_when_its_launcher_dies(tmp_path):
     import signal
 
     child_pid = tmp_path / "child.pid"
+    # The pid is written once the watch has started (it notes its parent then): killed earlier, the
+    # launcher would already be gone when the worker looks for it.
     worker = (f"import os, sys, time; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import cli; "
-              f"open({str(child_pid)!r}, 'w').write(str(os.getpid())); "
-              f"cli.exit_with_launcher('worker', poll_s=0.1); time.sleep(60)")
+              f"cli.exit_with_launcher('worker', poll_s=0.1); "
+              f"open({str(child_pid)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
     launcher = (f"import os, subprocess, sys, time; "
                 f"subprocess.Popen([sys.executable, '-c', {worker!r}], env={{**os.environ, 'LOCAL_RANK': '0'}}); "
                 f"time.sleep(60)")
