@@ -32,6 +32,7 @@ next, so nothing is dropped at all.
 from __future__ import annotations
 
 import ast
+import itertools
 import os
 import re
 import sys
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from gpt2.errors import InputError, first_line
 
@@ -489,3 +491,61 @@ class PackedStream(torch.utils.data.IterableDataset):
             if blocks == 0:
                 raise DataError(f"rank {self.rank}'s share of the stream holds less than one block of tokens")
             epoch += 1
+
+
+# --------------------------------------------------------------------------------------------
+# DataLoaders for pretraining
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator. Without one, every new iterator (each evaluation, the first
+    batch after a resume) draws its seed from the global RNG, which dropout draws from too, so a
+    resumed run would drop out other units than an uninterrupted one."""
+    return torch.Generator().manual_seed(seed)
+
+
+def packed_dataloaders(packed, *, batch_size: int, eval_batch_size: int, seed: int, collate=None,
+                       max_eval_samples: int | None = None, min_train_blocks: int = 1):
+    """(train, validation) DataLoaders over tokenize_and_pack's blocks: training blocks shuffled,
+    whole batches only; validation blocks in order, at most max_eval_samples. DataError when the
+    training blocks are fewer than min_train_blocks (what one optimizer step takes)."""
+    validation = packed["validation"]
+    if max_eval_samples:
+        validation = validation.select(range(min(max_eval_samples, len(validation))))
+    if len(packed["train"]) < min_train_blocks:
+        raise DataError(f"the training split packs into {len(packed['train'])} blocks, fewer than one optimizer "
+                        f"step needs ({min_train_blocks}); use more data or a smaller --block_size / "
+                        f"--per_device_train_batch_size")
+    train = DataLoader(packed["train"], shuffle=True, drop_last=True, batch_size=batch_size,
+                       generator=loader_generator(seed), collate_fn=collate)
+    return train, DataLoader(validation, batch_size=eval_batch_size, generator=loader_generator(seed),
+                             collate_fn=collate)
+
+
+def stream_dataloaders(raw, tokenizer, block_size: int, *, batch_size: int, eval_batch_size: int, seed: int,
+                       rank: int = 0, world_size: int = 1, buffer_size: int = 10_000, text_column: str | None = None,
+                       collate=None, max_eval_samples: int | None = None):
+    """(train, validation) DataLoaders over streamed splits, this rank's share of each: training
+    shuffled through a buffer and repeated forever (a run goes by steps); validation one pass, its
+    first max_eval_samples blocks read once and kept."""
+    train = PackedStream(raw["train"], tokenizer, block_size, rank=rank, world_size=world_size, seed=seed,
+                         buffer_size=buffer_size, epochs=None, text_column=text_column)
+    valid = PackedStream(raw["validation"], tokenizer, block_size, rank=rank, world_size=world_size, shuffle=False,
+                         epochs=1, text_column=text_column)
+    if max_eval_samples:
+        valid = list(itertools.islice(valid, max_eval_samples))
+    return (DataLoader(train, batch_size=batch_size, generator=loader_generator(seed), collate_fn=collate),
+            DataLoader(valid, batch_size=eval_batch_size, generator=loader_generator(seed), collate_fn=collate))
+
+
+def data_identity(dataset_name: str | None, dataset_config_name: str | None, train_file: str | None,
+                  validation_file: str | None, train_split) -> str:
+    """Names the training data, so a resume can refuse other data: the dataset or files, and the
+    datasets fingerprint of the training split where it has one (map-style data)."""
+    source = dataset_name or BUILTIN_CORPUS
+    if train_file:
+        source = " + ".join(str(Path(f).resolve()) for f in (train_file, validation_file) if f)
+    elif dataset_config_name:
+        source += f" ({dataset_config_name})"
+    fingerprint = getattr(train_split, "_fingerprint", None)
+    return f"{source}, fingerprint {fingerprint}" if fingerprint else source

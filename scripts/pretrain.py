@@ -377,7 +377,8 @@ def setup_run(args, accelerator: Accelerator) -> Run:
         args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, tokenizer, block_size,
         settings={"world_size": world, "per_device_train_batch_size": args.per_device_train_batch_size,
                   "gradient_accumulation_steps": ga, "block_size": block_size, "seed": args.seed,
-                  "data": data_identity(args, raw), "streaming": args.streaming,
+                  "data": gdata.data_identity(args.dataset_name, args.dataset_config_name, args.train_file,
+                                              args.validation_file, raw["train"]), "streaming": args.streaming,
                   "max_train_steps": args.max_train_steps, "learning_rate": args.learning_rate,
                   "min_lr": args.min_lr},
         metrics=MetricsLog(accelerator, output_dir / "metrics.jsonl", args.with_tracking),
@@ -451,18 +452,6 @@ def prepare_output_dir(args, accelerator: Accelerator, resuming: bool) -> None:
             print(f"--overwrite_output_dir: deleted the earlier run's {', '.join(sorted(p.name for p in removed))}")
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-
-
-def data_identity(args, raw) -> str:
-    """Names the training data, so a resume can refuse other data: the dataset or files, and the
-    datasets fingerprint of the training split where it has one (map-style data)."""
-    source = args.dataset_name or gdata.BUILTIN_CORPUS
-    if args.train_file:
-        source = " + ".join(str(Path(f).resolve()) for f in (args.train_file, args.validation_file) if f)
-    elif args.dataset_config_name:
-        source += f" ({args.dataset_config_name})"
-    fingerprint = getattr(raw["train"], "_fingerprint", None)
-    return f"{source}, fingerprint {fingerprint}" if fingerprint else source
 
 
 def load_raw_data(args, accelerator: Accelerator):
@@ -546,41 +535,18 @@ def build_dataloaders(args, raw, tokenizer, block_size, accelerator):
     would shard them a second time)."""
     # --document_masking: every batch also carries its rows' document ids, from the end-of-text token.
     collate = WithDocumentIds(eos_token_id(tokenizer), args.restart_positions) if args.document_masking else None
+    batches = dict(batch_size=args.per_device_train_batch_size, eval_batch_size=args.per_device_eval_batch_size,
+                   seed=args.seed, collate=collate, max_eval_samples=args.max_eval_samples)
     if args.streaming:
-        train = gdata.PackedStream(
-            raw["train"], tokenizer, block_size, rank=accelerator.process_index,
-            world_size=accelerator.num_processes, seed=args.seed, buffer_size=args.shuffle_buffer_size,
-            epochs=None, text_column=args.text_column,
-        )
-        valid = gdata.PackedStream(
-            raw["validation"], tokenizer, block_size, rank=accelerator.process_index,
-            world_size=accelerator.num_processes, shuffle=False, epochs=1, text_column=args.text_column,
-        )
-        if args.max_eval_samples:
-            valid = list(itertools.islice(valid, args.max_eval_samples))
-        return (DataLoader(train, batch_size=args.per_device_train_batch_size, generator=_loader_rng(args),
-                           collate_fn=collate),
-                DataLoader(valid, batch_size=args.per_device_eval_batch_size, generator=_loader_rng(args),
-                           collate_fn=collate), None)
+        return (*gdata.stream_dataloaders(raw, tokenizer, block_size, rank=accelerator.process_index,
+                                          world_size=accelerator.num_processes, buffer_size=args.shuffle_buffer_size,
+                                          text_column=args.text_column, **batches), None)
     with accelerator.main_process_first():
-        lm, stats = gdata.tokenize_and_pack(
+        packed, stats = gdata.tokenize_and_pack(
             raw, tokenizer, block_size, text_column=args.text_column, num_proc=args.preprocessing_num_workers
         )
-    validation = lm["validation"]
-    if args.max_eval_samples:
-        validation = validation.select(range(min(args.max_eval_samples, len(validation))))
-    global_batch = args.per_device_train_batch_size * accelerator.num_processes
-    if len(lm["train"]) < global_batch * args.gradient_accumulation_steps:
-        raise InputError(
-            f"the training split packs into {len(lm['train'])} blocks of {block_size} tokens, fewer than "
-            f"one optimizer step needs ({global_batch * args.gradient_accumulation_steps}); use more data "
-            f"or a smaller --block_size / --per_device_train_batch_size"
-        )
-    train = DataLoader(lm["train"], shuffle=True, drop_last=True, batch_size=args.per_device_train_batch_size,
-                       generator=_loader_rng(args), collate_fn=collate)
-    valid = DataLoader(validation, batch_size=args.per_device_eval_batch_size, generator=_loader_rng(args),
-                       collate_fn=collate)
-    return train, valid, stats
+    step_blocks = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    return (*gdata.packed_dataloaders(packed, min_train_blocks=step_blocks, **batches), stats)
 
 
 def resume(run: Run, resume_dir: Path) -> None:
@@ -785,13 +751,6 @@ def validate(run: Run, write) -> None:
     if run.accelerator.is_local_main_process:
         write(f"step {run.step}: val loss {loss:.4f}, val perplexity {ppl:.2f}")
     run.metrics.log({"val_loss": loss, "val_perplexity": ppl}, run.step)
-
-
-def _loader_rng(args) -> torch.Generator:
-    """A DataLoader's own generator. Without one, every new iterator (each evaluation, the first
-    batch after a resume) draws its seed from the global RNG, which dropout draws from too, so a
-    resumed run would drop out other units than an uninterrupted one."""
-    return torch.Generator().manual_seed(args.seed)
 
 
 @torch.no_grad()

@@ -146,3 +146,34 @@ def test_stream_shards_are_disjoint_and_lossless(tokenizer):
     assert ids[0] and ids[1] and not ids[0] & ids[1]
     stream_tokens = sum(len(enc.ids) + 1 for enc in tokenizer.encode_batch(docs))
     assert stream_tokens - 16 < 8 * (len(shards[0]) + len(shards[1])) <= stream_tokens  # one partial block per rank
+
+
+def test_packed_dataloaders_shuffle_by_their_own_seed(tokenizer):
+    """Training batches: whole batches, every block at most once, the same order for the same seed
+    whatever the global RNG did in between (dropout draws from it); validation in order, capped;
+    too few blocks for one step is one clear error."""
+    import torch
+
+    raw = datasets.DatasetDict({split: datasets.Dataset.from_dict({"text": _documents(40, seed)})
+                                for split, seed in (("train", 1), ("validation", 2))})
+    packed, _ = gdata.tokenize_and_pack(raw, tokenizer, 16)
+    orders = []
+    for _ in range(2):
+        train, valid = gdata.packed_dataloaders(packed, batch_size=3, eval_batch_size=4, seed=7, max_eval_samples=5)
+        torch.rand(100)  # the global RNG moves; the loaders' order must not
+        orders.append([row.tolist() for batch in train for row in batch["input_ids"]])
+    assert orders[0] == orders[1] and len(orders[0]) == 3 * (len(packed["train"]) // 3)
+    in_order = [row.tolist() for row in packed["train"][: len(orders[0])]["input_ids"]]
+    assert len({tuple(r) for r in orders[0]}) == len(orders[0]) and orders[0] != in_order  # shuffled
+    assert torch.equal(torch.cat([b["input_ids"] for b in valid]), packed["validation"][:5]["input_ids"])
+    with pytest.raises(gdata.DataError, match="fewer than one optimizer step needs"):
+        gdata.packed_dataloaders(packed, batch_size=3, eval_batch_size=4, seed=7,
+                                 min_train_blocks=len(packed["train"]) + 1)
+
+
+def test_data_identity_names_the_files_and_the_split(tmp_path):
+    split = datasets.Dataset.from_dict({"text": ["a", "b"]})
+    (tmp_path / "t.txt").write_text("x")
+    named = gdata.data_identity(None, None, str(tmp_path / "t.txt"), None, split)
+    assert named.startswith(str((tmp_path / "t.txt").resolve())) and split._fingerprint in named
+    assert gdata.data_identity("wikitext", "wikitext-2-raw-v1", None, None, None) == "wikitext (wikitext-2-raw-v1)"
