@@ -25,6 +25,82 @@ KERNELS = ("auto", *KERNEL_CHOICES)
 KERNELS_HELP = "auto = our Triton kernels on CUDA, PyTorch SDPA elsewhere"
 
 
+def parse_args(parser, argv=None, check=None):
+    """parser's flags, from the command line and from `--config FILE.yaml` (a mapping of flag names,
+    without the dashes, to values; a list for a flag that takes several): a flag given on the
+    command line wins over the file. Each key is checked as its flag is, with its own type and
+    choices, and a bad one is one line naming the key and the file; check(args), the script's own
+    checks, names the file too when the value it refuses came from there."""
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="read flags from this YAML file (keys are flag names); the command line wins")
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    from_file = _argv_from_config(parser, path, argv) if path else {}
+    args = parser.parse_args([arg for args_of_key in from_file.values() for arg in args_of_key] + argv)
+    try:
+        if check is not None:
+            check(args)
+    except InputError as err:
+        key = next((k for k in from_file if str(err).startswith(f"--{k} ")), None)
+        if key:
+            err.args = (f"{err} (set by {key!r} in {path})",)
+        raise
+    return args
+
+
+def _argv_from_config(parser, path: str, argv: list[str]) -> dict[str, list[str]]:
+    """{key: the flag and value(s) it stands for} from the YAML file, leaving out flags the command
+    line gives; InputError naming the file and the key for anything the flag would refuse."""
+    import argparse
+
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(f"--config {path}: can't read it ({err.strerror})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise InputError(f"--config {path}: not valid YAML ({first_line(err)})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise InputError(f"--config {path}: expected a mapping of flag names to values, got a {type(values).__name__}")
+    flags = {action.option_strings[0][2:]: action for action in parser._actions
+             if action.option_strings and action.option_strings[0].startswith("--")}
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    result = {}
+    for key, value in values.items():
+        action = flags.get(str(key))
+        if action is None or key in ("config", "help"):
+            raise InputError(f"{path}: {key!r} is not a flag of this program (see --help)")
+        if value is None or set(action.option_strings) & given:  # null: the default; the command line wins
+            continue
+        option = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise InputError(f"{path}: {key} must be true or false, got {value!r}")
+            result[key] = [option] if value else []
+            continue
+        several = isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+")
+        items = value if several and isinstance(value, list) else [value]
+        if any(isinstance(item, (dict, list)) for item in items):
+            raise InputError(f"{path}: {key} takes {'values' if several else 'one value'}, got {value!r}")
+        texts = [str(item) for item in items]
+        for text in texts:
+            try:
+                converted = action.type(text) if action.type else text
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+                raise InputError(f"{path}: {key}: invalid value {text!r} ({err})") from None
+            if action.choices is not None and converted not in action.choices:
+                raise InputError(f"{path}: {key}: {text!r} is not one of {list(action.choices)}")
+        if isinstance(action, argparse._AppendAction):
+            result[key] = [arg for text in texts for arg in (option, text)]
+        else:
+            result[key] = [option, *texts]
+    return result
+
+
 def add_checkpoint_flags(parser, *, required: bool, model_help: str, tokenizer_help: str) -> None:
     parser.add_argument("--model_name_or_path", required=required, default=None, help=model_help)
     parser.add_argument("--tokenizer_name", default=None, help=tokenizer_help)

@@ -88,19 +88,21 @@ def parse_args(argv=None):
     run.add_argument("--batch_size", type=int, default=1, help="windows per forward pass, per process")
     cli.add_device_flags(run)
     parser.add_argument("--output_json", default=None, help="also write the results here")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.max_samples is not None and args.max_samples < 1:
-        parser.error(f"--max_samples must be at least 1, got {args.max_samples}")
-    if args.dataset_name is None and args.validation_file is None:
-        parser.error("give the text to score: --validation_file FILE or --dataset_name NAME (the no-flag "
-                     "pretraining run held out --dataset_name builtin:pydocs --dataset_split validation)")
-    if args.dataset_name is not None and args.validation_file is not None:
-        parser.error("give one of --dataset_name or --validation_file, not both")
-    if args.restart_positions and not args.document_masking:
-        parser.error("--restart_positions needs --document_masking (positions restart at each text)")
-    return args
+
+    def check(args):
+        if args.batch_size < 1:
+            parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+        if args.max_samples is not None and args.max_samples < 1:
+            parser.error(f"--max_samples must be at least 1, got {args.max_samples}")
+        if args.dataset_name is None and args.validation_file is None:
+            parser.error("give the text to score: --validation_file FILE or --dataset_name NAME (the no-flag "
+                         "pretraining run held out --dataset_name builtin:pydocs --dataset_split validation)")
+        if args.dataset_name is not None and args.validation_file is not None:
+            parser.error("give one of --dataset_name or --validation_file, not both")
+        if args.restart_positions and not args.document_masking:
+            parser.error("--restart_positions needs --document_masking (positions restart at each text)")
+
+    return cli.parse_args(parser, argv, check=check)
 
 
 def window_lengths(args, n_positions: int) -> tuple[int, int]:

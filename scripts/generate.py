@@ -44,21 +44,23 @@ def parse_args(argv=None):
     parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt (one batch)")
     parser.add_argument("--seed", type=int, default=42)
     cli.add_device_flags(parser)
-    args = parser.parse_args(argv)
-    if args.max_new_tokens < 1:
-        parser.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if not 1 <= args.num_samples <= MAX_SAMPLES:
-        parser.error(f"--num_samples must be in [1, {MAX_SAMPLES}] (a prompt's samples are one batch), "
-                     f"got {args.num_samples}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        parser.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
-    if not 0 <= args.seed < 2**64:
-        parser.error(f"--seed must be in [0, 2**64), got {args.seed}")
-    if args.top_k is not None and args.top_k < 1:
-        parser.error(f"--top_k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
-    return args
+
+    def check(args):
+        if args.max_new_tokens < 1:
+            parser.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+        if not 1 <= args.num_samples <= MAX_SAMPLES:
+            parser.error(f"--num_samples must be in [1, {MAX_SAMPLES}] (a prompt's samples are one batch), "
+                         f"got {args.num_samples}")
+        if not (math.isfinite(args.temperature) and args.temperature >= 0):
+            parser.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+        if not 0 <= args.seed < 2**64:
+            parser.error(f"--seed must be in [0, 2**64), got {args.seed}")
+        if args.top_k is not None and args.top_k < 1:
+            parser.error(f"--top_k must be at least 1, got {args.top_k}")
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
+
+    return cli.parse_args(parser, argv, check=check)
 
 
 def read_prompts(args) -> list[str]:

@@ -69,6 +69,7 @@ from gpt2.tokenizer import (
 TOKENIZER_TRAINING_CHARS = 200_000_000  # train the BPE on at most this much text (a sample of big corpora)
 DEFAULT_TRAIN_STEPS = 400  # the no-flag run: about 6 minutes on 2 CPU cores
 TRACKER_PROJECT = "gpt2-pretrain"  # Accelerate's trackers log under OUTPUT_DIR/TRACKER_PROJECT
+RUN_CONFIG = "run_config.yaml"  # the run's resolved settings, in OUTPUT_DIR and every step_N: --config reads it
 
 
 class _TiedWeightsNotice(logging.Filter):
@@ -102,8 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add_model_flags(parser.add_argument_group("model and tokenizer"))
     _add_training_flags(parser.add_argument_group("training"))
     _add_output_flags(parser.add_argument_group("evaluation, logging and checkpoints"))
-    args = parser.parse_args(argv)
-    validate_args(args)
+    args = cli.parse_args(parser, argv, check=validate_args)
     if args.max_train_steps is None and not args.num_train_epochs:
         args.max_train_steps = DEFAULT_TRAIN_STEPS
     _check_warmup(args)  # once the steps are known; again in setup_run when epochs set them
@@ -147,6 +147,33 @@ def validate_args(args) -> None:
         raise InputError("--restart_positions needs --document_masking (positions restart at each document)")
     if args.with_tracking:
         args.report_to = check_trackers(args.report_to)
+
+
+def run_config(args) -> str:
+    """The run's resolved settings as a --config file (keys are flag names), headed by the versions
+    and commit it ran with: `--config OUTPUT_DIR/run_config.yaml` runs it again. Resuming and
+    overwriting are left out: they are about one output directory, not about the run."""
+    import importlib.metadata
+    import subprocess
+
+    import yaml
+
+    settings = {key: value for key, value in vars(args).items() if key != "config"}
+    settings.update(resume_from_checkpoint=None, overwrite_output_dir=False)
+    if isinstance(settings["report_to"], list):  # check_trackers made it a list; the flag takes "a,b"
+        settings["report_to"] = ",".join(settings["report_to"])
+    versions = []
+    for package in ("torch", "triton", "accelerate", "datasets", "tokenizers"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{package} not installed")
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return (f"# scripts/pretrain.py's resolved settings; run again with: python scripts/pretrain.py --config "
+            f"{Path(args.output_dir) / RUN_CONFIG}\n# {', '.join(versions)}; commit "
+            f"{commit.stdout.strip() if commit.returncode == 0 else 'unknown (not a git checkout)'}\n"
+            + yaml.safe_dump(settings, sort_keys=False))
 
 
 def _check_warmup(args) -> None:
@@ -361,6 +388,9 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     if args.max_train_steps is None:  # --num_train_epochs alone; --max_train_steps wins over it (HF's rule)
         args.max_train_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
         _check_warmup(args)
+    if accelerator.is_main_process:  # every setting now resolved
+        ckpt.record_outputs(output_dir, RUN_CONFIG)
+        atomic_write_text(output_dir / RUN_CONFIG, run_config(args))
     optimizer, scheduler = optim.build_optimizer(
         model, lr=args.learning_rate, weight_decay=args.weight_decay, min_lr=args.min_lr,
         schedule=args.lr_scheduler_type, total_steps=args.max_train_steps, warmup_steps=args.num_warmup_steps,
@@ -794,6 +824,7 @@ def save_checkpoint(accelerator, args, step: int, position: dict, tokenizer, mod
     if not failed:
         if main:
             error = _attempt(lambda: (ckpt.save_model_config(path, model_config), save_tokenizer(tokenizer, path),
+                                      atomic_write_text(path / RUN_CONFIG, run_config(args)),
                                       ckpt.write_training_state(path, {"step": step, **position})))
         failed = _failed_anywhere(accelerator, error)
     if failed:

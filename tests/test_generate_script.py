@@ -125,3 +125,17 @@ def test_samples_stay_inside_a_smaller_tokenizer(tmp_path, capsys):
     save_tokenizer(other, tmp_path / "other")
     run(tmp_path / "big", "--tokenizer_name", tmp_path / "other", "--prompt", "To", "--max_new_tokens", 2)
     assert "is not the tokenizer saved with the checkpoint" in capsys.readouterr().out
+
+
+def test_config_file_with_a_list_flag(checkpoint, tmp_path):
+    """--config works here as in pretraining: a list for a flag given several times (--prompt), and
+    the command line wins over the file."""
+    (tmp_path / "gen.yaml").write_text(f"model_name_or_path: {checkpoint}\nprompt: [To be, whether]\n"
+                                       f"max_new_tokens: 3\ntemperature: 0\n")
+    samples = generate.main(["--config", str(tmp_path / "gen.yaml")])
+    assert [s["prompt"] for s in samples] == ["To be", "whether"] and all(len(s["token_ids"]) <= 3 for s in samples)
+    samples = generate.main(["--config", str(tmp_path / "gen.yaml"), "--prompt", "that", "--max_new_tokens", 5])
+    assert [s["prompt"] for s in samples] == ["that"] and len(samples[0]["token_ids"]) <= 5
+    (tmp_path / "bad.yaml").write_text("temperature: nan\n")
+    expect_input_error(generate.main, ["--model_name_or_path", checkpoint, "--config", tmp_path / "bad.yaml"],
+                       "--temperature must be a finite number", f"set by 'temperature' in {tmp_path / 'bad.yaml'}")

@@ -908,3 +908,41 @@ def test_readme_commands_work_after_the_no_flag_run(tmp_path, monkeypatch):
             assert main([*argv, *extra]), argv
             ran[script] += 1
     assert ran == {"evaluate_perplexity.py": 2, "generate.py": 2}, ran
+
+
+def test_a_run_is_a_file_it_saves_and_can_run_again(tmp_path, train_file):
+    """Every run writes its resolved settings (run_config.yaml, with versions and commit, in the
+    output dir and in each step_N); --config on that file runs it again with the same losses, and
+    a flag on the command line wins over the file."""
+    import yaml
+
+    first = tmp_path / "first"
+    assert run([*_four_steps(train_file), "--output_dir", first]) == 0
+    saved = first / "run_config.yaml"
+    settings = yaml.safe_load(saved.read_text())
+    assert settings["max_train_steps"] == 4 and settings["train_file"] == str(train_file)
+    assert "torch " in saved.read_text().splitlines()[1] and "commit" in saved.read_text().splitlines()[1]
+    assert (first / "step_4" / "run_config.yaml").read_text() == saved.read_text()
+    _reset_accelerate()
+    assert run(["--config", saved, "--output_dir", tmp_path / "again"]) == 0
+    assert metrics(tmp_path / "again", "train_loss") == metrics(first, "train_loss")
+    _reset_accelerate()
+    assert run(["--config", saved, "--output_dir", tmp_path / "shorter", "--max_train_steps", 2]) == 0
+    assert list(metrics(tmp_path / "shorter", "train_loss")) == [1, 2]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("learning_rate: [1, 2]\n", "learning_rate takes one value"),
+    ("learning_rat: 0.1\n", "'learning_rat' is not a flag of this program"),
+    ("eval_steps: abc\n", "eval_steps: invalid value 'abc'"),
+    ("lr_scheduler_type: cosine_typo\n", "lr_scheduler_type: 'cosine_typo' is not one of"),
+    ("streaming: 3\n", "streaming must be true or false"),
+    ("eval_steps: 0\n", "--eval_steps must be at least 1, got 0 (set by 'eval_steps' in"),
+    ("- a\n- b\n", "expected a mapping of flag names to values"),
+    ("a: [b\n", "not valid YAML"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_key_and_file(tmp_path, content, fragment):
+    config = tmp_path / "run.yaml"
+    config.write_text(content)
+    message = expect_input_error(pretrain.main, ["--config", config, "--output_dir", tmp_path / "out"], fragment)
+    assert str(config) in message
