@@ -17,7 +17,6 @@ import importlib.util
 import math
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from gpt2.errors import InputError
 from gpt2.files import atomic_write, atomic_write_text, check_writable_dir
+from gpt2.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 LEADING_FIELDS = ["benchmark", "kernel", "provider", "mode", "dtype"]
@@ -39,16 +39,7 @@ def environment() -> dict:
     names the commit (for a copied tree without .git, as on a lent GPU machine)."""
     import triton
 
-    commit = os.environ.get("GIT_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                    capture_output=True, text=True, check=True).stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True).stdout.strip()
-            commit += "-dirty" if dirty else ""
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
+    commit = git_commit()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (triton interpreter)"
     return {
         "device": device,

@@ -55,6 +55,7 @@ from gpt2.errors import InputError, exit_on_input_error, first_line
 from gpt2.evaluation import sequence_nll
 from gpt2.files import atomic_write_text, remove_stale_temporaries
 from gpt2.loss import IGNORE_INDEX
+from gpt2.provenance import git_commit, versions
 from gpt2.registry import KernelUnavailableError, resolve_kernels
 from gpt2.throughput import ThroughputWindow, device_name, mfu, peak_flops, peak_memory
 from gpt2.tokenizer import (
@@ -153,26 +154,16 @@ def run_config(args) -> str:
     """The run's resolved settings as a --config file (keys are flag names), headed by the versions
     and commit it ran with: `--config OUTPUT_DIR/run_config.yaml` runs it again. Resuming and
     overwriting are left out: they are about one output directory, not about the run."""
-    import importlib.metadata
-    import subprocess
-
     import yaml
 
     settings = {key: value for key, value in vars(args).items() if key != "config"}
     settings.update(resume_from_checkpoint=None, overwrite_output_dir=False)
     if isinstance(settings["report_to"], list):  # check_trackers made it a list; the flag takes "a,b"
         settings["report_to"] = ",".join(settings["report_to"])
-    versions = []
-    for package in ("torch", "triton", "accelerate", "datasets", "tokenizers"):
-        try:
-            versions.append(f"{package} {importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            versions.append(f"{package} not installed")
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    stack = versions("torch", "triton", "accelerate", "datasets", "tokenizers")
     return (f"# scripts/pretrain.py's resolved settings; run again with: python scripts/pretrain.py --config "
-            f"{Path(args.output_dir) / RUN_CONFIG}\n# {', '.join(versions)}; commit "
-            f"{commit.stdout.strip() if commit.returncode == 0 else 'unknown (not a git checkout)'}\n"
+            f"{Path(args.output_dir) / RUN_CONFIG}\n# {', '.join(f'{k} {v}' for k, v in stack.items())}; commit "
+            f"{git_commit()}\n"
             + yaml.safe_dump(settings, sort_keys=False))
 
 
