@@ -191,8 +191,12 @@ def flex_attention_provider():
                                           "FlexAttention has no backward on CPU")
     if unavailable:
         return unavailable
+    from torch._functorch import config as functorch_config
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # The bwd mode replays one backward (retain_graph=True), which a compiled backward with donated
+    # buffers refuses (torch 2.11): the buffers are kept instead.
+    functorch_config.donated_buffer = False
     compiled = torch.compile(flex_attention, dynamic=False)
 
     @functools.lru_cache(maxsize=4)
@@ -261,11 +265,13 @@ def flex_document_provider(document_ids: torch.Tensor):
                                           "FlexAttention has no backward on CPU")
     if unavailable:
         return unavailable, None
+    from torch._functorch import config as functorch_config
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     B, T = document_ids.shape
     mask_mod, device = document_mask_mod(document_ids), str(document_ids.device)
     block_mask = functools.cache(lambda: create_block_mask(mask_mod, B, None, T, T, device=device))
+    functorch_config.donated_buffer = False  # as in flex_attention_provider
     compiled = torch.compile(flex_attention, dynamic=False)
     compiled_create = torch.compile(create_block_mask)
 

@@ -138,6 +138,10 @@ def run_point(kernel, rows_n, hidden, dtype_name, table, env, quick, device, cud
         try:
             outs = call()
             got = [o.detach() for o in outs] + grads_of(outs)
+            # Drop the checked call's graph now: kept alive, its AccumulateGrad nodes (made on the
+            # default stream) would be reused by the CUDA-graph capture on a side stream, which then
+            # syncs with the default stream and fails (and leaves the CUDA RNG mid-capture).
+            del outs
         except common.NotMeasured as e:
             rows += common.untimed(row, MODES, e.status, e.note)
             continue

@@ -18,7 +18,8 @@
 #   training-compile  the same two, compiled (pretrain.py --compile)                          (what is left)
 #   attention-gpt2    attention at every GPT-2 shape, bf16, causal and not                    (what is left)
 #   layer_norm        the whole LayerNorm sweep                                               (what is left)
-# Other phases, by name: attention (every suite and dtype), training (GPT-2 124M and 355M).
+# Other phases, by name: attention (every suite and dtype), training (GPT-2 124M and 355M),
+# overhead (the host's cost per call of our ops against PyTorch's, and a cProfile of it).
 #
 # Compile and autotune time: GPT2_SUITE_AUTOTUNE=short (the default here) gives the autotuner 3-4
 # configs per head-dim class instead of the full lists; TRITON_CACHE_DIR is .triton_cache/, packed
@@ -153,6 +154,7 @@ for phase in "${phases[@]}"; do
         attention-target) run_phase attention-target 110 "${attention[@]}" "${target[@]}" ;;
         layer_norm-768) run_phase layer_norm-768 80 "${layer_norm[@]}" "${ln768[@]}" ;;
         training-gpt2) run_phase training-gpt2 130 "${training[@]}" "${gpt2[@]}" ;;
+        overhead) run_phase overhead 75 python3 -m benchmarks.overhead "${quick[@]}" ;;
         tests) run_phase tests 110 python3 -m pytest -q -m requires_cuda tests -p no:cacheprovider ;;
         attention-documents) run_phase attention-documents 120 "${attention[@]}" "${documents[@]}" ;;
         training-documents) run_phase training-documents 100 "${training[@]}" "${gpt2[@]}" --providers triton+docs sdpa+docs ;;
