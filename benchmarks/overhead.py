@@ -15,8 +15,9 @@ that side directly, per case:
 * wall µs: the same N calls through a final synchronize, i.e. max(host, GPU) per call;
 * GPU µs: the kernels' own time per call, from torch.profiler's device events.
 
-Cases: ours through the public function, ours through the launcher alone (no custom op, no
-autograd), and PyTorch's F.layer_norm / SDPA; forward under no_grad and forward+backward. Then a
+Cases: ours through the public function (in eager mode the ops' implementations without the
+dispatcher: gpt2_kernels/utils.py, call_op), ours through the registered op, ours through the
+launcher alone (no autograd), and PyTorch's F.layer_norm / SDPA; forward under no_grad and forward+backward. Then a
 cProfile of our forward+backward calls (top functions by own time) says which Python costs most.
 Writes overhead.md under results/<device>/ (or --output_dir); prints the table last.
 """
@@ -39,7 +40,7 @@ from benchmarks import common
 def cases(quick: bool, device: str) -> dict:
     """{name: (fn, inputs that get gradients or None)}: each fn one call of the case."""
     import gpt2_kernels
-    from gpt2_kernels.attention import attention_bwd, attention_fwd
+    from gpt2_kernels.attention import attention_fwd
 
     ln_module = sys.modules["gpt2_kernels.layer_norm"]  # the module (gpt2_kernels.layer_norm is the function)
     dtype = torch.float32 if quick else torch.bfloat16
@@ -63,47 +64,26 @@ def cases(quick: bool, device: str) -> dict:
             fn().backward(grad)
         return run
 
-    class LayerNormFunction(torch.autograd.Function):  # the launchers under autograd, no custom op
-        @staticmethod
-        def forward(ctx, x, w, bias):
-            y, _, mean, rstd = ln_module.layer_norm_fwd(x, w, bias, 1e-5)
-            ctx.save_for_backward(x, w, bias, mean, rstd)
-            return y
-
-        @staticmethod
-        def backward(ctx, dy):
-            return ln_module.layer_norm_bwd(dy, *ctx.saved_tensors)
-
-    class AttentionFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v):
-            out, lse = attention_fwd(q, k, v, True, None)
-            ctx.save_for_backward(q, k, v, out, lse)
-            return out
-
-        @staticmethod
-        def backward(ctx, do):
-            q, k, v, out, lse = ctx.saved_tensors
-            return attention_bwd(do, q, k, v, out, lse, True, None)
-
     ours_ln = lambda: gpt2_kernels.layer_norm(x, w, bias, 1e-5)  # noqa: E731
     torch_ln = lambda: F.layer_norm(x, (hidden,), w, bias, 1e-5)  # noqa: E731
     ours_attn = lambda: gpt2_kernels.flash_attention(q, k, v, causal=True)  # noqa: E731
+    # The registered ops themselves: what torch.compile and torch.export call, and what the public
+    # functions called in eager mode too before utils.call_op.
+    op_ln = lambda: torch.ops.gpt2_suite.layer_norm(x, w, bias, 1e-5)[0]  # noqa: E731
+    op_attn = lambda: torch.ops.gpt2_suite.flash_attention(q, k, v, True, None, None, None)[0]  # noqa: E731
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
     return {
         "layer_norm fwd: ours": (no_grad(ours_ln), None),
         "layer_norm fwd: ours, launcher only": (no_grad(lambda: ln_module.layer_norm_fwd(x, w, bias, 1e-5)), None),
         "layer_norm fwd: F.layer_norm": (no_grad(torch_ln), None),
         "layer_norm fwd+bwd: ours": (backward(ours_ln, dy), [x, w, bias]),
-        "layer_norm fwd+bwd: ours, autograd.Function over the launchers":
-            (backward(lambda: LayerNormFunction.apply(x, w, bias), dy), [x, w, bias]),
+        "layer_norm fwd+bwd: ours through torch.ops (the dispatcher)": (backward(op_ln, dy), [x, w, bias]),
         "layer_norm fwd+bwd: F.layer_norm": (backward(torch_ln, dy), [x, w, bias]),
         "attention fwd: ours": (no_grad(ours_attn), None),
         "attention fwd: ours, launcher only": (no_grad(lambda: attention_fwd(q, k, v, True, None)), None),
         "attention fwd: sdpa": (no_grad(sdpa), None),
         "attention fwd+bwd: ours": (backward(ours_attn, do), [q, k, v]),
-        "attention fwd+bwd: ours, autograd.Function over the launchers":
-            (backward(lambda: AttentionFunction.apply(q, k, v), do), [q, k, v]),
+        "attention fwd+bwd: ours through torch.ops (the dispatcher)": (backward(op_attn, do), [q, k, v]),
         "attention fwd+bwd: sdpa": (backward(sdpa, do), [q, k, v]),
     }
 

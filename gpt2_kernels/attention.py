@@ -37,7 +37,8 @@ Contract
 Operators (registered when this module is imported; see gpt2_kernels/utils.py for why ``custom_op``)
 -------------------------------------------------------------------------------------------
 ``flash_attention`` validates its inputs (the ValueErrors above; CPU tensors only under the
-interpreter) and calls the PyTorch custom operator
+interpreter) and runs the PyTorch custom operator (in plain eager mode its implementation and
+autograd formula directly, without the dispatcher: gpt2_kernels/utils.py, call_op)
 
     gpt2_suite::flash_attention(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale,
         Tensor? doc_start, Tensor? doc_end) -> (Tensor out, Tensor lse)
@@ -1043,8 +1044,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, doc_start, doc_end = ctx.saved_tensors
-    dq, dk, dv = torch.ops.gpt2_suite.flash_attention_backward(
-        dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, doc_start, doc_end
+    dq, dk, dv = utils.call_op(
+        "flash_attention_backward", dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, doc_start, doc_end
     )
     return dq, dk, dv, None, None, None, None  # no gradient for causal, softmax_scale, the bounds
 
@@ -1132,8 +1133,9 @@ def flash_attention(
     (B, T) tensor on q's device, non-decreasing along T (checked, except under torch.compile):
     a query then attends only to keys of its own document (packed sequences); or the ids'
     document_bounds(document_ids), built once for all of a batch's layers (no recomputing, no
-    sync per call). Differentiable in q, k and v. Calls torch.ops.gpt2_suite.flash_attention (its
-    lse output stays internal). See the module docstring for the full contract.
+    sync per call). Differentiable in q, k and v. Runs torch.ops.gpt2_suite.flash_attention (its
+    lse output stays internal; in plain eager mode without the dispatcher: utils.call_op). See the
+    module docstring for the full contract.
     """
     _check_inputs(q, k, v)  # here, before the op: its CPU implementation would accept CPU tensors
     bounds = document_ids
@@ -1142,7 +1144,8 @@ def flash_attention(
         bounds = document_bounds(document_ids)
     doc_start, doc_end = (None, None) if bounds is None else bounds
     _check_bounds(q, doc_start, doc_end)
-    out, _ = torch.ops.gpt2_suite.flash_attention(
-        q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale), doc_start, doc_end
+    out, _ = utils.call_op(
+        "flash_attention", q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale),
+        doc_start, doc_end,
     )
     return out

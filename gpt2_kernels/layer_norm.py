@@ -38,7 +38,8 @@ constant row gets var = 0 and y = bias exactly.
 Operators (registered when this module is imported; see gpt2_kernels/utils.py for why ``custom_op``)
 -------------------------------------------------------------------------------------------
 The public functions validate their inputs (the ValueErrors of the launcher; CPU tensors only
-under the interpreter) and call the PyTorch custom operators
+under the interpreter) and run the PyTorch custom operators (in plain eager mode their
+implementations and autograd formulas directly: gpt2_kernels/utils.py, call_op)
 
     gpt2_suite::layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps)
         -> (Tensor y, Tensor mean, Tensor rstd)
@@ -535,11 +536,11 @@ def _add_norm_setup_context(ctx, inputs, output):
 
 
 def _normalised_grads(ctx, dy, dz_out):
-    """(dz, dweight, dbias) through torch.ops.gpt2_suite.layer_norm_backward."""
+    """(dz, dweight, dbias) through torch.ops.gpt2_suite.layer_norm_backward (utils.call_op)."""
     z, weight, bias, mean, rstd = ctx.saved_tensors
     if dy is None:  # only the residual stream was used downstream
         dy = torch.zeros_like(z)
-    dz, dweight, dbias = torch.ops.gpt2_suite.layer_norm_backward(dy, z, weight, bias, mean, rstd, dz_out)
+    dz, dweight, dbias = utils.call_op("layer_norm_backward", dy, z, weight, bias, mean, rstd, dz_out)
     return dz, dweight, dbias if bias is not None else None
 
 
@@ -581,9 +582,10 @@ utils.define_op(
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension, like F.layer_norm(x, (N,), weight, bias, eps).
-    Calls torch.ops.gpt2_suite.layer_norm (its mean and rstd outputs stay internal)."""
+    Runs torch.ops.gpt2_suite.layer_norm (its mean and rstd outputs stay internal; in plain eager mode
+    without the dispatcher: utils.call_op)."""
     _check_inputs(x, None, weight, bias)  # here, before the op: its CPU implementation would accept CPU tensors
-    y, _, _ = torch.ops.gpt2_suite.layer_norm(x, weight, bias, float(eps))
+    y, _, _ = utils.call_op("layer_norm", x, weight, bias, float(eps))
     return y
 
 
@@ -591,8 +593,8 @@ def add_layer_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(LN(x + residual), x + residual) in one pass over the residual stream.
-    Calls torch.ops.gpt2_suite.add_layer_norm."""
+    Runs torch.ops.gpt2_suite.add_layer_norm (in plain eager mode without the dispatcher: utils.call_op)."""
     _check_inputs(x, residual, weight, bias)
-    y, z, _, _ = torch.ops.gpt2_suite.add_layer_norm(x, residual, weight, bias, float(eps))
+    y, z, _, _ = utils.call_op("add_layer_norm", x, residual, weight, bias, float(eps))
     return y, z
 

@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import gpt2_kernels
@@ -177,6 +178,60 @@ def test_cpu_math_agrees_with_the_kernels(monkeypatch):
         assert got.shape == want.shape and got.stride() == want.stride() and got.dtype == want.dtype, i
         bound = 8 * torch.finfo(torch.float32).eps * max(1.0, want.abs().max().item())
         torch.testing.assert_close(got, want, rtol=0, atol=bound, msg=f"output {i}")
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every op dispatched while active: with it (as with FlopCounterMode, fake tensors or
+    torch.compile), the public functions go through the registered ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func.name()))
+        return func(*args, **(kwargs or {}))
+
+
+def _public_calls(device):
+    """Outputs and input gradients of every public function, on fixed inputs."""
+    generator = torch.Generator().manual_seed(2)
+
+    def leaf(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=generator, dtype=dtype).to(device).requires_grad_()
+
+    q, k, v = leaf(2, 4, 37, 32), leaf(2, 2, 37, 32), leaf(2, 2, 37, 32)
+    x, residual, weight, bias = leaf(3, 5, 48), leaf(3, 5, 48, dtype=torch.float16), leaf(48), leaf(48)
+    document_ids = _document_ids(2, 37, device)
+    outs = [gpt2_kernels.flash_attention(q, k, v), gpt2_kernels.flash_attention(q, k, v, False, 0.3, document_ids),
+            *gpt2_kernels.add_layer_norm(x, residual, weight, bias), gpt2_kernels.layer_norm(x, weight, None)]
+    loss = sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(device)).sum() for t in outs)
+    loss.backward()
+    return [o.detach() for o in outs] + [t.grad for t in (q, k, v, x, residual, weight, bias)]
+
+
+def test_plain_eager_calls_skip_the_dispatcher_with_the_same_bits(monkeypatch):
+    """In plain eager mode the public functions and the backward formulas run the ops' own
+    implementations and autograd formulas without the dispatcher (utils.call_op: the host cost of a
+    call); under a dispatch mode they go through the ops. Both give the same bits, forward and
+    backward."""
+    eager_calls = []
+    for name, route in list(utils._EAGER.items()):
+        def counted(*args, name=name, route=route):
+            eager_calls.append(name)
+            return route(*args)
+        monkeypatch.setitem(utils._EAGER, name, counted)
+    plain = _public_calls(DEVICE)
+    assert sorted(set(eager_calls)) == ["add_layer_norm", "flash_attention", "flash_attention_backward",
+                                        "layer_norm", "layer_norm_backward"]
+    eager_calls.clear()
+    with _RecordOps() as recorder:
+        dispatched = _public_calls(DEVICE)
+    assert eager_calls == []
+    assert {"gpt2_suite::flash_attention", "gpt2_suite::flash_attention_backward", "gpt2_suite::layer_norm",
+            "gpt2_suite::add_layer_norm", "gpt2_suite::layer_norm_backward"} <= set(recorder.seen)
+    for i, (got, want) in enumerate(zip(plain, dispatched)):
+        assert got.dtype == want.dtype and got.stride() == want.stride() and torch.equal(got, want), i
 
 
 def test_ops_take_cpu_tensors_without_the_interpreter_the_functions_do_not(monkeypatch):
