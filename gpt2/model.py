@@ -10,6 +10,11 @@ Attention and LayerNorm run through gpt2/registry.py, chosen by config.attn_impl
 config.norm_impl at every call. The residual stream travels between blocks as (x, residual):
 each LayerNorm first adds the pending branch output x into the residual, then normalises it,
 which is exactly the fused `add_layer_norm` kernel's contract.
+
+Activation checkpointing (`gradient_checkpointing_enable()`, transformers' name; pretrain.py's
+--gradient_checkpointing) keeps only each block's inputs during training and recomputes the block
+in the backward pass (torch.utils.checkpoint, non-reentrant, RNG state restored so dropout masks
+repeat): the same gradients, bit for bit, for about a third more compute.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gpt2 import hf
 from gpt2.config import GPT2Config
@@ -142,7 +148,8 @@ class GPT2(nn.Module):
         if config.position_embedding == "learned":
             self.transformer.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix embeds and un-embeds
+        self.tie_weights()  # one matrix embeds and un-embeds
+        self.gradient_checkpointing = False  # a training setting, not saved with the model
         self.apply(self._init_weights)
         # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer),
         # since each block adds two of them and the stream's variance grows with every add.
@@ -164,6 +171,22 @@ class GPT2(nn.Module):
         GPT2Config(**{**self.config.to_dict(), "attn_impl": attn_impl, "norm_impl": norm_impl})  # validates
         check_available(attn_impl, norm_impl)
         self.config.attn_impl, self.config.norm_impl = attn_impl, norm_impl
+        return self
+
+    def tie_weights(self) -> None:
+        """Point the LM head at the token embedding's matrix (transformers' name). Accelerate's FSDP2
+        preparation calls it after moving the model to the meta device and again after loading the
+        gathered weights, either of which leaves two separate matrices otherwise."""
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def gradient_checkpointing_enable(self) -> GPT2:
+        """Recompute each block in the backward pass instead of keeping its activations (training
+        only; cached decoding and no-grad calls run as before)."""
+        self.gradient_checkpointing = True
+        return self
+
+    def gradient_checkpointing_disable(self) -> GPT2:
+        self.gradient_checkpointing = False
         return self
 
     def hidden_states(self, input_ids, kv_caches=None, document_ids=None, position_ids=None):
@@ -198,8 +221,12 @@ class GPT2(nn.Module):
             rotary = rotary_tables(self.config, positions, x.dtype)
         x = self.transformer.drop(x)
         residual = None
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not kv_caches
         for i, block in enumerate(self.transformer.h):
-            x, residual = block(x, residual, rotary, kv_caches[i] if kv_caches else None, documents)
+            if recompute:
+                x, residual = checkpoint(block, x, residual, rotary, None, documents, use_reentrant=False)
+            else:
+                x, residual = block(x, residual, rotary, kv_caches[i] if kv_caches else None, documents)
         h, _ = self.transformer.ln_f(x, residual)
         return h
 

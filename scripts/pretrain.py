@@ -29,7 +29,8 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -244,6 +245,9 @@ def _add_training_flags(t) -> None:
     t.add_argument("--num_warmup_steps", type=int, default=None, help="default: 5%% of the steps")
     t.add_argument("--lr_scheduler_type", choices=optim.SCHEDULES, default="cosine")
     t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute each block in the backward pass instead of keeping its activations: "
+                        "less memory, about a third more compute, the same gradients")
     t.add_argument("--on_nonfinite", choices=("stop", "skip"), default="stop",
                    help="a non-finite loss or grad norm stops the run (keeping the last good "
                         "checkpoint), or skips that update")
@@ -330,7 +334,30 @@ def build_accelerator(args) -> Accelerator:
         raise InputError(f"FSDP was asked for (--use_fsdp), but Accelerate runs FSDP on GPUs only and would run "
                          f"{accelerator.distributed_type.value} here; drop --use_fsdp (plain data parallel on CPU: "
                          f"accelerate launch --multi_gpu --num_processes 2 ... --cpu)")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        fsdp2_settings(accelerator)
     return accelerator
+
+
+def fsdp2_settings(accelerator: Accelerator) -> None:
+    """FSDP2 only, with gradients reduced in fp32. `accelerate launch --use_fsdp` means FSDP1 unless
+    told --fsdp_version 2; FSDP1 is not what this script is tested with, so it stops with one line
+    rather than run it. Under bf16 (or fp16) mixed precision Accelerate's policy also reduce-scatters
+    the gradients in that dtype: summing a few hundred ranks' gradients with 8 bits of mantissa loses
+    what each adds. The parameters are still gathered and computed in bf16; only the reduction, one
+    pass over the gradients per step, moves to fp32 (twice the bytes of that collective)."""
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        accelerator.end_training()
+        raise InputError(f"FSDP{plugin.fsdp_version} is not supported: add --fsdp_version 2 to accelerate launch "
+                         "(or fsdp_version: 2 under fsdp_config; accelerate_fsdp2.yaml has the settings)")
+    policy = plugin.mixed_precision_policy
+    if policy is not None and policy.reduce_dtype in (torch.bfloat16, torch.float16):
+        plugin.mixed_precision_policy = replace(policy, reduce_dtype=torch.float32)
+    # fully_shard warns that a Block returns a view (its MLP output: a Linear's, viewed back to 3-D),
+    # since an in-place op on it would skip FSDP's pre-backward hook. The next LayerNorm only reads it
+    # (x + residual, out of place), and the FSDP test's losses equal one process's.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
 
 
 def _check_kernels_early(args):
@@ -394,6 +421,8 @@ def setup_run(args, accelerator: Accelerator) -> Run:
         )
 
     unwrapped = accelerator.unwrap_model(model)
+    if unwrapped.lm_head.weight is not unwrapped.transformer.wte.weight:  # they would train apart, silently
+        raise RuntimeError("accelerator.prepare untied the LM head from the token embedding")
     run = Run(
         args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, tokenizer, block_size,
         settings={"world_size": world, "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -430,7 +459,8 @@ def banner(run: Run, model: GPT2, stats) -> str:
         f"  model      {model.num_parameters():,} parameters ({model.num_parameters(exclude_embeddings=True):,} "
         f"without embeddings): {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, "
         f"context {config.n_positions}",
-        f"  kernels    attention {config.attn_impl}, LayerNorm {config.norm_impl} (--kernels {args.kernels})",
+        f"  kernels    attention {config.attn_impl}, LayerNorm {config.norm_impl} (--kernels {args.kernels})"
+        + ("; every block recomputed in backward (--gradient_checkpointing)" if args.gradient_checkpointing else ""),
     ]
     if args.document_masking:
         lines.append("  documents  masked: a token attends only to its own document (end-of-text ends one)"
@@ -538,6 +568,8 @@ def build_model(args, config: GPT2Config | None, vocab_size: int) -> GPT2:
             f"the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's ({vocab_size})"
         )
     attn, norm = resolve_kernels(args.kernels, "cpu" if args.cpu else None, model.config.dropout)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     return model.set_kernels(attn_impl=attn, norm_impl=norm)
 
 
@@ -865,20 +897,22 @@ def _save_failure(path: Path, error: Exception | None, previous: Path | None) ->
 
 
 def save_final_model(accelerator, model, tokenizer, output_dir: str, block_size: int):
-    """save_pretrained (config.json + model.safetensors, HF GPT-2 format) and the tokenizer."""
+    """save_pretrained (config.json + model.safetensors, HF GPT-2 format) and the tokenizer. Returns
+    the whole model on the main process (sharded weights are gathered into a plain copy on the CPU;
+    what comes after training uses it, no collective involved), None on the others."""
     unwrapped = accelerator.unwrap_model(model)
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     state = accelerator.get_state_dict(model) if sharded else None  # gathers the full weights
     if accelerator.is_main_process:
         final = unwrapped
         if sharded:
-            final = GPT2(unwrapped.config)
+            final = GPT2(unwrapped.config).set_kernels(*resolve_kernels("auto", "cpu", unwrapped.config.dropout))
             final.load_state_dict(state)
         ckpt.record_outputs(output_dir, "config.json", "model.safetensors", *TOKENIZER_FILES)
         final.save_pretrained(output_dir, eos_token_id=eos_token_id(tokenizer))
         save_tokenizer(tokenizer, output_dir, model_max_length=block_size)
     accelerator.wait_for_everyone()
-    return unwrapped
+    return final if accelerator.is_main_process else None
 
 
 def weights_agree(accelerator, model) -> bool | None:
@@ -946,14 +980,14 @@ def finish(run: Run, runtime: float) -> int:
     """The final model in Hugging Face format, all_results.json, a sample and the next commands."""
     accelerator, args, (loss, ppl) = run.accelerator, run.args, run.val
     output_dir = Path(args.output_dir)
-    unwrapped = save_final_model(accelerator, run.model, run.tokenizer, args.output_dir, run.block_size)
+    final = save_final_model(accelerator, run.model, run.tokenizer, args.output_dir, run.block_size)
     results = {"eval_loss": loss, "perplexity": ppl, "step": run.step, "train_tokens": run.step * run.tokens_per_step,
                "train_runtime_s": round(runtime, 1),
                "ranks_hold_identical_weights": weights_agree(accelerator, run.model)}
     if accelerator.is_main_process:
         ckpt.record_outputs(output_dir, "all_results.json")
         atomic_write_text(output_dir / "all_results.json", json.dumps(results, indent=2) + "\n")
-        _print_sample(args, unwrapped, run.tokenizer, accelerator.device)
+        _print_sample(args, final, run.tokenizer, next(final.parameters()).device)
         print(f"\nDone in {runtime:.0f} s: val loss {loss:.4f}, val perplexity {ppl:.2f}. Model, config and "
               f"tokenizer in {output_dir}/ (Hugging Face format).")
         print(f"  evaluate: python scripts/evaluate_perplexity.py --model_name_or_path {output_dir} "

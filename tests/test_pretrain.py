@@ -261,7 +261,8 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
 @pytest.mark.slow
 def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, train_file):
     """Two CPU processes (gloo) through accelerate launch: ranks read disjoint blocks, so together they
-    see exactly the one-process run's batches, and end with identical weights. (`accelerate launch
+    see exactly the one-process run's batches, and end with identical weights; the two recompute
+    their blocks in backward (--gradient_checkpointing), which changes no gradient. (`accelerate launch
     --cpu --num_processes 2` would start one process, as accelerate's CPU path wants mpirun; the
     processes start as for GPUs and the script's --cpu picks gloo.)"""
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
@@ -272,7 +273,7 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, train_
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "--main_process_port", str(_free_port()),
-         str(SCRIPT), *common, "--cpu", "--output_dir", str(tmp_path / "two")],
+         str(SCRIPT), *common, "--cpu", "--gradient_checkpointing", "--output_dir", str(tmp_path / "two")],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
@@ -769,6 +770,114 @@ def test_fsdp_asked_for_on_cpu_stops_instead_of_running_ddp(tmp_path, train_file
     assert "pretrain.py: error: FSDP was asked for (--use_fsdp)" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing trained
     assert time.perf_counter() - start < 100
+
+
+# Test code, not the product's: loaded by every process of a launch through PYTHONPATH. Accelerate
+# selects FSDP on GPUs only; this turns the CPU (gloo) run that `accelerate launch --use_fsdp ...`
+# starts into the FSDP run it would be on GPUs, with the plugin Accelerate builds from the FSDP_*
+# variables that launch sets. Everything after that (prepare's fully_shard, the sharded saves and
+# loads, the gathered final model) is Accelerate's and the script's own code.
+_FSDP_ON_CPU = """
+import os
+if os.environ.get("GPT2_SUITE_TEST_FSDP_ON_CPU"):
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    init = Accelerator.__init__
+
+    def init_as_fsdp(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        PartialState().distributed_type = self.state.distributed_type = DistributedType.FSDP
+
+    Accelerator.__init__ = init_as_fsdp
+"""
+
+
+def _launch_fsdp(tmp_path, argv, fsdp_version=2):
+    """scripts/pretrain.py on two CPU processes as `accelerate launch --use_fsdp` starts it, made FSDP
+    by _FSDP_ON_CPU: the launch flags of accelerate_fsdp2.yaml, in fp32."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(_FSDP_ON_CPU)
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "GPT2_SUITE_TEST_FSDP_ON_CPU": "1",
+           "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", str(fsdp_version),
+         "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "Block",
+         "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_reshard_after_forward", "true",
+         # FSDP1's plugin refuses sync_module_states on CPU before the script could say anything
+         *(["--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
+           if fsdp_version == 1 else []),
+         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(_free_port()), str(SCRIPT), *map(str, argv), "--cpu"],
+        capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_trains_saves_resumes_and_samples(tmp_path, train_file):
+    """The real script under FSDP2 (two gloo processes, fp32): the losses equal one process's on the
+    same global batch; resuming from a sharded step_N continues bit for bit, with activation
+    checkpointing on (it changes no gradient); the final model.safetensors, gathered from the
+    shards, loads in GPT2 and in transformers and holds the one-process run's weights; the end-of-run
+    sample runs on that gathered copy. Then once with our Triton kernels (the
+    interpreter)."""
+    common = ["--train_file", train_file, *TINY, "--max_train_steps", "4", "--eval_steps", "2",
+              "--gradient_accumulation_steps", "2"]
+    common[common.index("--per_device_train_batch_size") + 1] = "2"
+    fsdp = _launch_fsdp(tmp_path, [*common, "--output_dir", tmp_path / "fsdp"])
+    assert fsdp.returncode == 0, fsdp.stdout[-3000:] + fsdp.stderr[-3000:]
+    assert "2 x cpu (FSDP, mixed precision no)" in fsdp.stdout
+    assert "Sample:" in fsdp.stdout and "returned a view tensor" not in fsdp.stderr
+    assert (tmp_path / "fsdp" / "step_2" / "pytorch_model_fsdp_0").is_dir()  # sharded: a DCP folder
+    assert json.loads((tmp_path / "fsdp" / "all_results.json").read_text())["ranks_hold_identical_weights"] is None
+
+    one_argv = [*common, "--output_dir", tmp_path / "one"]
+    one_argv[one_argv.index("--per_device_train_batch_size") + 1] = "4"
+    assert run(one_argv) == 0
+    a, b = metrics(tmp_path / "one", "train_loss"), metrics(tmp_path / "fsdp", "train_loss")
+    assert list(a) == list(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose(list(b.values()), list(a.values()), rtol=1e-5)
+    np.testing.assert_allclose(list(metrics(tmp_path / "fsdp", "val_loss").values()),
+                               list(metrics(tmp_path / "one", "val_loss").values()), rtol=1e-5)
+
+    resumed = _launch_fsdp(tmp_path, [*common, "--output_dir", tmp_path / "resumed", "--gradient_checkpointing",
+                                      "--resume_from_checkpoint", tmp_path / "fsdp" / "step_2"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "every block recomputed in backward" in resumed.stdout
+    for key in ("train_loss", "val_loss"):
+        straight, again = metrics(tmp_path / "fsdp", key), metrics(tmp_path / "resumed", key)
+        assert [again[s] for s in (3, 4) if s in again] == [straight[s] for s in (3, 4) if s in straight], key
+    assert list(metrics(tmp_path / "resumed", "train_loss")) == [3, 4]
+
+    from gpt2 import GPT2
+
+    model = GPT2.from_pretrained(tmp_path / "fsdp")
+    hf = pytest.importorskip("transformers").GPT2LMHeadModel.from_pretrained(str(tmp_path / "fsdp"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-4)
+    same = GPT2.from_pretrained(tmp_path / "one")  # the one-process run's final weights
+    for (name, p), q in zip(model.named_parameters(), same.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+    triton = _launch_fsdp(tmp_path, [*common, "--output_dir", tmp_path / "triton", "--kernels", "triton",
+                                     "--max_train_steps", "2"])
+    assert triton.returncode == 0, triton.stdout[-3000:] + triton.stderr[-3000:]
+    assert "kernels    attention triton, LayerNorm triton" in triton.stdout and "Sample:" in triton.stdout
+    np.testing.assert_allclose(list(metrics(tmp_path / "triton", "train_loss").values()),
+                               [b[1], b[2]], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp1_is_refused_with_one_line(tmp_path, train_file):
+    """`accelerate launch --use_fsdp` without --fsdp_version 2 means FSDP1, which the script does not
+    run: one line naming the flag, on every rank, before any data is read."""
+    proc = _launch_fsdp(tmp_path, ["--train_file", train_file, *TINY, "--max_train_steps", "2",
+                                   "--output_dir", tmp_path / "out"], fsdp_version=1)
+    assert proc.returncode != 0
+    assert proc.stderr.count("pretrain.py: error: FSDP1 is not supported: add --fsdp_version 2") == 2, \
+        proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_a_worker_exits_when_its_launcher_dies(tmp_path):
