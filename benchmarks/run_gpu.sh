@@ -11,15 +11,18 @@
 #                     fwd+bwd against every SDPA backend                                      (110 s)
 #   layer_norm-768    LayerNorm and add+LayerNorm at hidden 768, 16k rows, bf16               (80 s)
 #   training-gpt2     GPT-2 124M training step, --kernels triton against sdpa                 (130 s)
+#   overhead          the host's cost per call of our ops against PyTorch's                   (75 s)
 #   tests             the CUDA correctness tests at real sizes (pytest -m requires_cuda)      (110 s)
+#   fsdp              a 1-process FSDP2 run of GPT-2 124M (accelerate_fsdp2.yaml, bf16): Accelerate's
+#                     own FSDP selection, sharded saves, the gathered final model and sample;
+#                     then a resume from its step_10, losses compared                         (150 s)
 #   attention-documents  document-masked attention (the documents suite: ours, FlexAttention,
 #                     SDPA's dense mask) at GPT-2 shapes, T=1024, 4096, 8192, bf16            (120 s)
 #   training-documents   the GPT-2 124M step with --document_masking, triton and sdpa        (100 s)
 #   training-compile  the same two, compiled (pretrain.py --compile)                          (what is left)
 #   attention-gpt2    attention at every GPT-2 shape, bf16, causal and not                    (what is left)
 #   layer_norm        the whole LayerNorm sweep                                               (what is left)
-# Other phases, by name: attention (every suite and dtype), training (GPT-2 124M and 355M),
-# overhead (the host's cost per call of our ops against PyTorch's, and a cProfile of it).
+# Other phases, by name: attention (every suite and dtype), training (GPT-2 124M and 355M).
 #
 # Compile and autotune time: GPT2_SUITE_AUTOTUNE=short (the default here) gives the autotuner 3-4
 # configs per head-dim class instead of the full lists; TRITON_CACHE_DIR is .triton_cache/, packed
@@ -134,8 +137,29 @@ run_phase() {
 }
 
 phases=("$@")
-((${#phases[@]})) || phases=(attention-target layer_norm-768 training-gpt2 tests attention-documents training-documents
-                             training-compile attention-gpt2 layer_norm)
+((${#phases[@]})) || phases=(attention-target layer_norm-768 training-gpt2 overhead tests fsdp attention-documents
+                             training-documents training-compile attention-gpt2 layer_norm)
+
+# The fsdp phase: two launches and a comparison (a function, so that run_phase's timeout can run it).
+fsdp_phase() {
+    local dir=/tmp/gpu-fsdp
+    local launch=(python3 -m accelerate.commands.launch --config_file accelerate_fsdp2.yaml --num_processes 1)
+    local run=(scripts/pretrain.py --config_name gpt2 --per_device_train_batch_size 8 --block_size 512
+               --max_train_steps 20 --checkpointing_steps 10 --eval_steps 10 --gradient_checkpointing)
+    rm -rf "$dir"
+    "${launch[@]}" "${run[@]}" --output_dir "$dir/straight" &&
+        "${launch[@]}" "${run[@]}" --output_dir "$dir/resumed" --resume_from_checkpoint "$dir/straight/step_10" &&
+        python3 -c '
+import json, sys
+def losses(d):
+    rows = [json.loads(line) for line in open(d + "/metrics.jsonl")]
+    return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r and r["step"] > 10}
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+print(f"fsdp resume: steps 11-20 in both {len(a.keys() & b.keys())}, bitwise equal {a == b}, max |difference| "
+      f"{max(abs(a[s] - b[s]) for s in a.keys() & b.keys()):.3g}")
+sys.exit(len(a.keys() & b.keys()) != 10)' "$dir/straight" "$dir/resumed"
+}
+export -f fsdp_phase
 
 # QUICK=1: a dry run of the same plan on a CPU (tiny shapes, Triton's interpreter, results under
 # /tmp/gpu-dry-run), to check that it fits its budget before device time is spent on it.
@@ -156,6 +180,8 @@ for phase in "${phases[@]}"; do
         training-gpt2) run_phase training-gpt2 130 "${training[@]}" "${gpt2[@]}" ;;
         overhead) run_phase overhead 75 python3 -m benchmarks.overhead "${quick[@]}" ;;
         tests) run_phase tests 110 python3 -m pytest -q -m requires_cuda tests -p no:cacheprovider ;;
+        fsdp) if [[ ${QUICK:-} == 1 ]]; then note "== fsdp: skipped (Accelerate runs FSDP on GPUs only)"
+              else run_phase fsdp 150 bash -c fsdp_phase; fi ;;
         attention-documents) run_phase attention-documents 120 "${attention[@]}" "${documents[@]}" ;;
         training-documents) run_phase training-documents 100 "${training[@]}" "${gpt2[@]}" --providers triton+docs sdpa+docs ;;
         training-compile) run_phase training-compile 480 "${training[@]}" "${gpt2[@]}" --providers sdpa+compile triton+compile ;;

@@ -4,6 +4,7 @@
     python -m benchmarks.training --presets gpt2 --steps 50
     python -m benchmarks.training --presets gpt2 --providers sdpa+compile triton+compile   # pretrain.py --compile
     python -m benchmarks.training --presets gpt2 --providers triton triton+docs sdpa+docs  # --document_masking
+    python -m benchmarks.training --presets gpt2 --providers sdpa sdpa+ckpt     # --gradient_checkpointing
     python -m benchmarks.training --quick --output_dir /tmp/b   # a tiny model on CPU (interpreter), CI smoke
 
 Each run is the real pretraining script in its own process (accelerate's bf16 mixed precision),
@@ -37,18 +38,20 @@ POINT_FIELDS = ["preset", "block_size", "batch_size", "dtype", "provider"]  # on
 WARMUP_STEPS = 5  # excluded from the throughput medians
 
 
-# provider -> (--kernels, --compile, --document_masking); --providers picks (default: the two
-# uncompiled, unmasked ones). "+docs": attention within each packed document (sdpa: a dense mask).
-PROVIDERS = {"sdpa": ("sdpa", False, False), "triton": ("triton", False, False),
-             "sdpa+compile": ("sdpa", True, False), "triton+compile": ("triton", True, False),
-             "sdpa+docs": ("sdpa", False, True), "triton+docs": ("triton", False, True)}
+# provider -> (--kernels, --compile, --document_masking, --gradient_checkpointing); --providers picks
+# (default: the two uncompiled, unmasked ones). "+docs": attention within each packed document (sdpa:
+# a dense mask). "+ckpt": every block recomputed in backward (activation memory against time).
+PROVIDERS = {"sdpa": ("sdpa", False, False, False), "triton": ("triton", False, False, False),
+             "sdpa+compile": ("sdpa", True, False, False), "triton+compile": ("triton", True, False, False),
+             "sdpa+docs": ("sdpa", False, True, False), "triton+docs": ("triton", False, True, False),
+             "sdpa+ckpt": ("sdpa", False, False, True), "triton+ckpt": ("triton", False, False, True)}
 # (a, b): b's tokens/s over a's, and the two runs' largest loss difference where they train the same model
 RATIOS = [("sdpa", "triton"), ("sdpa+compile", "triton+compile"), ("sdpa+docs", "triton+docs"),
-          ("triton", "triton+docs")]
+          ("triton", "triton+docs"), ("sdpa", "sdpa+ckpt"), ("triton", "triton+ckpt")]
 
 
 def pretrain_command(args, preset: str, provider: str, out_dir: Path, tokenizer: Path | None) -> list[str]:
-    kernels, compiled, documents = PROVIDERS[provider]
+    kernels, compiled, documents, recompute = PROVIDERS[provider]
     cmd = [
         sys.executable, str(common.ROOT / "scripts" / "pretrain.py"),
         "--config_name", preset, "--kernels", kernels, "--output_dir", str(out_dir),
@@ -62,6 +65,8 @@ def pretrain_command(args, preset: str, provider: str, out_dir: Path, tokenizer:
         cmd.append("--compile")
     if documents:
         cmd.append("--document_masking")
+    if recompute:
+        cmd.append("--gradient_checkpointing")
     if args.config_overrides:
         cmd += ["--config_overrides", args.config_overrides]
     if tokenizer is not None:
@@ -204,7 +209,8 @@ def summarize(rows, out_dir) -> str:
     lines += [
         f"Command: `python -m benchmarks.training`: scripts/pretrain.py, --kernels sdpa then triton, same data, "
         f"seed and tokenizer; medians over the steps after the first {WARMUP_STEPS}. +compile: --compile; "
-        "+docs: --document_masking (attention within each packed document).", "",
+        "+docs: --document_masking (attention within each packed document); +ckpt: --gradient_checkpointing "
+        "(every block recomputed in backward).", "",
         common.markdown_table(["run", "kernels", "tokens/s", "MFU", "peak memory"], body), "",
     ]
     return "\n".join(lines) + "\n"

@@ -794,8 +794,8 @@ if os.environ.get("GPT2_SUITE_TEST_FSDP_ON_CPU"):
 
 
 def _launch_fsdp(tmp_path, argv, fsdp_version=2):
-    """scripts/pretrain.py on two CPU processes as `accelerate launch --use_fsdp` starts it, made FSDP
-    by _FSDP_ON_CPU: the launch flags of accelerate_fsdp2.yaml, in fp32."""
+    """scripts/pretrain.py on two CPU processes, made FSDP by _FSDP_ON_CPU: launched with the shipped
+    accelerate_fsdp2.yaml in fp32, or with `--use_fsdp --fsdp_version 1`."""
     hooks = tmp_path / "hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(_FSDP_ON_CPU)
@@ -803,12 +803,11 @@ def _launch_fsdp(tmp_path, argv, fsdp_version=2):
            "GPT2_SUITE_TEST_FSDP_ON_CPU": "1",
            "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", str(fsdp_version),
-         "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "Block",
-         "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_reshard_after_forward", "true",
-         # FSDP1's plugin refuses sync_module_states on CPU before the script could say anything
-         *(["--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
-           if fsdp_version == 1 else []),
+        [sys.executable, "-m", "accelerate.commands.launch",
+         *(["--config_file", str(ROOT / "accelerate_fsdp2.yaml")] if fsdp_version == 2 else
+           # FSDP1's plugin refuses sync_module_states on CPU before the script could say anything
+           ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sync_module_states", "false",
+            "--fsdp_cpu_ram_efficient_loading", "false"]),
          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "--main_process_port", str(_free_port()), str(SCRIPT), *map(str, argv), "--cpu"],
         capture_output=True, text=True, env=env, timeout=600)
@@ -1055,3 +1054,18 @@ def test_a_bad_config_file_is_one_line_naming_the_key_and_file(tmp_path, content
     config.write_text(content)
     message = expect_input_error(pretrain.main, ["--config", config, "--output_dir", tmp_path / "out"], fragment)
     assert str(config) in message
+
+
+def test_fsdp2_reduces_gradients_in_fp32_under_bf16():
+    """Accelerate's bf16 policy for FSDP2 reduce-scatters gradients in bf16; the script keeps the
+    bf16 gathers and compute and moves the reduction to fp32. An fp32 policy is left alone."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    for given, reduced in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32)):
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, mixed_precision_policy={
+            "param_dtype": given, "reduce_dtype": given})
+        pretrain.fsdp2_settings(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+        assert plugin.mixed_precision_policy.param_dtype == given
+        assert plugin.mixed_precision_policy.reduce_dtype == reduced
