@@ -309,6 +309,35 @@ def test_training_quick_with_document_masking(tmp_path):
     assert "triton+docs / sdpa+docs" in summary and "triton+docs / triton" in summary
 
 
+def test_training_quick_with_activation_checkpointing(tmp_path):
+    """+ckpt runs pretrain.py with --gradient_checkpointing: the same losses, bit for bit, beside the
+    plain run's, and its throughput as a ratio."""
+    from benchmarks import training as training_bench
+
+    assert training_bench.main(["--quick", "--providers", "sdpa", "sdpa+ckpt", "--output_dir", str(tmp_path)]) == 0
+    losses = {}
+    for r in read_rows(tmp_path / "training.csv"):
+        if r["metric"] == "train_loss":
+            losses.setdefault(r["provider"], {})[int(r["step"])] = r["p50"]
+    assert losses["sdpa"] == losses["sdpa+ckpt"] and len(losses["sdpa"]) == 3
+    log = (tmp_path / "training_runs" / "training_gpt2-tiny_sdpa_ckpt.log").read_text()
+    assert "every block recomputed in backward" in log
+    assert "sdpa+ckpt / sdpa" in (tmp_path / "training.md").read_text()
+
+
+def test_activation_memory_and_overhead_run(tmp_path):
+    """The two host-side probes run end to end at tiny sizes and write their tables."""
+    from benchmarks import activation_memory, overhead
+
+    assert activation_memory.main(["--preset", "gpt2-tiny", "--batch_size", "1", "--seq_len", "8", "--repeats", "1",
+                                   "--output_dir", str(tmp_path)]) == 0
+    text = (tmp_path / "activation_memory.md").read_text()
+    assert "| --gradient_checkpointing |" in text and "x the time" in text
+    assert overhead.main(["--quick", "--output_dir", str(tmp_path)]) == 0
+    text = (tmp_path / "overhead.md").read_text()
+    assert "| attention fwd+bwd: ours through torch.ops (the dispatcher) |" in text and "cProfile" in text
+
+
 def test_targets_compare_the_right_points(tmp_path):
     """benchmarks.targets picks the target point out of each CSV, compares ours with the fastest
     SDPA backend, and says "not measured" where a point is missing or failed."""
