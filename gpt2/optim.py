@@ -107,10 +107,11 @@ def default_warmup_steps(total_steps: int) -> int:
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, min_lr: float, schedule: str,
-                    total_steps: int, warmup_steps: int | None = None, device: torch.device | None = None):
+                    total_steps: int, warmup_steps: int | None = None, device: torch.device | None = None,
+                    betas: tuple[float, float] = BETAS):
     """(AdamW, its LambdaLR): weight decay on matrices only, warmup (default: 5% of the steps) then
     the named decay down to min_lr. The fused AdamW where the device has one (not on CPU)."""
     warmup = warmup_steps if warmup_steps is not None else default_warmup_steps(total_steps)
     fused = False if device is not None and device.type == "cpu" else None
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=BETAS, fused=fused)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
     return optimizer, lr_scheduler(optimizer, schedule, warmup, total_steps, lr, min_lr)

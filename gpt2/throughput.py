@@ -98,3 +98,31 @@ class ThroughputWindow:
         self.__init__()
         self.start = now
         return loss, steps_per_s
+
+
+# Bytes a transformer block keeps for backward per token and per unit of width, in 16-bit
+# activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+# Models"), 34 s b h without the 5 a s^2 b of the attention scores, which flash attention never keeps.
+BLOCK_ACTIVATION_BYTES = 34
+
+
+def estimate_memory(*, params: int, n_layer: int, n_embd: int, vocab_size: int, micro_batch_tokens: int,
+                    activation_bytes: int, recompute: bool, shards: int = 1) -> dict[str, float]:
+    """Bytes per device of one training step, by part (an estimate, for planning):
+
+    state        fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter,
+                 divided among `shards` processes under FSDP;
+    activations  what the blocks keep for backward: 34 x width bytes per token per block at 2-byte
+                 activations (twice that in fp32), or with recomputation each block's input alone
+                 plus one block recomputed at a time;
+    loss         one chunk of fp32 logits and its gradient (gpt2/loss.py: at most 2**26 elements),
+                 and the LM head's fp32 gradient, which the fused loss computes in the forward pass.
+    """
+    per_block = BLOCK_ACTIVATION_BYTES * n_embd * activation_bytes / 2 * micro_batch_tokens
+    if recompute:
+        activations = n_layer * n_embd * activation_bytes * micro_batch_tokens + per_block
+    else:
+        activations = n_layer * per_block
+    chunk_rows = min(micro_batch_tokens, max(1, 2**26 // vocab_size))
+    loss = 4 * (2 * chunk_rows + n_embd) * vocab_size
+    return {"state": 16 * params / shards, "activations": activations, "loss": loss}

@@ -58,7 +58,7 @@ from gpt2.files import atomic_write_text, remove_stale_temporaries
 from gpt2.loss import IGNORE_INDEX
 from gpt2.provenance import git_commit, versions
 from gpt2.registry import KernelUnavailableError, resolve_kernels
-from gpt2.throughput import ThroughputWindow, device_name, mfu, peak_flops, peak_memory
+from gpt2.throughput import ThroughputWindow, device_name, estimate_memory, mfu, peak_flops, peak_memory
 from gpt2.tokenizer import (
     TOKENIZER_FILES,
     eos_token_id,
@@ -89,11 +89,12 @@ def main(argv=None) -> int:
     with exit_on_input_error("pretrain.py"):
         args = parse_args(argv)
         with cli.ending(build_accelerator(args)) as accelerator, contextlib.ExitStack() as held:
-            if accelerator.is_main_process:  # one run at a time in an output directory, for the run's life
+            if accelerator.is_main_process and not args.dry_run:  # one run at a time in an output directory
                 with cli.about(f"--output_dir {args.output_dir}"):
                     held.enter_context(ckpt.locked_output_dir(args.output_dir))
             with cli.stop_on_collective_timeout("pretrain.py", accelerator.process_index, args.ddp_timeout):
-                return fit(setup_run(args, accelerator))
+                run = setup_run(args, accelerator)
+                return 0 if run is None else fit(run)
 
 
 # --------------------------------------------------------------------------- flags
@@ -132,6 +133,9 @@ def validate_args(args) -> None:
         value = getattr(args, name)
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise InputError(f"--{name} must be positive and finite{why}, got {value}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise InputError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     for name in ("min_lr", "weight_decay"):
         if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
             raise InputError(f"--{name} must be >= 0 and finite, got {getattr(args, name)}")
@@ -238,6 +242,8 @@ def _add_training_flags(t) -> None:
     t.add_argument("--learning_rate", type=float, default=2e-3)
     t.add_argument("--min_lr", type=float, default=1e-4, help="the schedule decays to this")
     t.add_argument("--weight_decay", type=float, default=0.1)
+    t.add_argument("--adam_beta1", type=float, default=optim.BETAS[0])
+    t.add_argument("--adam_beta2", type=float, default=optim.BETAS[1])
     t.add_argument("--max_grad_norm", type=float, default=1.0)
     t.add_argument("--max_train_steps", type=int, default=None,
                    help=f"optimizer steps; wins over --num_train_epochs (without either: {DEFAULT_TRAIN_STEPS})")
@@ -262,6 +268,9 @@ def _steps_or_epoch(text: str) -> int | str:
 
 def _add_output_flags(o) -> None:
     o.add_argument("--output_dir", default="out")
+    o.add_argument("--dry_run", action="store_true",
+                   help="resolve the settings, load (or, with --streaming, probe) the data, build the model, "
+                        "print the plan and the memory it needs, and stop: nothing trained or written")
     o.add_argument("--eval_steps", type=int, default=100, help="also before the first and after the last step")
     o.add_argument("--logging_steps", type=int, default=10)
     o.add_argument("--checkpointing_steps", type=_steps_or_epoch, default=None,
@@ -391,14 +400,17 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     if config is not None and args.block_size and args.block_size > config.n_positions:
         raise InputError(_block_size_message(args.block_size, config.n_positions))
     # After the checks that need no data, so a typo deletes nothing. A run resumed from a checkpoint
-    # elsewhere still needs an output directory of its own.
-    prepare_output_dir(args, accelerator, resuming=resume_dir is not None and resume_dir.parent.resolve()
-                       == output_dir.resolve())
+    # elsewhere still needs an output directory of its own. A dry run touches none of it.
+    if not args.dry_run:
+        prepare_output_dir(args, accelerator, resuming=resume_dir is not None and resume_dir.parent.resolve()
+                           == output_dir.resolve())
 
     raw = load_raw_data(args, accelerator)
     tokenizer = build_tokenizer(args, raw, accelerator, resume_dir)
     require_eos_token_id(tokenizer)
-    model = build_model(args, config, tokenizer.get_vocab_size())
+    # A dry run builds the model on the meta device: its shapes without its memory (gpt2-xl in an instant).
+    with torch.device("meta") if args.dry_run and config is not None else contextlib.nullcontext():
+        model = build_model(args, config, tokenizer.get_vocab_size())
     block_size = _block_size(args, model.config)
     train_loader, eval_loader, stats = build_dataloaders(args, raw, tokenizer, block_size, accelerator)
     ga, world = args.gradient_accumulation_steps, accelerator.num_processes
@@ -406,13 +418,16 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     if args.max_train_steps is None:  # --num_train_epochs alone; --max_train_steps wins over it (HF's rule)
         args.max_train_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
         _check_warmup(args)
+    if args.dry_run:
+        accelerator.print(plan(args, accelerator, model, block_size, stats, train_loader, steps_per_epoch))
+        return None
     if accelerator.is_main_process:  # every setting now resolved
         ckpt.record_outputs(output_dir, RUN_CONFIG)
         atomic_write_text(output_dir / RUN_CONFIG, run_config(args))
     optimizer, scheduler = optim.build_optimizer(
         model, lr=args.learning_rate, weight_decay=args.weight_decay, min_lr=args.min_lr,
         schedule=args.lr_scheduler_type, total_steps=args.max_train_steps, warmup_steps=args.num_warmup_steps,
-        device=accelerator.device)
+        device=accelerator.device, betas=(args.adam_beta1, args.adam_beta2))
     if args.streaming:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     else:
@@ -446,6 +461,48 @@ def setup_run(args, accelerator: Accelerator) -> Run:
                                                    if isinstance(v, (int, float, str, bool))})
     accelerator.print(banner(run, unwrapped, stats))
     return run
+
+
+def plan(args, accelerator: Accelerator, model: GPT2, block_size: int, stats, train_loader,
+         steps_per_epoch: int | None) -> str:
+    """--dry_run's report: the run's size, length, checkpoint and memory per device (an estimate:
+    gpt2/throughput.py, estimate_memory), from the resolved settings, the data and the built model."""
+    config, world, ga = model.config, accelerator.num_processes, args.gradient_accumulation_steps
+    params = model.num_parameters()
+    micro = args.per_device_train_batch_size * block_size
+    step_tokens = micro * ga * world
+    if args.streaming:  # a stream has no length: probe it instead, one batch through tokenizing and packing
+        first = next(iter(train_loader))["input_ids"]
+        data = f"streamed; probed: a first batch of {tuple(first.shape)} token ids, so the text column reads"
+        epochs = "unknown (a stream has no length)"
+    else:
+        blocks = stats["train"].blocks
+        data = f"{blocks:,} blocks of {block_size} = {blocks * block_size:,} training tokens"
+        epochs = f"{args.max_train_steps / steps_per_epoch:.3g} ({steps_per_epoch:,} steps per epoch)"
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    activation_bytes = 4 if accelerator.mixed_precision == "no" else 2
+    memory = estimate_memory(params=params, n_layer=config.n_layer, n_embd=config.n_embd,
+                             vocab_size=config.vocab_size, micro_batch_tokens=micro,
+                             activation_bytes=activation_bytes, recompute=args.gradient_checkpointing,
+                             shards=world if sharded else 1)
+    gib = 2**30
+    lines = [
+        "Plan (--dry_run: nothing was trained or written)",
+        f"  parameters     {params:,} ({model.num_parameters(exclude_embeddings=True):,} without embeddings)",
+        f"  per step       {step_tokens:,} tokens = {args.per_device_train_batch_size} x {block_size} x {ga} "
+        f"accumulation x {world} processes",
+        f"  steps          {args.max_train_steps:,} -> {args.max_train_steps * step_tokens:,} tokens; epochs "
+        f"{epochs}",
+        f"  data           {data}",
+        f"  checkpoint     model.safetensors {4 * params / gib:.2f} GiB (fp32); each step_N about "
+        f"{12 * params / gib:.2f} GiB (the weights and AdamW's two moments)",
+        f"  memory/device  about {sum(memory.values()) / gib:.2f} GiB: weights, gradients and AdamW "
+        f"{memory['state'] / gib:.2f}{' (sharded over ' + str(world) + ')' if sharded else ''}, activations "
+        f"{memory['activations'] / gib:.2f} ({'blocks recomputed' if args.gradient_checkpointing else 'kept'}, "
+        f"{activation_bytes}-byte, {micro:,} tokens per micro-batch), loss {memory['loss'] / gib:.2f}",
+        "  run it         the same command without --dry_run",
+    ]
+    return "\n".join(lines)
 
 
 def banner(run: Run, model: GPT2, stats) -> str:
@@ -530,6 +587,9 @@ def build_tokenizer(args, raw, accelerator: Accelerator, resume_dir: Path | None
     if args.tokenizer_name or args.model_name_or_path:
         return load_tokenizer(args.tokenizer_name or args.model_name_or_path)
     trained = Path(args.output_dir) / "tokenizer.json"
+    if args.dry_run:  # writes nothing: each process trains its own (BPE training is deterministic)
+        column = gdata.resolve_text_column(raw["train"].column_names, args.text_column)
+        return train_tokenizer(gdata.text_sample(raw["train"], column, TOKENIZER_TRAINING_CHARS), args.vocab_size)
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             column = gdata.resolve_text_column(raw["train"].column_names, args.text_column)
