@@ -145,7 +145,8 @@ fsdp_phase() {
     local dir=/tmp/gpu-fsdp
     local launch=(python3 -m accelerate.commands.launch --config_file accelerate_fsdp2.yaml --num_processes 1)
     local run=(scripts/pretrain.py --config_name gpt2 --per_device_train_batch_size 8 --block_size 512
-               --max_train_steps 20 --checkpointing_steps 10 --eval_steps 10 --gradient_checkpointing)
+               --max_train_steps 20 --checkpointing_steps 10 --eval_steps 10 --logging_steps 1
+               --gradient_checkpointing)
     rm -rf "$dir"
     "${launch[@]}" "${run[@]}" --output_dir "$dir/straight" &&
         "${launch[@]}" "${run[@]}" --output_dir "$dir/resumed" --resume_from_checkpoint "$dir/straight/step_10" &&
@@ -155,9 +156,10 @@ def losses(d):
     rows = [json.loads(line) for line in open(d + "/metrics.jsonl")]
     return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r and r["step"] > 10}
 a, b = losses(sys.argv[1]), losses(sys.argv[2])
-print(f"fsdp resume: steps 11-20 in both {len(a.keys() & b.keys())}, bitwise equal {a == b}, max |difference| "
-      f"{max(abs(a[s] - b[s]) for s in a.keys() & b.keys()):.3g}")
-sys.exit(len(a.keys() & b.keys()) != 10)' "$dir/straight" "$dir/resumed"
+both = a.keys() & b.keys()
+worst = max((abs(a[s] - b[s]) for s in both), default=float("nan"))
+print(f"fsdp resume: steps 11-20 in both {len(both)}, bitwise equal {a == b}, max |difference| {worst:.3g}")
+sys.exit(len(both) != 10)  # a difference is reported, not failed: bf16 kernels need not repeat bit for bit' "$dir/straight" "$dir/resumed"
 }
 export -f fsdp_phase
 

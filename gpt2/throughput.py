@@ -113,14 +113,15 @@ def estimate_memory(*, params: int, n_layer: int, n_embd: int, vocab_size: int, 
     state        fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter,
                  divided among `shards` processes under FSDP;
     activations  what the blocks keep for backward: 34 x width bytes per token per block at 2-byte
-                 activations (twice that in fp32), or with recomputation each block's input alone
-                 plus one block recomputed at a time;
+                 activations (twice that in fp32), or with recomputation each block's two inputs
+                 (the branch output in the activations' dtype, the residual stream in fp32) plus
+                 one block recomputed at a time;
     loss         one chunk of fp32 logits and its gradient (gpt2/loss.py: at most 2**26 elements),
                  and the LM head's fp32 gradient, which the fused loss computes in the forward pass.
     """
     per_block = BLOCK_ACTIVATION_BYTES * n_embd * activation_bytes / 2 * micro_batch_tokens
     if recompute:
-        activations = n_layer * n_embd * activation_bytes * micro_batch_tokens + per_block
+        activations = n_layer * n_embd * (activation_bytes + 4) * micro_batch_tokens + per_block
     else:
         activations = n_layer * per_block
     chunk_rows = min(micro_batch_tokens, max(1, 2**26 // vocab_size))

@@ -58,10 +58,11 @@ Plain eager calls skip the dispatcher
 ------------------------------------
 A custom_op's call costs the host: the dispatcher's hops into Python for the autograd kernel and
 the device kernel, and custom_op's own checks on every call (output aliasing among them). On the
-first GPU run (an H200, 2026-12-04, results/nvidia-h200/overhead.md) our LayerNorm forward cost the
-host 179 µs per call against 141 µs for its launcher alone (the kernel: 15.6 µs), and forward and
-backward through ``torch.autograd.Function`` over the launchers cost 22% less host time than
-through the op (763 against 981 µs for LayerNorm, 1142 against 1468 for attention). The host, not
+first GPU session (an H200, 2026-12-04, its second call: results/nvidia-h200/overhead.md) our
+LayerNorm forward cost the host 179 µs per call against 141 µs for its launcher alone (the kernel:
+15.6 µs), and forward and backward through a prototype of this route (``torch.autograd.Function``
+over the launchers) cost 22% less host time than through the op (763 against 981 µs for
+LayerNorm, 1142 against 1468 for attention); the route as shipped is not yet timed on a GPU. The host, not
 the GPU, then sets the pace of a training step. So ``call_op`` runs the registered pieces
 themselves when nothing would see the difference: not compiling, no TorchDispatchMode active, no
 functorch transform, every tensor a plain ``torch.Tensor``. The forward implementation and the
@@ -174,7 +175,10 @@ def define_op(
     second time, under another module name), the existing registration stays and is returned.
     """
     namespace = getattr(torch.ops, OP_NAMESPACE)
-    _EAGER.setdefault(name, _eager_call(cuda, cpu, backward, setup_context))
+    if name not in _EAGER:
+        _EAGER[name] = _eager_call(cuda, cpu, backward, setup_context)
+        if backward is None:
+            _WITHOUT_FORMULA.add(name)
     if not hasattr(namespace, name):
         op = torch.library.custom_op(
             f"{OP_NAMESPACE}::{name}", cuda, mutates_args=(), device_types="cuda", schema=schema
@@ -191,6 +195,7 @@ def define_op(
 
 # name -> the op's plain-eager route (call_op): its implementation, under autograd where it has a formula.
 _EAGER: dict[str, Callable] = {}
+_WITHOUT_FORMULA: set[str] = set()  # the ops registered with no autograd formula
 
 
 def _eager_call(cuda: Callable, cpu: Callable, backward: Callable | None, setup_context: Callable | None) -> Callable:
@@ -225,12 +230,19 @@ def _plain_eager(args) -> bool:
         return False
     if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
         return False
-    return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
+    # nn.Parameter is a plain tensor here (a module's weights): no dispatch or function override
+    return all(type(a) in (torch.Tensor, torch.nn.Parameter) for a in args if isinstance(a, torch.Tensor))
+
+
+def _differentiated(args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def call_op(name: str, *args):
     """torch.ops.gpt2_suite.<name>(*args); in plain eager mode (_plain_eager) the same implementation
-    and autograd formula, called without the dispatcher (the module docstring says why)."""
-    if _plain_eager(args):
+    and autograd formula, called without the dispatcher (the module docstring says why). An op with
+    no formula (the backward ops) takes the dispatcher when its result would be differentiated (a
+    double backward), so that it refuses as the op does instead of returning a constant."""
+    if _plain_eager(args) and not (name in _WITHOUT_FORMULA and _differentiated(args)):
         return _EAGER[name](*args)
     return getattr(getattr(torch.ops, OP_NAMESPACE), name)(*args)

@@ -251,3 +251,22 @@ def test_export_carries_the_ops():
         input_ids = torch.randint(0, 97, (2, t), device=DEVICE)
         with torch.no_grad():
             assert torch.equal(loaded(input_ids), model(input_ids)), t
+
+
+def test_a_training_step_calls_every_op_without_the_dispatcher(monkeypatch):
+    """In an eager training step every one of our calls takes the plain-eager route (utils.call_op),
+    the LayerNorms with their nn.Parameter weights too: the host cost it saves is a whole step's."""
+    from gpt2_kernels import utils
+
+    routes = collections.Counter()
+    for name, route in list(utils._EAGER.items()):
+        def counted(*args, name=name, route=route):
+            routes[name] += 1
+            return route(*args)
+        monkeypatch.setitem(utils._EAGER, name, counted)
+    model = _tiny_triton_model()
+    ids = torch.randint(0, 97, (2, 20), device=DEVICE)
+    model(ids, labels=ids).backward()
+    n = model.config.n_layer
+    assert routes == {"flash_attention": n, "flash_attention_backward": n, "layer_norm": 1,
+                      "add_layer_norm": 2 * n, "layer_norm_backward": 2 * n + 1}
