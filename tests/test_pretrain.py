@@ -18,6 +18,8 @@ from conftest import expect_input_error, load_script
 
 datasets = pytest.importorskip("datasets")
 
+from gpt2 import optim as gpt2_optim  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "pretrain.py"
 TINY = [
@@ -813,6 +815,136 @@ def _launch_fsdp(tmp_path, argv, fsdp_version=2):
         capture_output=True, text=True, env=env, timeout=600)
 
 
+def adam_step_bound(beta1: float, beta2: float, step: int) -> float:
+    """The largest |update| / lr that AdamW's step `step` (1-based) can make to an element without
+    weight decay, over every possible gradient history. With m and v the moving averages of g and
+    g^2, Cauchy-Schwarz on sum(beta1^j g) = sum((beta1^2/beta2)^(j/2) beta2^(j/2) g) gives
+    |m| / sqrt(v) <= (1 - beta1) / sqrt(1 - beta2) * sqrt(sum_j<t (beta1^2/beta2)^j); the bias
+    corrections multiply it by sqrt(1 - beta2^t) / (1 - beta1^t); eps only shrinks it. Step 1 is
+    exactly 1: a first step moves every element by lr, whatever the size of its gradient."""
+    ratio = sum((beta1 * beta1 / beta2) ** j for j in range(step))
+    return (1 - beta1) / (1 - beta2) ** 0.5 * ratio ** 0.5 * (1 - beta2 ** step) ** 0.5 / (1 - beta1 ** step)
+
+
+def rounding_driven(name: str, param: torch.Tensor, config) -> torch.Tensor:
+    """The elements of a parameter whose gradient is zero in exact arithmetic, so that what they
+    receive is rounding noise: the key part of each c_attn.bias. q . (k + b) = q . k + q . b adds
+    one constant to all of a query's scores, which softmax ignores (not so with RoPE, which rotates b
+    differently at each position)."""
+    noise = torch.zeros_like(param, dtype=torch.bool)
+    if name.endswith("attn.c_attn.bias") and config.position_embedding == "learned":
+        q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        noise[q_dim:q_dim + kv_dim] = True
+    return noise
+
+
+def assert_trained_alike(model, reference, grad_norms, reference_grad_norms, *, lr: float, steps: int):
+    """Two runs of the same training (one process against sharded or data-parallel ones): every
+    weight equal to fp32 rounding, and every gradient norm (Adam is nearly blind to a gradient's
+    scale, so a sum reduced where a mean belongs shows most plainly there), except the weights
+    whose gradient is pure rounding noise. Adam divides that noise by its own size, so each such
+    element takes a step of up to lr in a direction set by the last bits of the sums, which another
+    CPU or another reduction order sets otherwise: those are bounded by what two runs of Adam can do
+    to a zero-gradient element, 2 lr sum_t adam_step_bound(t), and no tighter."""
+    slack = 2 * lr * sum(adam_step_bound(*gpt2_optim.BETAS, t) for t in range(1, steps + 1))
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        noise = rounding_driven(name, p, model.config)
+        torch.testing.assert_close(p[~noise], q[~noise], rtol=1e-4, atol=1e-6, msg=f"{name} is not alike")
+        assert ((p - q)[noise].abs() <= slack).all(), name
+    np.testing.assert_allclose(grad_norms, reference_grad_norms, rtol=1e-5)
+
+
+def test_adam_step_bound_is_reached_and_never_exceeded():
+    """The bound against AdamW itself: the gradient history of Cauchy-Schwarz's equality case
+    reaches it at its last step, and random histories of any scale stay under it at every step."""
+    beta1, beta2 = gpt2_optim.BETAS
+
+    def updates(history):
+        param = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.AdamW([param], lr=1.0, betas=(beta1, beta2), eps=0.0, weight_decay=0.0)
+        sizes = []
+        for g in history:
+            before = param.item()
+            param.grad = torch.tensor([g], dtype=torch.float64)
+            opt.step()
+            sizes.append(abs(param.item() - before))
+        return sizes
+
+    for steps in (1, 2, 5, 40):
+        equality = [(beta1 / beta2) ** (steps - i) for i in range(1, steps + 1)]
+        assert updates(equality)[-1] == pytest.approx(adam_step_bound(beta1, beta2, steps), rel=1e-9)
+        for scale in (1e-30, 1.0, 1e20):
+            for t, size in enumerate(updates((torch.randn(steps, dtype=torch.float64) * scale).tolist()), 1):
+                assert size <= adam_step_bound(beta1, beta2, t) * (1 + 1e-12)
+
+
+def test_the_key_bias_gradient_is_rounding_noise():
+    """What assert_trained_alike exempts, in float64: the key part of c_attn.bias gets a gradient
+    at rounding level, the query and value parts (and every other parameter) a real one; with
+    RoPE the key bias learns too, and nothing is exempt."""
+    from gpt2 import GPT2, GPT2Config
+
+    for position_embedding in ("learned", "rope"):
+        config = GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=50,
+                            position_embedding=position_embedding, attn_impl="eager")
+        model = GPT2(config).double()
+        for module in model.modules():  # nonzero biases, so every path of the gradient is exercised
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                torch.nn.init.normal_(module.bias, std=0.1)
+        ids = torch.randint(0, config.vocab_size, (3, 17))
+        model(ids, labels=ids).backward()
+        for name, p in model.named_parameters():
+            noise = rounding_driven(name, p, config)
+            scale = p.grad.abs().max()
+            assert p.grad[~noise].abs().max() > 1e-6 * scale
+            if position_embedding == "learned" and name.endswith("c_attn.bias"):
+                assert noise.sum() == config.n_embd
+                assert p.grad[noise].abs().max() < 1e-13 * scale, name
+            else:
+                assert not noise.any()
+
+
+def test_assert_trained_alike_catches_a_wrongly_reduced_gradient():
+    """The FSDP test's comparison, on in-process training of two "ranks" that each hold half the
+    batch: the mean of their gradients (what a correct all-reduce gives, in another rounding order)
+    passes; one rank's gradient alone (no reduction) fails on the weights; so does the sum in
+    place of the mean, and its gradient norms are twice the reference's."""
+    from gpt2 import GPT2, GPT2Config
+
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=300, attn_impl="eager")
+    batches = [torch.randint(0, config.vocab_size, (4, 32)) for _ in range(4)]
+    lr = 3e-3
+
+    def train(reduce):
+        torch.manual_seed(0)
+        model = GPT2(config)
+        opt, _ = gpt2_optim.build_optimizer(model, lr=lr, weight_decay=0.1, min_lr=lr, schedule="constant",
+                                            total_steps=len(batches), device=torch.device("cpu"))
+        norms = []
+        for ids in batches:
+            ranks = []
+            for half in ids.chunk(2):
+                model.zero_grad()
+                model(half, labels=half).backward()
+                ranks.append([p.grad.clone() for p in model.parameters()])
+            for p, *grads in zip(model.parameters(), *ranks):
+                p.grad = reduce(grads)
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item())
+            opt.step()
+        return model, norms
+
+    reference, reference_norms = train(lambda grads: (grads[0] + grads[1]) / 2)
+    alike, norms = train(lambda grads: grads[1] / 2 + grads[0] / 2)
+    assert_trained_alike(alike, reference, norms, reference_norms, lr=lr, steps=len(batches))
+    unreduced, norms = train(lambda grads: grads[0])
+    with pytest.raises(AssertionError, match="is not alike"):
+        assert_trained_alike(unreduced, reference, norms, reference_norms, lr=lr, steps=len(batches))
+    summed, norms = train(lambda grads: grads[0] + grads[1])
+    with pytest.raises(AssertionError):
+        assert_trained_alike(summed, reference, norms, reference_norms, lr=lr, steps=len(batches))
+    np.testing.assert_allclose(norms[0], 2 * reference_norms[0], rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_fsdp2_on_two_processes_trains_saves_resumes_and_samples(tmp_path, train_file):
     """The real script under FSDP2 (two gloo processes, fp32): the losses equal one process's on the
@@ -853,8 +985,8 @@ def test_fsdp2_on_two_processes_trains_saves_resumes_and_samples(tmp_path, train
 
     model = GPT2.from_pretrained(tmp_path / "fsdp")
     same = GPT2.from_pretrained(tmp_path / "one")  # the one-process run's final weights
-    for (name, p), q in zip(model.named_parameters(), same.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    assert_trained_alike(model, same, list(metrics(tmp_path / "fsdp", "grad_norm").values()),
+                         list(metrics(tmp_path / "one", "grad_norm").values()), lr=3e-3, steps=4)
 
     triton = _launch_fsdp(tmp_path, [*common, "--output_dir", tmp_path / "triton", "--kernels", "triton",
                                      "--max_train_steps", "2"])
