@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gpt2.errors import InputError, first_line
 from gpt2.files import atomic_write_text, check_writable_dir
-from gpt2.tokenizer import TOKENIZER_FILES
+from gpt2.tokenizer import SAVED_TOKENIZER_FILES
 
 CHECKPOINT_PREFIX = "step_"
 POSITION = ("step", "epoch", "batches_in_epoch")  # where a checkpoint's run stands, in TRAINING_STATE
@@ -212,7 +212,7 @@ def _step(path: Path) -> int:
 # What a run of ours writes at the top of its output directory, besides step_N checkpoints. The run
 # records each name in MANIFEST just before it first writes it, so that overwriting an output
 # directory deletes only what a run of ours wrote there, never a file of the user's beside it.
-RUN_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES, "metrics.jsonl", "all_results.json")
+RUN_FILES = ("config.json", "model.safetensors", *SAVED_TOKENIZER_FILES, "metrics.jsonl", "all_results.json")
 MANIFEST = "gpt2_suite_outputs.json"  # {"written": [names]}: what runs of ours wrote in this directory
 LOCK_FILE = ".gpt2_suite.lock"  # held (flock) by the run writing here; holds its pid
 

@@ -26,10 +26,12 @@ from gpt2.hub import is_hub_id, local_directory_note, require_hub
 
 EOT = "<|endoftext|>"  # GPT-2's document separator; our trained tokenizers reserve it as a special token
 # What save_tokenizer writes into a directory (vocab.json and merges.txt for a BPE only).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+SAVED_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                         "special_tokens_map.json")
+# What load_tokenizer reads from a directory: any of them makes it a tokenizer directory.
+LOADABLE_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 # Separator tokens of other tokenizer families, tried in order when <|endoftext|> is absent.
 _EOS_CANDIDATES = (EOT, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 # What a local directory needs for a name such as "gpt2" to be read as it, not as a Hub id.
 LOCAL_TOKENIZER = "tokenizer files: no tokenizer.json, no vocab.json + merges.txt"
 
@@ -48,7 +50,7 @@ def load_tokenizer(path_or_name: str | os.PathLike) -> Tokenizer:
     path, name = Path(path_or_name), str(path_or_name)
     if path.is_file():
         return _from_tokenizer_json(path)
-    if is_hub_id(name) and not any((path / file).is_file() for file in TOKENIZER_FILES):
+    if is_hub_id(name) and not any((path / file).is_file() for file in LOADABLE_TOKENIZER_FILES):
         return _from_hub(name)
     if not path.is_dir():
         raise TokenizerNotFoundError(f"{path}: no such tokenizer file or directory")

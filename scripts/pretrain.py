@@ -60,7 +60,7 @@ from gpt2.provenance import git_commit, versions
 from gpt2.registry import KernelUnavailableError, resolve_kernels
 from gpt2.throughput import ThroughputWindow, device_name, estimate_memory, mfu, peak_flops, peak_memory
 from gpt2.tokenizer import (
-    TOKENIZER_FILES,
+    SAVED_TOKENIZER_FILES,
     eos_token_id,
     load_tokenizer,
     require_eos_token_id,
@@ -595,7 +595,7 @@ def build_tokenizer(args, raw, accelerator: Accelerator, resume_dir: Path | None
             column = gdata.resolve_text_column(raw["train"].column_names, args.text_column)
             tokenizer = train_tokenizer(gdata.text_sample(raw["train"], column, TOKENIZER_TRAINING_CHARS),
                                         args.vocab_size)
-            ckpt.record_outputs(args.output_dir, *TOKENIZER_FILES)
+            ckpt.record_outputs(args.output_dir, *SAVED_TOKENIZER_FILES)
             save_tokenizer(tokenizer, args.output_dir)
         else:
             tokenizer = load_tokenizer(trained)
@@ -968,7 +968,7 @@ def save_final_model(accelerator, model, tokenizer, output_dir: str, block_size:
         if sharded:
             final = GPT2(unwrapped.config).set_kernels(*resolve_kernels("auto", "cpu", unwrapped.config.dropout))
             final.load_state_dict(state)
-        ckpt.record_outputs(output_dir, "config.json", "model.safetensors", *TOKENIZER_FILES)
+        ckpt.record_outputs(output_dir, "config.json", "model.safetensors", *SAVED_TOKENIZER_FILES)
         final.save_pretrained(output_dir, eos_token_id=eos_token_id(tokenizer))
         save_tokenizer(tokenizer, output_dir, model_max_length=block_size)
     accelerator.wait_for_everyone()

@@ -409,9 +409,18 @@ def _four_steps(train_file, *extra):
     return ["--train_file", train_file, *TINY, "--eval_steps", 2, "--max_train_steps", 4, *extra]
 
 
+def _unrecorded(output_dir: Path) -> set[str]:
+    """What is in a run's output folder that its manifest doesn't name: what an overwrite would leave."""
+    from gpt2.checkpoint import LOCK_FILE, MANIFEST
+
+    written = json.loads((output_dir / MANIFEST).read_text())["written"]
+    return {p.name for p in output_dir.iterdir()} - {*written, MANIFEST, LOCK_FILE}
+
+
 def test_output_dir_of_another_run_is_refused_unless_overwritten(tmp_path, train_file, capsys):
     out = tmp_path / "out"
     assert run([*_four_steps(train_file), "--output_dir", out]) == 0
+    assert _unrecorded(out) == set()  # every file the run wrote is the run's to delete (the tokenizer's five too)
     expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", out],
                        "already holds a run", "--resume_from_checkpoint latest", "--overwrite_output_dir")
     shutil.copytree(out / "step_4", out / "step_99")  # a stale checkpoint of that earlier run: it must go too
@@ -429,6 +438,7 @@ def test_output_dir_of_another_run_is_refused_unless_overwritten(tmp_path, train
     assert sorted(p.name for p in out.glob("step_*")) == ["step_2"]
     assert sorted(metrics(out, "train_loss")) == [1, 2]  # no rows of the first run
     assert (out / "notes.txt").read_text() == "mine"
+    assert _unrecorded(out) == {"notes.txt"}
 
 
 def test_a_run_that_stops_before_writing_leaves_the_folder_usable(tmp_path, train_file):

@@ -8,6 +8,8 @@ import pytest
 from gpt2.errors import InputError
 from gpt2.tokenizer import (
     EOT,
+    LOADABLE_TOKENIZER_FILES,
+    SAVED_TOKENIZER_FILES,
     CorruptTokenizerError,
     TokenizerNotFoundError,
     eos_token_id,
@@ -53,6 +55,17 @@ def test_save_and_load_every_way(tokenizer, tmp_path):
     loaded = load_tokenizer(gpt2_style)
     assert loaded.encode(text).ids == expected
     assert eos_token_id(loaded) == 0
+
+
+def test_the_file_lists_say_what_is_saved_and_what_is_read(tokenizer, tmp_path):
+    """SAVED_TOKENIZER_FILES is exactly what a save writes (a run records them all, to delete them
+    on an overwrite); LOADABLE_TOKENIZER_FILES, what load_tokenizer reads, are enough to load it."""
+    save_tokenizer(tokenizer, tmp_path / "tok")
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == sorted(SAVED_TOKENIZER_FILES)
+    assert set(LOADABLE_TOKENIZER_FILES) < set(SAVED_TOKENIZER_FILES)
+    for name in set(SAVED_TOKENIZER_FILES) - set(LOADABLE_TOKENIZER_FILES):  # transformers' files, not ours
+        (tmp_path / "tok" / name).unlink()
+    assert load_tokenizer(tmp_path / "tok").encode("fox").ids == tokenizer.encode("fox").ids
 
 
 def test_transformers_autotokenizer_reads_saved_directory(tokenizer, tmp_path):
