@@ -63,11 +63,6 @@ class GPT2Config:
             raise InputError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.attn_impl == "triton" and self.dropout > 0:
-            raise InputError(
-                f"the triton attention kernel has no attention dropout (dropout={self.dropout}); "
-                f"set dropout=0 or attn_impl='sdpa'"
-            )
         if self.layer_norm_epsilon <= 0:
             raise InputError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
 

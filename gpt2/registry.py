@@ -88,8 +88,8 @@ def triton_attention(q, k, v, *, causal=True, dropout_p=0.0, softmax_scale=None,
             raise InputError("document masking covers whole sequences; cached decoding (fewer queries than keys) "
                              "takes none")
         return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale)
-    if dropout_p > 0.0:  # GPT2Config refuses this combination; a direct caller gets the same answer
-        raise InputError("the triton attention kernel has no attention dropout; set dropout=0 or attn_impl='sdpa'")
+    if dropout_p > 0.0:  # the model passes its dropout in training only; resolve_kernels avoids this
+        raise InputError(f"{NO_TRAINING_DROPOUT}; train with dropout=0 or attn_impl='sdpa'")
     from gpt2_kernels import flash_attention
 
     return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, document_ids=documents)
@@ -146,21 +146,28 @@ def triton_unavailable_reason() -> str | None:
 
 
 KERNEL_CHOICES = {"triton": ("triton", "triton"), "sdpa": ("sdpa", "torch"), "eager": ("eager", "torch")}
+# Our attention kernel's one limit a model config can meet. Dropout acts in training only (the model
+# passes dropout_p=0 in eval mode), so the kernel serves inference whatever the config's dropout.
+NO_TRAINING_DROPOUT = "our triton attention kernel has no attention dropout"
 
 
-def resolve_kernels(choice: str, device_type: str | None = None, dropout: float = 0.0) -> tuple[str, str]:
-    """(attn_impl, norm_impl) for the scripts' --kernels {auto, triton, sdpa, eager}. "auto" is
-    our Triton kernels on CUDA (attention through SDPA when the model uses dropout, which our
-    kernel lacks) and SDPA + torch LayerNorm elsewhere. "triton" where Triton can't run raises
-    KernelUnavailableError saying why."""
+def resolve_kernels(choice: str, device_type: str | None = None, *, train_dropout: float = 0.0) -> tuple[str, str]:
+    """(attn_impl, norm_impl) for the scripts' --kernels {auto, triton, sdpa, eager}, on device_type
+    (default: CUDA when there is a GPU). train_dropout is the model's dropout when it is to be
+    trained, 0 for inference. "auto" is our Triton kernels on CUDA (attention through SDPA when
+    training with dropout) and SDPA + torch LayerNorm elsewhere. "triton" where Triton can't run
+    raises KernelUnavailableError saying why; "triton" for training with dropout, InputError."""
     if choice == "auto":
         on_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
         if not (on_cuda and triton_unavailable_reason() is None):
             return KERNEL_CHOICES["sdpa"]
-        return ("sdpa", "triton") if dropout > 0 else KERNEL_CHOICES["triton"]
+        return ("sdpa", "triton") if train_dropout > 0 else KERNEL_CHOICES["triton"]
     if choice not in KERNEL_CHOICES:
         raise InputError(f"--kernels must be one of {['auto', *KERNEL_CHOICES]}, got {choice!r}")
     check_available(*KERNEL_CHOICES[choice])
+    if choice == "triton" and train_dropout > 0:
+        raise InputError(f"--kernels triton: {NO_TRAINING_DROPOUT} (the model's dropout is {train_dropout:g}); "
+                         f"use --kernels auto (SDPA attention, our LayerNorm) or dropout=0")
     return KERNEL_CHOICES[choice]
 
 

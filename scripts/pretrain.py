@@ -369,13 +369,12 @@ def fsdp2_settings(accelerator: Accelerator) -> None:
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
 
 
-def _check_kernels_early(args):
-    """--kernels triton where Triton can't run: say so before any data is loaded."""
-    if args.kernels == "triton":
-        try:
-            resolve_kernels("triton")
-        except KernelUnavailableError as err:
-            raise InputError(f"--kernels triton can't run here: {err}") from None
+def choose_kernels(args, accelerator: Accelerator, config: GPT2Config) -> tuple[str, str]:
+    """(attn_impl, norm_impl) for training this config on this run's device, by --kernels."""
+    try:
+        return resolve_kernels(args.kernels, accelerator.device.type, train_dropout=config.dropout)
+    except KernelUnavailableError as err:
+        raise InputError(f"--kernels {args.kernels} can't run here: {err}") from None
 
 
 def _block_size_message(block_size: int, n_positions: int) -> str:
@@ -395,8 +394,8 @@ def setup_run(args, accelerator: Accelerator) -> Run:
         for problem in passed_over:
             accelerator.print(f"passing over a checkpoint that can't be resumed from: {problem}")
     set_seed(args.seed)  # before the model is built: its initial weights follow from the seed
-    _check_kernels_early(args)
     config = build_config(args)
+    choose_kernels(args, accelerator, config or GPT2Config())  # a refusal before any data is read
     if config is not None and args.block_size and args.block_size > config.n_positions:
         raise InputError(_block_size_message(args.block_size, config.n_positions))
     # After the checks that need no data, so a typo deletes nothing. A run resumed from a checkpoint
@@ -410,7 +409,7 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     require_eos_token_id(tokenizer)
     # A dry run builds the model on the meta device: its shapes without its memory (gpt2-xl in an instant).
     with torch.device("meta") if args.dry_run and config is not None else contextlib.nullcontext():
-        model = build_model(args, config, tokenizer.get_vocab_size())
+        model = build_model(args, accelerator, config, tokenizer.get_vocab_size())
     block_size = _block_size(args, model.config)
     train_loader, eval_loader, stats = build_dataloaders(args, raw, tokenizer, block_size, accelerator)
     ga, world = args.gradient_accumulation_steps, accelerator.num_processes
@@ -614,7 +613,7 @@ def build_config(args) -> GPT2Config | None:
     return config.with_overrides(args.config_overrides) if args.config_overrides else config
 
 
-def build_model(args, config: GPT2Config | None, vocab_size: int) -> GPT2:
+def build_model(args, accelerator: Accelerator, config: GPT2Config | None, vocab_size: int) -> GPT2:
     """The model on CPU, from --model_name_or_path or the config, with the kernels picked by --kernels."""
     if config is None:
         model = ckpt.load_model(args.model_name_or_path)
@@ -627,7 +626,7 @@ def build_model(args, config: GPT2Config | None, vocab_size: int) -> GPT2:
         raise InputError(
             f"the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's ({vocab_size})"
         )
-    attn, norm = resolve_kernels(args.kernels, "cpu" if args.cpu else None, model.config.dropout)
+    attn, norm = choose_kernels(args, accelerator, model.config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.set_kernels(attn_impl=attn, norm_impl=norm)
@@ -966,7 +965,7 @@ def save_final_model(accelerator, model, tokenizer, output_dir: str, block_size:
     if accelerator.is_main_process:
         final = unwrapped
         if sharded:
-            final = GPT2(unwrapped.config).set_kernels(*resolve_kernels("auto", "cpu", unwrapped.config.dropout))
+            final = GPT2(unwrapped.config).set_kernels(*resolve_kernels("auto", "cpu"))  # for the sample
             final.load_state_dict(state)
         ckpt.record_outputs(output_dir, "config.json", "model.safetensors", *SAVED_TOKENIZER_FILES)
         final.save_pretrained(output_dir, eos_token_id=eos_token_id(tokenizer))

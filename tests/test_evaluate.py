@@ -2,6 +2,7 @@
 total NLL against an independent per-token brute force, invariance to batch size, dtype and
 process count, and a clear message for every bad input."""
 
+import argparse
 import json
 import math
 import os
@@ -216,6 +217,27 @@ def test_eager_kernels_agree(checkpoint, text_file):
     eager = run_eval(checkpoint, text_file, "--kernels", "eager")
     assert eager["kernels"] == "eager/torch"
     assert eager["nll_sum"] == pytest.approx(sdpa["nll_sum"], rel=1e-6)
+
+
+def test_on_cuda_auto_picks_our_kernels_for_a_model_with_dropout(checkpoint, tmp_path, monkeypatch):
+    """The scripts' inference path on a GPU, for a checkpoint whose config has dropout (HF's gpt2
+    has 0.1): --kernels auto gives our Triton kernels (dropout does nothing in eval mode), and the
+    model's logits are SDPA's. CI has no GPU: the device is named cuda while the model stays on
+    this CPU (Triton's interpreter runs the kernels)."""
+    with_dropout = tmp_path / "dropout"
+    model = GPT2.from_pretrained(checkpoint)
+    model.config.dropout = 0.1
+    model.save_pretrained(with_dropout)
+    save_tokenizer(load_tokenizer(checkpoint), with_dropout)
+    to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, device=None, **kwargs: to(self, **kwargs))
+    args = argparse.Namespace(model_name_or_path=str(with_dropout), tokenizer_name=None, kernels="auto", dtype="fp32")
+    ours, _ = evaluate_perplexity.cli.load_model_and_tokenizer(args, torch.device("cuda"))
+    assert (ours.config.attn_impl, ours.config.norm_impl, ours.config.dropout) == ("triton", "triton", 0.1)
+    assert not ours.training
+    ids = torch.randint(0, ours.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), GPT2.from_pretrained(with_dropout).eval()(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_jsonl_rows_joined_and_capped(checkpoint, tmp_path):

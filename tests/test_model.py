@@ -141,7 +141,6 @@ def test_small_preset_is_small():
         (dict(position_embedding="alibi"), "position_embedding must be one of"),
         (dict(n_layer=0), "positive integer"),
         (dict(dropout=1.0), "dropout"),
-        (dict(attn_impl="triton", dropout=0.1), "no attention dropout"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -177,9 +176,13 @@ def test_resolve_kernels(monkeypatch):
     assert resolve_kernels("sdpa") == ("sdpa", "torch")
     assert resolve_kernels("eager", "cuda") == ("eager", "torch")
     assert resolve_kernels("auto", "cpu") == ("sdpa", "torch")
-    # On CUDA (here: the interpreter stands in), auto is triton, with SDPA attention under dropout.
+    # On CUDA (here: the interpreter stands in), auto is triton, with SDPA attention when training
+    # with dropout; inference, where dropout does nothing, takes our attention whatever the config says.
     assert resolve_kernels("auto", "cuda") == ("triton", "triton")
-    assert resolve_kernels("auto", "cuda", dropout=0.1) == ("sdpa", "triton")
+    assert resolve_kernels("auto", "cuda", train_dropout=0.1) == ("sdpa", "triton")
+    assert resolve_kernels("triton", "cuda") == ("triton", "triton")
+    with pytest.raises(ValueError, match="--kernels triton: our triton attention kernel has no attention dropout"):
+        resolve_kernels("triton", "cuda", train_dropout=0.1)
     with pytest.raises(ValueError, match="--kernels must be one of"):
         resolve_kernels("flash")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

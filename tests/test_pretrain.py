@@ -246,6 +246,15 @@ def test_bad_input_is_one_clear_line(case, tmp_path, train_file, monkeypatch):
     expect_input_error(pretrain.main, argv, message, within=20)
 
 
+def test_training_with_dropout_on_our_attention_is_refused_before_the_data(tmp_path):
+    """--kernels triton for a model with dropout (our attention kernel has none): one line, before
+    the data is read (a dataset that doesn't exist is never looked for)."""
+    argv = ["--kernels", "triton", "--config_overrides", "n_layer=2,n_head=2,n_embd=32,dropout=0.1",
+            "--train_file", tmp_path / "never_read.txt", "--output_dir", tmp_path / "out"]
+    expect_input_error(pretrain.main, argv, "--kernels triton: our triton attention kernel has no attention dropout",
+                       "--kernels auto", within=20)
+
+
 @pytest.mark.slow
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_DATASETS_CACHE": str(tmp_path / "cache")}

@@ -270,3 +270,20 @@ def test_a_training_step_calls_every_op_without_the_dispatcher(monkeypatch):
     n = model.config.n_layer
     assert routes == {"flash_attention": n, "flash_attention_backward": n, "layer_norm": 1,
                       "add_layer_norm": 2 * n, "layer_norm_backward": 2 * n + 1}
+
+
+def test_our_attention_serves_an_eval_model_whatever_its_dropout():
+    """Dropout acts in training only, so a config with dropout (HF's gpt2 has 0.1) runs our
+    attention in eval mode, giving SDPA's logits; training it with our attention is one clear error."""
+    from gpt2.errors import InputError
+    from gpt2.registry import NO_TRAINING_DROPOUT
+
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=97, dropout=0.1)
+    model = GPT2(config).to(DEVICE).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 17), device=DEVICE)
+    with torch.no_grad():
+        expected = model(ids)
+        got = model.set_kernels(attn_impl="triton")(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # fp32 kernels, as in the tests above
+    with pytest.raises(InputError, match=NO_TRAINING_DROPOUT):
+        model.train()(ids)
