@@ -42,6 +42,25 @@ class ArgumentParser(argparse.ArgumentParser):
         raise InputError(f"{message} (see --help)")
 
 
+def bounded_int(minimum: int, maximum: int | None = None, why: str = ""):
+    """An argparse type: an integer in [minimum, maximum], declared at the flag, so that a value out
+    of range is a bad flag (one line, exit status 2) wherever it comes from (the command line or a
+    --config file), before anything runs. why, if given, says where the bound comes from."""
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"at least {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}{f' ({why})' if why else ''}, got {value}")
+        return value
+
+    integer.__name__ = "int"  # argparse names the type in its messages
+    return integer
+
+
 @contextlib.contextmanager
 def exit_on_input_error(prog: str):
     """Turn an InputError raised inside into `prog: error: message` on stderr and exit status 2."""

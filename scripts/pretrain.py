@@ -52,7 +52,7 @@ from gpt2 import GPT2, PRESETS, GPT2Config, optim
 from gpt2 import checkpoint as ckpt
 from gpt2 import data as gdata
 from gpt2.documents import WithDocumentIds, document_kwargs
-from gpt2.errors import InputError, exit_on_input_error, first_line
+from gpt2.errors import InputError, bounded_int, exit_on_input_error, first_line
 from gpt2.evaluation import sequence_nll
 from gpt2.files import atomic_write_text, remove_stale_temporaries
 from gpt2.loss import IGNORE_INDEX
@@ -118,15 +118,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def validate_args(args) -> None:
     """Values argparse accepts but training can't use: InputError naming the flag, before any data loads."""
-    at_least = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
-                "max_train_steps": 1, "eval_steps": 1, "logging_steps": 1, "num_warmup_steps": 0,
-                "checkpoints_total_limit": 1, "vocab_size": 257, "max_eval_samples": 1, "sample_tokens": 0,
-                "shuffle_buffer_size": 1, "validation_split_percentage": 1, "ddp_timeout": 1}
-    for name, low in at_least.items():
-        value = getattr(args, name)
-        if value is not None and value < low:
-            why = " (256 bytes + <|endoftext|>)" if name == "vocab_size" else ""
-            raise InputError(f"--{name} must be at least {low}{why}, got {value}")
     positive = {"learning_rate": "", "max_grad_norm": " (0 clips every update to nothing)",
                 "num_train_epochs": ""}
     for name, why in positive.items():
@@ -145,8 +136,6 @@ def validate_args(args) -> None:
     if args.resume_from_checkpoint and args.overwrite_output_dir:
         raise InputError("--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir "
                          "deletes it: give one of them")
-    if args.validation_split_percentage >= 100:
-        raise InputError(f"--validation_split_percentage must be below 100, got {args.validation_split_percentage}")
     if args.streaming and (args.num_train_epochs or args.checkpointing_steps == "epoch"):
         raise InputError("--streaming runs by --max_train_steps; a stream has no known epoch length")
     if args.restart_positions and not args.document_masking:
@@ -206,14 +195,14 @@ def _add_data_flags(d) -> None:
     d.add_argument("--dataset_config_name", default=None)
     d.add_argument("--train_file", default=None, help="txt, json, jsonl, csv or parquet")
     d.add_argument("--validation_file", default=None)
-    d.add_argument("--validation_split_percentage", type=int, default=5,
+    d.add_argument("--validation_split_percentage", type=bounded_int(1, 99), default=5,
                    help="carved off the training split when the data has no validation split")
     d.add_argument("--text_column", default=None, help="default: 'text', or the only column")
     d.add_argument("--streaming", action="store_true",
                    help="read the dataset as a stream (bigger than the disk); needs --max_train_steps")
-    d.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="documents, with --streaming")
-    d.add_argument("--preprocessing_num_workers", type=int, default=None)
-    d.add_argument("--max_eval_samples", type=int, default=None, help="cap the validation blocks")
+    d.add_argument("--shuffle_buffer_size", type=bounded_int(1), default=10_000, help="documents, with --streaming")
+    d.add_argument("--preprocessing_num_workers", type=bounded_int(1), default=None)
+    d.add_argument("--max_eval_samples", type=bounded_int(1), default=None, help="cap the validation blocks")
     d.add_argument("--document_masking", action="store_true",
                    help="attention stays within each document of a packed row (end-of-text ends one); fast "
                         "with --kernels triton, a dense T x T mask (slow) with sdpa/eager")
@@ -229,28 +218,31 @@ def _add_model_flags(m) -> None:
         tokenizer_help="tokenizer.json file or directory, or a hub name (gpt2); default: train a byte-level BPE "
                        "on the training text",
     )
-    m.add_argument("--vocab_size", type=int, default=8192, help="for a tokenizer trained here")
-    m.add_argument("--block_size", type=int, default=None, help="tokens per sequence; default n_positions")
+    m.add_argument("--vocab_size", type=bounded_int(257, why="256 bytes + <|endoftext|>"), default=8192,
+                   help="for a tokenizer trained here")
+    m.add_argument("--block_size", type=bounded_int(2, why="one input and one target"), default=None,
+                   help="tokens per sequence; default n_positions")
     cli.add_device_flags(m, dtype=False)  # precision: accelerate launch --mixed_precision
     m.add_argument("--compile", action="store_true", help="torch.compile through Accelerate (inductor)")
 
 
 def _add_training_flags(t) -> None:
-    t.add_argument("--per_device_train_batch_size", type=int, default=4)
-    t.add_argument("--per_device_eval_batch_size", type=int, default=8)
-    t.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    t.add_argument("--per_device_train_batch_size", type=bounded_int(1), default=4)
+    t.add_argument("--per_device_eval_batch_size", type=bounded_int(1), default=8)
+    t.add_argument("--gradient_accumulation_steps", type=bounded_int(1), default=1)
     t.add_argument("--learning_rate", type=float, default=2e-3)
     t.add_argument("--min_lr", type=float, default=1e-4, help="the schedule decays to this")
     t.add_argument("--weight_decay", type=float, default=0.1)
     t.add_argument("--adam_beta1", type=float, default=optim.BETAS[0])
     t.add_argument("--adam_beta2", type=float, default=optim.BETAS[1])
     t.add_argument("--max_grad_norm", type=float, default=1.0)
-    t.add_argument("--max_train_steps", type=int, default=None,
+    t.add_argument("--max_train_steps", type=bounded_int(1), default=None,
                    help=f"optimizer steps; wins over --num_train_epochs (without either: {DEFAULT_TRAIN_STEPS})")
     t.add_argument("--num_train_epochs", type=float, default=None, help="passes over the training split")
-    t.add_argument("--num_warmup_steps", type=int, default=None, help="default: 5%% of the steps")
+    t.add_argument("--num_warmup_steps", type=bounded_int(0), default=None, help="default: 5%% of the steps")
     t.add_argument("--lr_scheduler_type", choices=optim.SCHEDULES, default="cosine")
-    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--seed", type=bounded_int(0, 2**32 - 1, why="numpy's seeds, which Accelerate's set_seed sets"),
+                   default=42)
     t.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute each block in the backward pass instead of keeping its activations: "
                         "less memory, about a third more compute, the same gradients")
@@ -271,23 +263,24 @@ def _add_output_flags(o) -> None:
     o.add_argument("--dry_run", action="store_true",
                    help="resolve the settings, load (or, with --streaming, probe) the data, build the model, "
                         "print the plan and the memory it needs, and stop: nothing trained or written")
-    o.add_argument("--eval_steps", type=int, default=100, help="also before the first and after the last step")
-    o.add_argument("--logging_steps", type=int, default=10)
+    o.add_argument("--eval_steps", type=bounded_int(1), default=100,
+                   help="also before the first and after the last step")
+    o.add_argument("--logging_steps", type=bounded_int(1), default=10)
     o.add_argument("--checkpointing_steps", type=_steps_or_epoch, default=None,
                    help="every N steps, or 'epoch'; default: --eval_steps")
-    o.add_argument("--checkpoints_total_limit", type=int, default=None,
+    o.add_argument("--checkpoints_total_limit", type=bounded_int(1), default=None,
                    help="keep only the newest N checkpoints (default: all)")
     o.add_argument("--resume_from_checkpoint", default=None,
                    help="a step_N directory, or 'latest' (the newest readable one in --output_dir)")
     o.add_argument("--overwrite_output_dir", action="store_true",
                    help="start afresh in an --output_dir that holds an earlier run (its checkpoints and logs "
                         "are deleted)")
-    o.add_argument("--ddp_timeout", type=int, default=1800,
+    o.add_argument("--ddp_timeout", type=bounded_int(1), default=1800,
                    help="seconds a process waits for the others at a collective before the run stops (HF's name)")
     o.add_argument("--with_tracking", action="store_true")
     o.add_argument("--report_to", default="all", help="tensorboard, wandb, ... or all (every installed one)")
     o.add_argument("--sample_prompt", default="The", help="prompt for the sample printed at the end")
-    o.add_argument("--sample_tokens", type=int, default=60)
+    o.add_argument("--sample_tokens", type=bounded_int(0), default=60)
 
 
 # --------------------------------------------------------------------------- setup

@@ -208,14 +208,14 @@ def _bad_input_cases(tmp_path, train_file):
         "triton": (["--kernels", "triton"], "--kernels triton can't run here"),
         "resume": (["--train_file", train_file, "--resume_from_checkpoint", tmp_path / "not_a_checkpoint"],
                    "not a complete checkpoint"),
-        "flag": (["--eval_steps", 0], "--eval_steps must be at least 1"),
+        "flag": (["--eval_steps", 0], "argument --eval_steps: must be at least 1, got 0"),
         "grad_norm_zero": (["--max_grad_norm", 0], "--max_grad_norm must be positive"),
         "grad_norm_negative": (["--max_grad_norm", -1], "--max_grad_norm must be positive"),
         "checkpointing_zero": (["--checkpointing_steps", 0], "--checkpointing_steps: must be a number of steps"),
         "epochs_negative": (["--num_train_epochs", -1], "--num_train_epochs must be positive"),
         "weight_decay": (["--weight_decay", -0.1], "--weight_decay must be >= 0"),
-        "warmup": (["--num_warmup_steps", -1], "--num_warmup_steps must be at least 0"),
-        "vocab": (["--vocab_size", 100], "--vocab_size must be at least 257"),
+        "warmup": (["--num_warmup_steps", -1], "argument --num_warmup_steps: must be at least 0, got -1"),
+        "vocab": (["--vocab_size", 100], "--vocab_size: must be at least 257 (256 bytes + <|endoftext|>)"),
         "learning_rate": (["--learning_rate", -1], "--learning_rate must be positive"),
         "output_file": (["--output_dir", train_file], "is a file, not a directory"),
         "tracker": (["--with_tracking", "--report_to", "wandb"], "pip install wandb"),
@@ -224,6 +224,10 @@ def _bad_input_cases(tmp_path, train_file):
         "learning_rate_inf": (["--learning_rate", "inf"], "--learning_rate must be positive and finite"),
         "min_lr_above": (["--learning_rate", "1e-3", "--min_lr", "1e-2"], "--min_lr (0.01) is above --learning_rate"),
         "resume_and_overwrite": (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "give one of them"),
+        "seed_negative": (["--seed", -1], "argument --seed: must be in [0, 4294967295]"),
+        "seed_too_large": (["--seed", 2**32], "argument --seed: must be in [0, 4294967295]"),
+        "seed_huge": (["--seed", "99999999999999999999"], "argument --seed: must be in [0, 4294967295]"),
+        "block_size_zero": (["--block_size", 0], "argument --block_size: must be at least 2"),
         "warmup_beyond": (["--max_train_steps", 10, "--num_warmup_steps", 20], "end before its warmup"),
         "warmup_beyond_default": (["--num_warmup_steps", 1000], "more than the run's 400 steps"),
     }
@@ -233,7 +237,8 @@ def _bad_input_cases(tmp_path, train_file):
     "case", ["unreachable", "column", "empty", "block", "preset", "override", "triton", "resume", "flag", "choice",
              "override_value", "grad_norm_zero", "grad_norm_negative", "checkpointing_zero", "epochs_negative",
              "weight_decay", "warmup", "vocab", "learning_rate", "output_file", "tracker", "learning_rate_inf",
-             "min_lr_above", "resume_and_overwrite", "warmup_beyond", "warmup_beyond_default"]
+             "min_lr_above", "resume_and_overwrite", "warmup_beyond", "warmup_beyond_default", "seed_negative",
+             "seed_too_large", "seed_huge", "block_size_zero"]
 )
 def test_bad_input_is_one_clear_line(case, tmp_path, train_file, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the hub can't be reached, quickly
@@ -1198,7 +1203,8 @@ def test_a_run_is_a_file_it_saves_and_can_run_again(tmp_path, train_file):
     ("eval_steps: abc\n", "eval_steps: invalid value 'abc'"),
     ("lr_scheduler_type: cosine_typo\n", "lr_scheduler_type: 'cosine_typo' is not one of"),
     ("streaming: 3\n", "streaming must be true or false"),
-    ("eval_steps: 0\n", "--eval_steps must be at least 1, got 0 (set by 'eval_steps' in"),
+    ("eval_steps: 0\n", "eval_steps: invalid value '0' (must be at least 1, got 0)"),
+    ("seed: -1\n", "seed: invalid value '-1' (must be in [0, 4294967295]"),
     ("- a\n- b\n", "expected a mapping of flag names to values"),
     ("a: [b\n", "not valid YAML"),
 ])
