@@ -238,10 +238,24 @@ def record_outputs(output_dir: str | Path, *names: str) -> None:
 
 def _is_ours(entry: Path, written: set[str]) -> bool:
     """Written by a run of ours: named in the manifest (the manifest and lock file included), or a
-    step_N checkpoint that carries our completion marker and training state."""
+    step_N checkpoint that carries our completion marker and training state. A symbolic link is
+    never ours (a run writes none), whatever it points at: deleting through it is not ours to do."""
+    if entry.is_symlink():
+        return False
     if entry.name in written or entry.name in (MANIFEST, LOCK_FILE):
         return True
     return _is_step(entry) and is_complete_checkpoint(entry)
+
+
+def check_own_files(output_dir: str | Path) -> None:
+    """Where a run keeps its manifest and lock, a plain file or nothing: a folder or a symbolic link
+    there is someone else's, which the run must neither write through nor delete (InputError)."""
+    for name, what in ((MANIFEST, "the list of files it wrote"), (LOCK_FILE, "its lock")):
+        entry = Path(output_dir) / name
+        if entry.is_symlink() or (entry.exists() and not entry.is_file()):
+            kind = "a symbolic link" if entry.is_symlink() else "a folder"
+            raise InputError(f"{entry} is {kind}, where a run keeps {what} in a file of that name; move it, or "
+                             f"pick another output directory")
 
 
 def _is_step(entry: Path) -> bool:
@@ -261,6 +275,7 @@ def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool,
     where this run would write (will_write, a step_N) are refused rather than overwritten. A
     directory holding only our manifest and lock (a run that stopped before writing) is empty."""
     path = check_writable_dir(output_dir)
+    check_own_files(path)
     entries = [p for p in path.iterdir() if p.name not in (LOCK_FILE, MANIFEST)] if path.is_dir() else []
     if not entries or resuming:
         return []
@@ -294,7 +309,9 @@ def locked_output_dir(output_dir: str | Path):
 
     path = check_writable_dir(output_dir)
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / LOCK_FILE, "a+") as handle:
+    check_own_files(path)
+    # O_NOFOLLOW: a link put there after the check still isn't followed (the open fails instead)
+    with os.fdopen(os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

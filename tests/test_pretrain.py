@@ -455,6 +455,35 @@ def test_output_dir_of_another_run_is_refused_unless_overwritten(tmp_path, train
     assert _unrecorded(out) == {"notes.txt"}
 
 
+@pytest.mark.parametrize("name", [".gpt2_suite.lock", "gpt2_suite_outputs.json"])
+@pytest.mark.parametrize("kind", ["folder", "symbolic link"])
+def test_a_folder_or_link_where_the_run_keeps_its_own_files_is_refused(tmp_path, train_file, name, kind):
+    """The lock and the manifest are plain files of the run's: a folder or a link in their place
+    is one line, and nothing is written through the link."""
+    out, notes = tmp_path / "out", tmp_path / "notes.txt"
+    out.mkdir()
+    notes.write_text("mine")
+    (out / name).mkdir() if kind == "folder" else (out / name).symlink_to(notes)
+    expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", out], f"{out / name} is a {kind}",
+                       "move it", within=20)
+    assert notes.read_text() == "mine" and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_overwrite_never_deletes_through_a_link_named_like_a_checkpoint(tmp_path, train_file):
+    """--overwrite_output_dir where a step_N is a symbolic link (to a complete checkpoint elsewhere):
+    a link is never the run's, so it is refused in one line and nothing is deleted, here or there."""
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    assert run([*_four_steps(train_file, "--max_train_steps", 2), "--output_dir", out]) == 0
+    shutil.move(out / "step_2", elsewhere)
+    (out / "step_2").symlink_to(elsewhere, target_is_directory=True)
+    before = sorted(p.name for p in out.iterdir())
+    _reset_accelerate()
+    expect_input_error(pretrain.main, [*_four_steps(train_file), "--output_dir", out, "--overwrite_output_dir"],
+                       "step_2", "no run of ours wrote", "nothing was deleted")
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert (out / "step_2").is_symlink() and sorted(p.name for p in elsewhere.iterdir())
+
+
 def test_a_run_that_stops_before_writing_leaves_the_folder_usable(tmp_path, train_file):
     """A typo fails before anything is written, and the next run in the same folder starts; nothing is
     deleted by an overwrite whose flags are wrong."""
