@@ -60,7 +60,15 @@ def require_hub(
     if reason is not None:
         note = local_directory_note(name, local_files)
         local = f"is read as a Hub id ({note})" if note else "is not a local path"
-        raise error(f"{what} {name!r} {local}, and the Hugging Face Hub can't be reached ({reason}). {instead}")
+        err = error(f"{what} {name!r} {local}, and the Hugging Face Hub can't be reached ({reason}). {instead}")
+        err.hub_unreachable = f"{what} {name!r} is on the Hub, which can't be reached ({reason})"
+        raise err
+
+
+def unreachable_on_hub(err: BaseException) -> str | None:
+    """What require_hub could not reach, when err is its error (the Hub was needed and is out of
+    reach, as opposed to a name it lacks or a bad file); None for any other error."""
+    return getattr(err, "hub_unreachable", None)
 
 
 def local_directory_note(name: str, local_files: str | None) -> str | None:

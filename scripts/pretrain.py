@@ -55,6 +55,7 @@ from gpt2.documents import WithDocumentIds, document_kwargs
 from gpt2.errors import InputError, bounded_int, exit_on_input_error, first_line
 from gpt2.evaluation import sequence_nll
 from gpt2.files import atomic_write_text, remove_stale_temporaries
+from gpt2.hub import unreachable_on_hub
 from gpt2.loss import IGNORE_INDEX
 from gpt2.provenance import git_commit, versions
 from gpt2.registry import KernelUnavailableError, resolve_kernels
@@ -397,22 +398,17 @@ def setup_run(args, accelerator: Accelerator) -> Run:
         prepare_output_dir(args, accelerator, resuming=resume_dir is not None and resume_dir.parent.resolve()
                            == output_dir.resolve())
 
+    if args.dry_run:
+        return dry_run(args, accelerator, config, resume_dir)
     raw = load_raw_data(args, accelerator)
     tokenizer = build_tokenizer(args, raw, accelerator, resume_dir)
     require_eos_token_id(tokenizer)
-    # A dry run builds the model on the meta device: its shapes without its memory (gpt2-xl in an instant).
-    with torch.device("meta") if args.dry_run and config is not None else contextlib.nullcontext():
-        model = build_model(args, accelerator, config, tokenizer.get_vocab_size())
+    model = build_model(args, accelerator, config, tokenizer.get_vocab_size())
     block_size = _block_size(args, model.config)
     train_loader, eval_loader, stats = build_dataloaders(args, raw, tokenizer, block_size, accelerator)
     ga, world = args.gradient_accumulation_steps, accelerator.num_processes
     steps_per_epoch = None if args.streaming else len(train_loader) // world // ga
-    if args.max_train_steps is None:  # --num_train_epochs alone; --max_train_steps wins over it (HF's rule)
-        args.max_train_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
-        _check_warmup(args)
-    if args.dry_run:
-        accelerator.print(plan(args, accelerator, model, block_size, stats, train_loader, steps_per_epoch))
-        return None
+    _steps_from_epochs(args, steps_per_epoch)
     if accelerator.is_main_process:  # every setting now resolved
         ckpt.record_outputs(output_dir, RUN_CONFIG)
         atomic_write_text(output_dir / RUN_CONFIG, run_config(args))
@@ -455,15 +451,65 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     return run
 
 
+def _steps_from_epochs(args, steps_per_epoch: int | None) -> None:
+    """--num_train_epochs alone sets --max_train_steps (--max_train_steps wins over it: HF's rule)."""
+    if args.max_train_steps is None and steps_per_epoch is not None:
+        args.max_train_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+        _check_warmup(args)
+
+
+def dry_run(args, accelerator: Accelerator, config: GPT2Config | None, resume_dir: Path | None) -> None:
+    """--dry_run: the setup's checks and the plan, training and writing nothing. Data or a tokenizer
+    on a Hub this machine can't reach doesn't stop it: what needs them (the data's size, epochs; the
+    tokenizer's size, where the model takes it) is said to be unknown, the rest is planned."""
+    raw, unreached = _unless_unreachable(lambda: load_raw_data(args, accelerator))
+    tokenizer = None
+    if raw is not None or args.tokenizer_name or args.model_name_or_path or resume_dir is not None:
+        tokenizer, unreached_tokenizer = _unless_unreachable(
+            lambda: build_tokenizer(args, raw, accelerator, resume_dir))
+        unreached = unreached or unreached_tokenizer
+    if tokenizer is not None:
+        require_eos_token_id(tokenizer)
+        vocab_size = tokenizer.get_vocab_size()
+    else:  # the size the tokenizer would have: trained here, --vocab_size; else the model's own
+        trains_one = not (args.tokenizer_name or args.model_name_or_path)
+        vocab_size = args.vocab_size if trains_one or config is None else config.vocab_size
+    with torch.device("meta") if config is not None else contextlib.nullcontext():  # shapes, not memory
+        model = build_model(args, accelerator, config, vocab_size)
+    block_size = _block_size(args, model.config)
+    train_loader, stats, steps_per_epoch = None, None, None
+    if raw is not None and tokenizer is not None:
+        train_loader, _, stats = build_dataloaders(args, raw, tokenizer, block_size, accelerator)
+        ga, world = args.gradient_accumulation_steps, accelerator.num_processes
+        steps_per_epoch = None if args.streaming else len(train_loader) // world // ga
+    _steps_from_epochs(args, steps_per_epoch)
+    accelerator.print(plan(args, accelerator, model, block_size, stats, train_loader, steps_per_epoch,
+                           unreached=unreached, vocab_known=tokenizer is not None))
+
+
+def _unless_unreachable(load):
+    """(load(), None), or (None, what couldn't be reached) when it needs the Hub and the Hub is out of reach."""
+    try:
+        return load(), None
+    except InputError as err:
+        if unreachable_on_hub(err) is None:
+            raise
+        return None, unreachable_on_hub(err)
+
+
 def plan(args, accelerator: Accelerator, model: GPT2, block_size: int, stats, train_loader,
-         steps_per_epoch: int | None) -> str:
+         steps_per_epoch: int | None, unreached: str | None = None, vocab_known: bool = True) -> str:
     """--dry_run's report: the run's size, length, checkpoint and memory per device (an estimate:
-    gpt2/throughput.py, estimate_memory), from the resolved settings, the data and the built model."""
+    gpt2/throughput.py, estimate_memory), from the resolved settings, the data and the built model.
+    unreached: why the data (or the tokenizer) could not be read, so what needs it is unknown."""
     config, world, ga = model.config, accelerator.num_processes, args.gradient_accumulation_steps
     params = model.num_parameters()
     micro = args.per_device_train_batch_size * block_size
     step_tokens = micro * ga * world
-    if args.streaming:  # a stream has no length: probe it instead, one batch through tokenizing and packing
+    if train_loader is None:
+        data = f"not read: {unreached}"
+        epochs = "unknown (the data was not read)"
+    elif args.streaming:  # a stream has no length: probe it instead, one batch through tokenizing and packing
         first = next(iter(train_loader))["input_ids"]
         data = f"streamed; probed: a first batch of {tuple(first.shape)} token ids, so the text column reads"
         epochs = "unknown (a stream has no length)"
@@ -478,13 +524,15 @@ def plan(args, accelerator: Accelerator, model: GPT2, block_size: int, stats, tr
                              activation_bytes=activation_bytes, recompute=args.gradient_checkpointing,
                              shards=world if sharded else 1)
     gib = 2**30
+    steps = (f"{args.max_train_steps:,} -> {args.max_train_steps * step_tokens:,} tokens" if args.max_train_steps
+             else f"unknown ({args.num_train_epochs:g} epochs of data not read)")
     lines = [
         "Plan (--dry_run: nothing was trained or written)",
-        f"  parameters     {params:,} ({model.num_parameters(exclude_embeddings=True):,} without embeddings)",
+        f"  parameters     {params:,} ({model.num_parameters(exclude_embeddings=True):,} without embeddings)"
+        + ("" if vocab_known else f"; a vocabulary of {config.vocab_size:,} assumed (the tokenizer was not read)"),
         f"  per step       {step_tokens:,} tokens = {args.per_device_train_batch_size} x {block_size} x {ga} "
         f"accumulation x {world} processes",
-        f"  steps          {args.max_train_steps:,} -> {args.max_train_steps * step_tokens:,} tokens; epochs "
-        f"{epochs}",
+        f"  steps          {steps}; epochs {epochs}",
         f"  data           {data}",
         f"  checkpoint     model.safetensors {4 * params / gib:.2f} GiB (fp32); each step_N about "
         f"{12 * params / gib:.2f} GiB (the weights and AdamW's two moments)",
@@ -492,7 +540,8 @@ def plan(args, accelerator: Accelerator, model: GPT2, block_size: int, stats, tr
         f"{memory['state'] / gib:.2f}{' (sharded over ' + str(world) + ')' if sharded else ''}, activations "
         f"{memory['activations'] / gib:.2f} ({'blocks recomputed' if args.gradient_checkpointing else 'kept'}, "
         f"{activation_bytes}-byte, {micro:,} tokens per micro-batch), loss {memory['loss'] / gib:.2f}",
-        "  run it         the same command without --dry_run",
+        "  run it         the same command without --dry_run"
+        + (" where the Hub can be reached (or the data is in the local cache)" if unreached else ""),
     ]
     return "\n".join(lines)
 

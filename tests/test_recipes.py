@@ -100,3 +100,40 @@ def test_a_recipe_builds_its_plan(recipe, local_text, tmp_path, capsys):
     else:
         assert "blocks of" in plan and "steps per epoch" in plan
     assert ("blocks recomputed" in plan) == args.gradient_checkpointing
+
+
+HUB_RECIPES = [r for r in RECIPES if "dataset_name" in yaml.safe_load(r.read_text())]
+
+
+@pytest.mark.parametrize("recipe", HUB_RECIPES, ids=lambda p: p.stem)
+def test_a_recipe_plans_offline_what_needs_no_data(recipe, tmp_path, capsys, monkeypatch):
+    """--dry_run of a recipe whose data (and tokenizer) is on a Hub this machine can't reach: exit 0
+    with the plan of what needs neither (the model at the recipe's vocabulary, tokens per step,
+    steps, memory), and the data and epochs said to be unknown, with why."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the Hub can't be reached, quickly
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    out = tmp_path / "out"
+    assert pretrain.main(["--config", recipe, "--dry_run", "--cpu", "--output_dir", out]) == 0
+    plan = capsys.readouterr().out.split("Plan (--dry_run")[1]
+    assert not out.exists()
+
+    args = pretrain.parse_args(["--config", str(recipe)])
+    config = GPT2Config.from_name_or_path(args.config_name).with_overrides(args.config_overrides or "")
+    with torch.device("meta"):
+        params = GPT2(config).num_parameters()
+    step_tokens = args.per_device_train_batch_size * (args.block_size or config.n_positions) \
+        * args.gradient_accumulation_steps
+    assert f"parameters     {params:,} (" in plan
+    assert f"a vocabulary of {config.vocab_size:,} assumed (the tokenizer was not read)" in plan
+    assert f"steps          {args.max_train_steps:,} -> {args.max_train_steps * step_tokens:,} tokens" in plan
+    assert f"data           not read: dataset {args.dataset_name!r} is on the Hub, which can't be reached" in plan
+    assert "epochs unknown (the data was not read)" in plan and "memory/device  about" in plan
+
+
+def test_a_dry_run_still_refuses_what_is_not_the_network(tmp_path, monkeypatch):
+    """Only an unreachable Hub is planned around: a local file that isn't there is the run's error."""
+    from conftest import expect_input_error
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    expect_input_error(pretrain.main, ["--train_file", tmp_path / "missing.txt", "--dry_run", "--output_dir",
+                                       tmp_path / "out"], "missing.txt")
