@@ -13,7 +13,6 @@ honest measure it has. Writes activation_memory.md under results/<device>/ (or -
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -24,6 +23,7 @@ if not __package__:  # run as a file: the checkout goes on sys.path
 
 from benchmarks import common
 from gpt2.config import PRESETS
+from gpt2.errors import ArgumentParser, bounded_int, exit_on_input_error
 
 # One step in a fresh interpreter: prints {"peak_mib": ..., "seconds": ...}.
 STEP = """
@@ -56,13 +56,22 @@ def measure(preset: str, batch: int, seq: int, recompute: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    with exit_on_input_error("benchmarks.activation_memory"):
+        return run(parse_args(argv))
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="gpt2")
-    parser.add_argument("--batch_size", type=common.int_at_least(1), default=4)
-    parser.add_argument("--seq_len", type=common.int_at_least(2), default=256)
-    parser.add_argument("--repeats", type=common.int_at_least(1), default=2, help="runs of each setting")
-    parser.add_argument("--output_dir", help="where activation_memory.md goes (default results/<device>/)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--batch_size", type=bounded_int(1), default=4)
+    parser.add_argument("--seq_len", type=bounded_int(2), default=256)
+    parser.add_argument("--repeats", type=bounded_int(1), default=2, help="runs of each setting")
+    parser.add_argument("--output_dir", type=common.writable_dir,
+                        help="where activation_memory.md goes (default results/<device>/)")
+    return parser.parse_args(argv)
+
+
+def run(args) -> int:
     env = common.environment()
     out_dir = common.output_dir(args.output_dir, env, quick=False)
     rows, runs = [], {}

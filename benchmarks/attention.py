@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
+from gpt2.errors import ArgumentParser, InputError, bounded_int, exit_on_input_error
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -583,9 +583,10 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", nargs="*", default=None, choices=list(common.DTYPES))
     parser.add_argument("--causal", choices=["both", "causal", "full"], default="both")
     parser.add_argument("--provider", nargs="*", choices=PROVIDER_ORDER, help="subset of providers (ours always runs)")
-    parser.add_argument("--max_seqlen", type=common.int_at_least(1), default=None)
-    parser.add_argument("--seqlens", type=common.int_at_least(1), nargs="*", help="only these sequence lengths")
-    parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/<device>/")
+    parser.add_argument("--max_seqlen", type=bounded_int(1), default=None)
+    parser.add_argument("--seqlens", type=bounded_int(1), nargs="*", help="only these sequence lengths")
+    parser.add_argument("--output_dir", type=common.writable_dir, default=None,
+                        help="default: benchmarks/results/<device>/")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: rewrite attention.md and the plots from --output_dir's CSV")
     return parser.parse_args(argv)

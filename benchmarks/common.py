@@ -54,23 +54,17 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
 
 
-def int_at_least(minimum: int):
-    """An argparse type: an integer no smaller than `minimum`. A bad value is a bad flag (one line,
-    exit status 2), reported before anything is measured."""
-
-    def integer(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return integer
+def writable_dir(text: str) -> Path:
+    """An argparse type for an output folder: one this process can create or write into
+    (gpt2.files.check_writable_dir). An unusable folder is a bad flag (one line, exit status 2),
+    refused before anything is measured, not when the first result is written."""
+    try:
+        return check_writable_dir(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def start_run(quick: bool, requested_dir: str | None) -> tuple[dict, Path]:
+def start_run(quick: bool, requested_dir: str | os.PathLike | None) -> tuple[dict, Path]:
     """The start of every measuring run, once its flags are checked: the full sweep needs a GPU;
     --quick without one runs the kernels through the Triton interpreter, which must be switched on
     before triton loads. Returns the environment stamp and the output folder."""
@@ -319,13 +313,11 @@ def plot_lines(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
     return True
 
 
-def output_dir(arg: str | None, env: dict, quick: bool) -> Path:
-    """benchmarks/results/<device>/ for a full run; a quick run must name its own place (or gets
-    benchmarks/results/quick-<device>/, which is not committed)."""
+def output_dir(arg: str | os.PathLike | None, env: dict, quick: bool) -> Path:
+    """--output_dir (checked as it was parsed: type=writable_dir), or benchmarks/results/<device>/
+    for a full run; a quick run must name its own place (or gets benchmarks/results/quick-<device>/,
+    which is not committed)."""
     if arg:
-        try:
-            return check_writable_dir(arg)
-        except InputError as err:
-            raise InputError(f"--output_dir {arg}: {err}") from None
+        return Path(arg)
     slug = device_slug(env["device"])
     return ROOT / "benchmarks" / "results" / (f"quick-{slug}" if quick else slug)

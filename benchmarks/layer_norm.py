@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
+from gpt2.errors import ArgumentParser, InputError, bounded_int, exit_on_input_error
 
 SHAPE_FIELDS = ["rows", "hidden"]
 POINT_FIELDS = ["kernel", "provider", "dtype", *SHAPE_FIELDS]  # one provider's rows at a point, replaced together
@@ -260,9 +260,10 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     parser.add_argument("--dtype", nargs="*", default=None, choices=list(common.DTYPES))
-    parser.add_argument("--hidden", nargs="*", type=common.int_at_least(1), default=None)
-    parser.add_argument("--rows", type=common.int_at_least(1), default=None, help="rows (tokens); default 16384")
-    parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/<device>/")
+    parser.add_argument("--hidden", nargs="*", type=bounded_int(1), default=None)
+    parser.add_argument("--rows", type=bounded_int(1), default=None, help="rows (tokens); default 16384")
+    parser.add_argument("--output_dir", type=common.writable_dir, default=None,
+                        help="default: benchmarks/results/<device>/")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: rewrite layer_norm.md and the plots from --output_dir's CSV")
     return parser.parse_args(argv)

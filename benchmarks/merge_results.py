@@ -21,7 +21,6 @@ if not __package__:  # run as a file (python benchmarks/merge_results.py): the c
 
 from benchmarks import attention, common, layer_norm, training
 from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
-from gpt2.files import check_writable_dir
 
 BENCHMARKS = {"attention": attention, "layer_norm": layer_norm, "training": training}
 RESULTS = common.ROOT / "benchmarks" / "results"
@@ -53,7 +52,7 @@ def main(argv=None) -> int:
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", type=Path, nargs="+", help="unpacked benchmarks/results folders")
-    parser.add_argument("--into", type=Path, default=RESULTS)
+    parser.add_argument("--into", type=common.writable_dir, default=RESULTS)
     return parser.parse_args(argv)
 
 
@@ -66,10 +65,6 @@ def check_source(source: Path) -> None:
 
 
 def run(args) -> int:
-    try:
-        check_writable_dir(args.into)
-    except InputError as err:
-        raise InputError(f"--into {args.into}: {err}") from None
     for source in args.sources:
         check_source(source)
     for source in args.sources:

@@ -24,17 +24,21 @@ Writes overhead.md under results/<device>/ (or --output_dir); prints the table l
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+if not __package__:  # run as a file (python benchmarks/overhead.py): the checkout goes on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks import common
+from gpt2.errors import ArgumentParser, bounded_int, exit_on_input_error
 
 
 def cases(quick: bool, device: str) -> dict:
@@ -140,11 +144,20 @@ def python_profile(fn, calls: int, top: int = 25) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    with exit_on_input_error("benchmarks.overhead"):
+        return run(parse_args(argv))
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes; on a CPU, Triton's interpreter")
-    parser.add_argument("--output_dir", help="where overhead.md goes (default results/<device>/)")
-    parser.add_argument("--calls", type=common.int_at_least(1), default=200)
-    args = parser.parse_args(argv)
+    parser.add_argument("--output_dir", type=common.writable_dir,
+                        help="where overhead.md goes (default results/<device>/)")
+    parser.add_argument("--calls", type=bounded_int(1), default=200)
+    return parser.parse_args(argv)
+
+
+def run(args) -> int:
     env, out_dir = common.start_run(args.quick, args.output_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     calls = 3 if args.quick else args.calls

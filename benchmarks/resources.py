@@ -30,8 +30,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+if not __package__:  # run as a file (python benchmarks/resources.py): the checkout goes on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks import common
-from gpt2.errors import ArgumentParser, InputError, exit_on_input_error
+from gpt2.errors import ArgumentParser, InputError, bounded_int, exit_on_input_error
 
 # Runtime (non-constexpr) arguments of our kernels that are not tensors; strides are i32 too.
 SCALAR_TYPES = {
@@ -171,8 +174,8 @@ def main(argv=None) -> int:
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="also write resources.md there")
-    parser.add_argument("--jobs", type=common.int_at_least(1), default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=common.writable_dir, help="also write resources.md there")
+    parser.add_argument("--jobs", type=bounded_int(1), default=os.cpu_count() or 1)
     parser.add_argument("--only", choices=["attention", "layer_norm"], help="one kernel family")
     parser.add_argument("--width", type=int, action="append",
                         help="only this head dim (attention) or row size (LayerNorm); repeatable")

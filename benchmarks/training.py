@@ -31,7 +31,7 @@ if not __package__:  # run as a file (python benchmarks/training.py): the checko
 
 from benchmarks import common
 from gpt2.config import PRESETS
-from gpt2.errors import ArgumentParser, exit_on_input_error
+from gpt2.errors import ArgumentParser, bounded_int, exit_on_input_error
 
 SHAPE_FIELDS = ["preset", "block_size", "batch_size", "step"]
 POINT_FIELDS = ["preset", "block_size", "batch_size", "dtype", "provider"]  # one run's rows, replaced together
@@ -100,15 +100,15 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="a tiny model for a few steps on CPU")
     parser.add_argument("--presets", nargs="*", default=None, choices=list(PRESETS),
                         help="default: gpt2 gpt2-medium (--quick: gpt2-tiny, shrunk)")
-    parser.add_argument("--steps", type=common.int_at_least(1), default=None)
-    parser.add_argument("--block_size", type=common.int_at_least(2), default=None,
+    parser.add_argument("--steps", type=bounded_int(1), default=None)
+    parser.add_argument("--block_size", type=bounded_int(2), default=None,
                         help="tokens per sequence, 2 at least (an input and its target)")
-    parser.add_argument("--batch_size", type=common.int_at_least(1), default=None, help="per device")
+    parser.add_argument("--batch_size", type=bounded_int(1), default=None, help="per device")
     parser.add_argument("--vocab_size", type=int, default=None, help="BPE trained on the built-in corpus")
     parser.add_argument("--config_overrides", default=None)
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=["sdpa", "triton"],
                         help="runs to make; +compile: pretrain.py --compile")
-    parser.add_argument("--output_dir", default=None)
+    parser.add_argument("--output_dir", type=common.writable_dir, default=None)
     parser.add_argument("--replot", action="store_true", help="measure nothing: rewrite training.md from the CSV")
     return parser.parse_args(argv)
 

@@ -85,4 +85,11 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
         raise InputError(f"{path} can't be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{existing} is not writable")
+    # Permission bits alone don't tell: root passes os.access under /proc and on a read-only file
+    # system. Creating (and removing) a folder there does.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as err:
+        raise InputError(f"{path} can't be created or written: {existing} refuses a new folder ({err.strerror})") \
+            from None
     return path

@@ -27,6 +27,11 @@ class KVCache:
         return self.k, self.v
 
 
+class NonFiniteLogitsError(InputError):
+    """The model's logits hold nan or inf: there is no distribution to sample from (and argmax over
+    nan picks garbage), which a model whose weights or config are broken gives."""
+
+
 def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
     """Set to -inf every logit outside the top_k largest and outside the smallest set whose
     probability reaches top_p (the most likely token is always kept). logits: (B, V) float."""
@@ -59,11 +64,14 @@ def generate(
 ) -> torch.Tensor:
     """Continue input_ids (B, T) by max_new_tokens tokens; returns (B, T + new).
 
-    temperature 0 is greedy. A sequence that emits eos_token_id keeps emitting it (as padding)
-    and generation stops once every sequence has. Without the cache the whole prefix is recomputed
-    each step; with a fixed generator both paths draw the same random numbers, so they give the
-    same tokens (up to floating-point ties). vocab_size: the tokenizer's size when it is smaller than
-    the model's vocabulary; ids from it on (which the tokenizer can't decode) are never produced.
+    temperature 0 is greedy, as is one below float32's smallest normal number (the logits are
+    divided in float32, where it rounds to 0 or loses its precision). A sequence that emits
+    eos_token_id keeps emitting it (as padding) and generation stops once every sequence has.
+    Without the cache the whole prefix is recomputed each step; with a fixed generator both paths
+    draw the same random numbers, so they give the same tokens (up to floating-point ties).
+    vocab_size: the tokenizer's size when it is smaller than the model's vocabulary; ids from it on
+    (which the tokenizer can't decode) are never produced. NonFiniteLogitsError (an InputError) when
+    the model's logits hold nan or inf.
     """
     if temperature < 0:
         raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -77,6 +85,7 @@ def generate(
             f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds "
             f"the model's context of {model.config.n_positions}"
         )
+    greedy = temperature < torch.finfo(torch.float32).tiny
     was_training = model.training
     model.eval()
     caches = [KVCache() for _ in model.transformer.h] if use_cache else None
@@ -86,11 +95,16 @@ def generate(
     for _ in range(max_new_tokens):
         h = model.hidden_states(step_input if use_cache else tokens, caches)
         logits = model.lm_head(h[:, -1]).float()  # (B, V), the last position only
+        if not logits.isfinite().all():
+            raise NonFiniteLogitsError("the model's logits are not finite (nan/inf): its weights or config are broken")
         if vocab_size is not None:
             logits[:, vocab_size:] = float("-inf")  # rows the model has and the tokenizer lacks
-        if temperature == 0:
+        if greedy:
             next_token = logits.argmax(dim=-1)
         else:
+            # The largest logit shifted to 0 before dividing: a small temperature then sends the others
+            # towards -inf (probability 0), never the largest to inf (and softmax's inf - inf to nan).
+            logits = logits - logits.amax(dim=-1, keepdim=True)
             logits = filter_logits(logits / temperature, top_k, top_p)
             probs = torch.softmax(logits, dim=-1)
             next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -26,6 +26,7 @@ import torch
 from accelerate import Accelerator
 
 from gpt2.errors import InputError, exit_on_input_error
+from gpt2.generation import NonFiniteLogitsError
 from gpt2.tokenizer import eos_token_id
 
 MAX_SAMPLES = 1024  # samples of one prompt, generated as one batch with its KV cache
@@ -92,17 +93,22 @@ def sample(model, prompt_ids: list[int], args, eos_id: int | None, generator: to
     no id the tokenizer lacks (tokenizer_size)."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids] * args.num_samples, device=device)
-    output = model.generate(  # an InputError when prompt + max_new_tokens exceed the context
-        input_ids,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        eos_token_id=eos_id,
-        use_cache=True,
-        generator=generator,
-        vocab_size=tokenizer_size,
-    )
+    try:
+        output = model.generate(  # an InputError when prompt + max_new_tokens exceed the context
+            input_ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token_id=eos_id,
+            use_cache=True,
+            generator=generator,
+            vocab_size=tokenizer_size,
+        )
+    except NonFiniteLogitsError:
+        overflow = ", or its activations overflow fp16 (try --dtype bf16 or fp32)" if args.dtype == "fp16" else ""
+        raise InputError(f"{args.model_name_or_path}: the model's logits are not finite (nan/inf), so there is "
+                         f"nothing to sample from: the checkpoint's weights or config are broken{overflow}") from None
     completions = []
     for row in output[:, len(prompt_ids) :].tolist():
         completions.append(row[: row.index(eos_id)] if eos_id in row else row)

@@ -615,3 +615,54 @@ def test_training_quick_exits_1_when_every_run_fails(tmp_path):
     assert training_bench.main(["--quick", "--output_dir", str(tmp_path), "--config_overrides", "n_layers=1"]) == 1
     rows = read_rows(tmp_path / "training.csv")
     assert {r["status"] for r in rows if r["metric"] == "tokens_per_s"} == {"error"}
+
+
+ENTRY_POINTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
+                      if 'if __name__ == "__main__":' in p.read_text())
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_every_entry_point_reports_input_errors_in_one_line(module):
+    """Every benchmark a user can run goes through the one error path: a bad flag is one
+    `benchmarks.X: error: ... (see --help)` line and exit status 2, no usage block or traceback."""
+    bench = importlib.import_module(f"benchmarks.{module}")
+    message = expect_input_error(bench.main, ["--no_such_flag"], "(see --help)")
+    assert message.startswith(f"benchmarks.{module}: error: "), message
+
+
+@pytest.mark.parametrize("module, argv, flag", [
+    ("attention", ["--quick"], "--output_dir"),
+    ("layer_norm", ["--quick"], "--output_dir"),
+    ("training", ["--quick"], "--output_dir"),
+    ("overhead", ["--quick"], "--output_dir"),
+    ("activation_memory", [], "--output_dir"),
+    ("merge_results", ["."], "--into"),
+    ("resources", [], "--out"),
+])
+@pytest.mark.parametrize("place", ["under /proc", "under a file"])
+def test_unwritable_output_folder_refused_before_measuring(module, argv, flag, place, monkeypatch, tmp_path):
+    """An output folder that can't be created (under /proc, where even root can't make one, or
+    under a file) is one line naming the flag, before anything is measured, in every benchmark
+    that writes one."""
+    if place == "under /proc":
+        if not os.path.isdir("/proc"):
+            pytest.skip("no /proc here")
+        folder, fragment = Path("/proc") / f"no-such-{os.getpid()}" / "out", "can't be created or written"
+    else:
+        (tmp_path / "a_file").write_text("x")
+        folder, fragment = tmp_path / "a_file" / "out", "is a file"
+    monkeypatch.setattr(common, "environment", lambda: pytest.fail("measured before checking the folder"))
+    bench = importlib.import_module(f"benchmarks.{module}")
+    expect_input_error(bench.main, [*argv, flag, folder], f"argument {flag}: {folder}", fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_overhead_without_a_gpu_is_one_line():
+    """`python -m benchmarks.overhead` (a full run) on a CPU: the InputError is one line, exit 2."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.overhead"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("benchmarks.overhead: error: "), result.stderr
+    assert "needs a CUDA GPU" in lines[0]

@@ -139,3 +139,45 @@ def test_config_file_with_a_list_flag(checkpoint, tmp_path):
     (tmp_path / "bad.yaml").write_text("temperature: nan\n")
     expect_input_error(generate.main, ["--model_name_or_path", checkpoint, "--config", tmp_path / "bad.yaml"],
                        "--temperature must be a finite number", f"set by 'temperature' in {tmp_path / 'bad.yaml'}")
+
+
+@pytest.fixture(scope="module")
+def loud_checkpoint(tmp_path_factory) -> Path:
+    """The tiny model with its final LayerNorm scaled by 1e10: logits of order 1e9, which a
+    temperature of 1e-30 would take past float32's largest number (3.4e38) if it divided them as
+    they are."""
+    directory = tmp_path_factory.mktemp("loud-gpt2")
+    tokenizer = train_tokenizer([TEXT], vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=tokenizer.get_vocab_size()))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(1e10)
+        model.transformer.ln_f.bias.mul_(1e10)
+    model.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
+    return directory
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-300, 5e-324])
+def test_tiny_temperature_is_greedy(loud_checkpoint, temperature):
+    """A temperature so small that the scaled logits would overflow float32, or that is 0 in
+    float32, samples the greedy tokens, every sample of the batch."""
+    args = ("--prompt", "To be", "--num_samples", 3, "--max_new_tokens", 12)
+    greedy = [s["token_ids"] for s in run(loud_checkpoint, *args, "--temperature", 0)]
+    assert greedy[0]  # the model does not end the text at once: there is something to compare
+    assert [s["token_ids"] for s in run(loud_checkpoint, *args, "--temperature", temperature)] == greedy
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_broken_weights_are_one_line_naming_the_checkpoint(tmp_path, poison):
+    """A checkpoint whose logits come out nan or inf is refused in one line naming it, greedy or
+    sampling, not with torch.multinomial's RuntimeError or silently argmax over nan."""
+    tokenizer = train_tokenizer([TEXT], vocab_size=300)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=tokenizer.get_vocab_size()))
+    with torch.no_grad():
+        model.transformer.ln_f.bias[3] = float(poison)
+    model.save_pretrained(tmp_path / "broken")
+    save_tokenizer(tokenizer, tmp_path / "broken")
+    for temperature in (0, 1):
+        expect_error(tmp_path / "broken", "--prompt", "To be", "--max_new_tokens", 5, "--temperature", temperature,
+                     fragment=f"{tmp_path / 'broken'}: the model's logits are not finite (nan/inf)")

@@ -218,6 +218,7 @@ def _bad_input_cases(tmp_path, train_file):
         "vocab": (["--vocab_size", 100], "--vocab_size: must be at least 257 (256 bytes + <|endoftext|>)"),
         "learning_rate": (["--learning_rate", -1], "--learning_rate must be positive"),
         "output_file": (["--output_dir", train_file], "is a file, not a directory"),
+        "output_proc": (["--output_dir", "/proc/gpt2_suite_out"], "/proc refuses a new folder"),
         "tracker": (["--with_tracking", "--report_to", "wandb"], "pip install wandb"),
         "choice": (["--lr_scheduler_type", "cosine_with_restarts_typo"], "invalid choice"),
         "override_value": (["--config_overrides", "n_layer=abc"], "bad override 'n_layer=abc'"),
@@ -236,9 +237,9 @@ def _bad_input_cases(tmp_path, train_file):
 @pytest.mark.parametrize(
     "case", ["unreachable", "column", "empty", "block", "preset", "override", "triton", "resume", "flag", "choice",
              "override_value", "grad_norm_zero", "grad_norm_negative", "checkpointing_zero", "epochs_negative",
-             "weight_decay", "warmup", "vocab", "learning_rate", "output_file", "tracker", "learning_rate_inf",
-             "min_lr_above", "resume_and_overwrite", "warmup_beyond", "warmup_beyond_default", "seed_negative",
-             "seed_too_large", "seed_huge", "block_size_zero"]
+             "weight_decay", "warmup", "vocab", "learning_rate", "output_file", "output_proc", "tracker",
+             "learning_rate_inf", "min_lr_above", "resume_and_overwrite", "warmup_beyond", "warmup_beyond_default",
+             "seed_negative", "seed_too_large", "seed_huge", "block_size_zero"]
 )
 def test_bad_input_is_one_clear_line(case, tmp_path, train_file, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the hub can't be reached, quickly
