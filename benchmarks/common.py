@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from gpt2.errors import InputError
 from gpt2.files import atomic_write, atomic_write_text, check_writable_dir
@@ -29,7 +30,8 @@ from gpt2.provenance import git_commit
 ROOT = Path(__file__).resolve().parent.parent
 LEADING_FIELDS = ["benchmark", "kernel", "provider", "mode", "dtype"]
 TRAILING_FIELDS = [
-    "metric", "unit", "p50", "p20", "p80", "status", "note", "device", "torch", "triton", "commit", "date",
+    "metric", "unit", "p50", "p20", "p80", "status", "note", "sdpa_backend", "device", "torch", "triton", "commit",
+    "date",
 ]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -48,6 +50,24 @@ def environment() -> dict:
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
     }
+
+
+# The aten op scaled_dot_product_attention dispatches to, by a part of its name, and the backend it is.
+_SDPA_OPS = (("cudnn", "cudnn"), ("flash_attention_for_cpu", "flash-cpu"), ("flash", "flash"),
+             ("efficient", "efficient"), ("overrideable", "fused-other"), ("math", "math"))
+
+
+def sdpa_backend(q, k, v, attn_mask=None, is_causal: bool = False) -> str:
+    """The backend PyTorch's scaled_dot_product_attention picks for these inputs by default (no
+    sdpa_kernel context), read off the aten op one call dispatches to, so that a row measured
+    with "sdpa" says what ran: on sm_90 with torch 2.11 cuDNN, on a CPU its own flash kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    names = [e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")]
+    return next((backend for part, backend in _SDPA_OPS if any(part in n for n in names)), "unknown")
 
 
 def device_slug(device: str) -> str:

@@ -15,6 +15,9 @@ that side directly, per case:
 * wall µs: the same N calls through a final synchronize, i.e. max(host, GPU) per call;
 * GPU µs: the kernels' own time per call, from torch.profiler's device events.
 
+Every forward+backward call starts without gradients (they are dropped after each call, as a
+training step's zero_grad does), so no gradient-accumulation kernel is counted on either side.
+
 Cases: ours through the public function (in eager mode the ops' implementations without the
 dispatcher: gpt2_kernels/utils.py, call_op), ours through the registered op, ours through the
 launcher alone (no autograd), and PyTorch's F.layer_norm / SDPA; forward under no_grad and forward+backward. Then a
@@ -47,9 +50,8 @@ def cases(quick: bool, device: str) -> dict:
     from gpt2_kernels.attention import attention_fwd
 
     ln_module = sys.modules["gpt2_kernels.layer_norm"]  # the module (gpt2_kernels.layer_norm is the function)
-    dtype = torch.float32 if quick else torch.bfloat16
+    (b, h, t, d), dtype = attention_shape(quick)
     rows, hidden = (64, 64) if quick else (16384, 768)
-    b, h, t, d = (1, 2, 64, 16) if quick else (16, 12, 1024, 64)
     x = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
     w = torch.randn(hidden, dtype=dtype, device=device, requires_grad=True)
     bias = torch.randn(hidden, dtype=dtype, device=device, requires_grad=True)
@@ -92,6 +94,18 @@ def cases(quick: bool, device: str) -> dict:
     }
 
 
+def attention_shape(quick: bool) -> tuple[tuple[int, int, int, int], torch.dtype]:
+    """(B, H, T, D) and dtype of the attention cases: GPT-2's, or a tiny one for --quick."""
+    return ((1, 2, 64, 16), torch.float32) if quick else ((16, 12, 1024, 64), torch.bfloat16)
+
+
+def sdpa_backend(quick: bool, device: str) -> str:
+    """The backend the sdpa cases run on, at their shape and dtype."""
+    shape, dtype = attention_shape(quick)
+    q = torch.randn(shape, dtype=dtype, device=device)
+    return common.sdpa_backend(q, q, q, is_causal=True)
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -104,24 +118,31 @@ def host_and_wall(fn, grads, calls: int) -> tuple[float, float]:
     sync()
     start = time.perf_counter()
     for _ in range(calls):
-        fn()
-        for t in grads or ():
-            t.grad = None
+        call_fresh(fn, grads)
     issued = time.perf_counter()
     sync()
     done = time.perf_counter()
     return (issued - start) / calls * 1e6, (done - start) / calls * 1e6
 
 
-def gpu_time(fn, calls: int) -> float | None:
+def call_fresh(fn, grads):
+    """One call of fn, its inputs' gradients dropped after it: every call then writes fresh
+    gradients, as a training step does, and no gradient-accumulation kernel is timed."""
+    fn()
+    for t in grads or ():
+        t.grad = None
+
+
+def gpu_time(fn, grads, calls: int) -> float | None:
     """The device kernels' time per call in µs, from torch.profiler (None on CPU)."""
     if not torch.cuda.is_available():
         return None
     from torch.profiler import ProfilerActivity, profile
 
+    call_fresh(fn, grads)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            fn()
+            call_fresh(fn, grads)
         sync()
     total = 0.0
     for event in prof.events():
@@ -130,11 +151,11 @@ def gpu_time(fn, calls: int) -> float | None:
     return total / calls
 
 
-def python_profile(fn, calls: int, top: int = 25) -> str:
+def python_profile(fn, grads, calls: int, top: int = 25) -> str:
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(calls):
-        fn()
+        call_fresh(fn, grads)
     sync()
     profiler.disable()
     text = io.StringIO()
@@ -164,18 +185,20 @@ def run(args) -> int:
     rows, profiles = [], []
     for name, (fn, grads) in cases(args.quick, device).items():
         host, wall = host_and_wall(fn, grads, calls)
-        gpu = gpu_time(fn, min(calls, 20))
+        gpu = gpu_time(fn, grads, min(calls, 20))
         rows.append([name, common.fmt(host), common.fmt(wall), common.fmt(gpu) if gpu is not None else "—"])
         print(f"{name}: host {host:.1f} µs, wall {wall:.1f} µs, GPU {gpu if gpu is None else round(gpu, 1)} µs",
               flush=True)
     for name in ("layer_norm fwd+bwd: ours", "attention fwd+bwd: ours"):
-        fn, _ = cases(args.quick, device)[name]
+        fn, grads = cases(args.quick, device)[name]
         profiles += [f"### {name}: cProfile over {calls} calls, by own time", "", "```",
-                     python_profile(fn, calls), "```", ""]
+                     python_profile(fn, grads, calls), "```", ""]
     table = common.markdown_table(["case", "host µs per call", "wall µs per call", "GPU µs per call"], rows)
+    backend = sdpa_backend(args.quick, device)
     text = "\n".join([f"# Host cost per call — {env['device']}", "", common.stamp([env]), "",
                       "Command: `python -m benchmarks.overhead`. " + __doc__.split("\n\n")[2].replace("\n", " "),
-                      "", table, "", *profiles])
+                      "", f"The sdpa rows ran SDPA's {backend} backend (its default at this shape and dtype).", "",
+                      table, "", *profiles])
     out_dir.mkdir(parents=True, exist_ok=True)
     common.atomic_write_text(out_dir / "overhead.md", text + "\n")
     print("\n".join(profiles))

@@ -30,8 +30,8 @@ if not __package__:  # run as a file (python benchmarks/training.py): the checko
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common
-from gpt2.config import PRESETS
-from gpt2.errors import ArgumentParser, bounded_int, exit_on_input_error
+from gpt2.config import PRESETS, GPT2Config
+from gpt2.errors import ArgumentParser, InputError, bounded_int, exit_on_input_error
 
 SHAPE_FIELDS = ["preset", "block_size", "batch_size", "step"]
 POINT_FIELDS = ["preset", "block_size", "batch_size", "dtype", "provider"]  # one run's rows, replaced together
@@ -67,11 +67,49 @@ def pretrain_command(args, preset: str, provider: str, out_dir: Path, tokenizer:
         cmd.append("--document_masking")
     if recompute:
         cmd.append("--gradient_checkpointing")
-    if args.config_overrides:
-        cmd += ["--config_overrides", args.config_overrides]
+    cmd += ["--config_overrides", model_overrides(preset, args.config_overrides)]
     if tokenizer is not None:
         cmd += ["--tokenizer_name", str(tokenizer)]
     return cmd
+
+
+def model_overrides(preset: str, overrides: str | None) -> str:
+    """--config_overrides with the preset's own vocabulary pinned: the model keeps its 50,257-way
+    softmax (GPT-2 124M's 124,439,808 parameters) whatever size the BPE trained on the built-in
+    corpus reaches (about 16k tokens), which would otherwise set the vocabulary."""
+    if overrides and "vocab_size" in overrides:
+        return overrides
+    return ",".join(filter(None, [f"vocab_size={GPT2Config.from_preset(preset).vocab_size}", overrides]))
+
+
+def model_config(preset: str, overrides: str | None) -> GPT2Config:
+    return GPT2Config.from_preset(preset).with_overrides(model_overrides(preset, overrides))
+
+
+def sdpa_backend_of(args, preset: str, provider: str, env: dict) -> str | None:
+    """The SDPA backend a provider's attention calls run on (None where attention isn't SDPA's):
+    one call at the run's shape and dtype, with the dense document mask for +docs."""
+    kernels, _, documents, _ = PROVIDERS[provider]
+    if kernels != "sdpa":
+        return None
+    import torch
+
+    config = model_config(preset, args.config_overrides)
+    device = "cpu" if env["device"].startswith("cpu") else "cuda"
+    dtype = torch.float32 if args.quick else torch.bfloat16
+    q = torch.randn(args.batch_size, config.n_head, args.block_size, config.head_dim, device=device, dtype=dtype)
+    mask = torch.ones(args.block_size, args.block_size, device=device, dtype=torch.bool).tril() if documents else None
+    return common.sdpa_backend(q, q, q, attn_mask=mask, is_causal=mask is None)
+
+
+def parameters(preset: str, overrides: str | None) -> int:
+    """The trained model's parameter count (built on the meta device: shapes, no memory)."""
+    import torch
+
+    from gpt2 import GPT2
+
+    with torch.device("meta"):
+        return GPT2(model_config(preset, overrides)).num_parameters()
 
 
 def run_one(args, preset, provider, out_dir, tokenizer, log_dir):
@@ -104,7 +142,8 @@ def parse_args(argv=None):
     parser.add_argument("--block_size", type=bounded_int(2), default=None,
                         help="tokens per sequence, 2 at least (an input and its target)")
     parser.add_argument("--batch_size", type=bounded_int(1), default=None, help="per device")
-    parser.add_argument("--vocab_size", type=int, default=None, help="BPE trained on the built-in corpus")
+    parser.add_argument("--vocab_size", type=bounded_int(257), default=None,
+                        help="the BPE trained on the built-in corpus (the model keeps its preset's vocabulary)")
     parser.add_argument("--config_overrides", default=None)
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=["sdpa", "triton"],
                         help="runs to make; +compile: pretrain.py --compile")
@@ -126,6 +165,11 @@ def run(args) -> int:
         args.presets = args.presets or ["gpt2", "gpt2-medium"]
         args.steps, args.block_size = args.steps or 40, args.block_size or 1024
         args.batch_size, args.vocab_size = args.batch_size or 16, args.vocab_size or 50257
+    for preset in args.presets:  # a bad --config_overrides is refused before any run
+        try:
+            model_config(preset, args.config_overrides)
+        except InputError as err:
+            raise InputError(f"--config_overrides {args.config_overrides}: {err}") from None
     work = out_dir / "training_runs"
     work.mkdir(parents=True, exist_ok=True)
 
@@ -139,7 +183,7 @@ def run(args) -> int:
             code, records, log = run_one(args, preset, provider, run_dir, tokenizer, work)
             base = dict(benchmark="training", kernel="gpt2_train_step", provider=provider, mode="fwd+bwd+step",
                         dtype="fp32" if args.quick else "bf16", preset=preset, block_size=args.block_size,
-                        batch_size=args.batch_size, **env)
+                        batch_size=args.batch_size, sdpa_backend=sdpa_backend_of(args, preset, provider, env), **env)
             if code != 0 or not records:
                 tail = log.read_text()[-300:].replace("\n", " ")
                 status = "oom" if "out of memory" in tail.lower() else "error"
@@ -153,6 +197,7 @@ def run(args) -> int:
             tps = sorted(r["tokens_per_s"] for r in steady)
             mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
             run_rows = [
+                dict(base, metric="parameters", unit="", status="ok", p50=parameters(preset, args.config_overrides)),
                 dict(base, metric="tokens_per_s", unit="tok/s", status="ok", p50=statistics.median(tps),
                      p20=tps[int(0.2 * (len(tps) - 1))], p80=tps[int(0.8 * (len(tps) - 1))]),
                 dict(base, metric="mfu", unit="", status="ok" if mfu else "n/a",
@@ -193,9 +238,12 @@ def summarize(rows, out_dir) -> str:
             if tps and tps["status"] != "ok":
                 body.append([f"{preset} ({batch_size}×{block_size}, {dtype})", provider, tps["status"], None, None])
             elif tps:
-                mfu, peak = get(provider, "mfu"), get(provider, "peak_memory")
-                body.append([f"{preset} ({batch_size}×{block_size}, {dtype}, {steps} steps)", provider, tps["p50"],
-                             mfu["p50"] if mfu else None, peak["note"] if peak else None])
+                mfu, peak, params = get(provider, "mfu"), get(provider, "peak_memory"), get(provider, "parameters")
+                size = f"{int(float(params['p50'])):,} parameters, " if params else ""
+                backend = f" ({tps['sdpa_backend']})" if tps.get("sdpa_backend") else ""
+                body.append([f"{preset} ({size}{batch_size}×{block_size}, {dtype}, {steps} steps)",
+                             provider + backend, tps["p50"], mfu["p50"] if mfu else None,
+                             peak["note"] if peak else None])
         for first, second in RATIOS:
             a, b = get(first, "tokens_per_s"), get(second, "tokens_per_s")
             if a and b and a["status"] == b["status"] == "ok":
@@ -210,7 +258,9 @@ def summarize(rows, out_dir) -> str:
         f"Command: `python -m benchmarks.training`: scripts/pretrain.py, --kernels sdpa then triton, same data, "
         f"seed and tokenizer; medians over the steps after the first {WARMUP_STEPS}. +compile: --compile; "
         "+docs: --document_masking (attention within each packed document); +ckpt: --gradient_checkpointing "
-        "(every block recomputed in backward).", "",
+        "(every block recomputed in backward). sdpa rows name the backend SDPA picked at that shape; the "
+        "model keeps its preset's vocabulary (50,257 for GPT-2) whatever the size of the BPE trained for the run.",
+        "",
         common.markdown_table(["run", "kernels", "tokens/s", "MFU", "peak memory"], body), "",
     ]
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ from conftest import expect_input_error
 from benchmarks import attention as attention_bench
 from benchmarks import common
 from benchmarks import layer_norm as layer_norm_bench
+from gpt2 import GPT2, GPT2Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -284,8 +285,40 @@ def test_training_quick(tmp_path):
     for step, loss in losses["sdpa"].items():
         # fp32 on both paths: the kernels differ from SDPA by float32 rounding only.
         assert abs(loss - losses["triton"][step]) < 1e-4 * loss
+    # the model the run trained: the preset's vocabulary, though the BPE trained for it has 300 tokens
+    trained = GPT2.from_pretrained(tmp_path / "training_runs" / "gpt2-tiny_triton")
+    assert trained.config.vocab_size == GPT2Config.from_preset("gpt2-tiny").vocab_size
+    params = {r["provider"]: float(r["p50"]) for r in rows if r["metric"] == "parameters"}
+    assert params == {"sdpa": trained.num_parameters(), "triton": trained.num_parameters()}
+    assert {r["provider"]: r["sdpa_backend"] for r in rows if r["metric"] == "tokens_per_s"} == \
+        {"sdpa": "flash-cpu", "triton": ""}
     assert training_bench.main(["--replot", "--output_dir", str(tmp_path)]) == 0
     assert "triton / sdpa" in (tmp_path / "training.md").read_text()
+
+
+def test_the_training_benchmark_trains_gpt2_124m():
+    """The gpt2 preset's run is the real GPT-2 124M: 124,439,808 parameters, the 50,257-way softmax,
+    whatever the size of the tokenizer trained for it (on the built-in corpus, about 16k tokens)."""
+    from benchmarks import training as training_bench
+
+    assert training_bench.parameters("gpt2", None) == 124_439_808
+    args = training_bench.parse_args(["--presets", "gpt2", "--vocab_size", "16000"])
+    args.block_size, args.batch_size, args.steps = 1024, 16, 40
+    cmd = training_bench.pretrain_command(args, "gpt2", "triton", Path("out"), None)
+    assert cmd[cmd.index("--config_overrides") + 1] == "vocab_size=50257"
+    assert training_bench.model_overrides("gpt2", "n_layer=2") == "vocab_size=50257,n_layer=2"
+    assert training_bench.model_overrides("gpt2", "vocab_size=50304") == "vocab_size=50304"
+
+
+def test_sdpa_backend_names_what_ran():
+    """common.sdpa_backend reads the backend off the op SDPA dispatched to: its default here, and
+    the one an sdpa_kernel context forces."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 2, 17, 16)
+    assert common.sdpa_backend(q, q, q, is_causal=True) == "flash-cpu"
+    with sdpa_kernel(SDPBackend.MATH):
+        assert common.sdpa_backend(q, q, q, is_causal=True) == "math"
 
 
 def test_training_quick_with_document_masking(tmp_path):
@@ -336,6 +369,7 @@ def test_activation_memory_and_overhead_run(tmp_path):
     assert overhead.main(["--quick", "--output_dir", str(tmp_path)]) == 0
     text = (tmp_path / "overhead.md").read_text()
     assert "| attention fwd+bwd: ours through torch.ops (the dispatcher) |" in text and "cProfile" in text
+    assert "The sdpa rows ran SDPA's flash-cpu backend" in text
 
 
 def test_targets_compare_the_right_points(tmp_path):
@@ -612,9 +646,20 @@ def test_bad_places_and_files_are_one_line(tmp_path):
 def test_training_quick_exits_1_when_every_run_fails(tmp_path):
     from benchmarks import training as training_bench
 
-    assert training_bench.main(["--quick", "--output_dir", str(tmp_path), "--config_overrides", "n_layers=1"]) == 1
+    # longer rows than the quick model's context: each pretrain.py run refuses them
+    assert training_bench.main(["--quick", "--output_dir", str(tmp_path), "--block_size", "64"]) == 1
     rows = read_rows(tmp_path / "training.csv")
     assert {r["status"] for r in rows if r["metric"] == "tokens_per_s"} == {"error"}
+
+
+def test_training_refuses_a_bad_model_before_any_run(tmp_path):
+    from benchmarks import training as training_bench
+
+    expect_input_error(training_bench.main, ["--quick", "--output_dir", str(tmp_path), "--config_overrides",
+                                             "n_layers=1"], "--config_overrides n_layers=1: bad override", within=10)
+    expect_input_error(training_bench.main, ["--quick", "--output_dir", str(tmp_path), "--vocab_size", "5"],
+                       "argument --vocab_size: must be at least 257", within=10)
+    assert not (tmp_path / "training_runs").exists()
 
 
 ENTRY_POINTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
