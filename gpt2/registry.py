@@ -149,25 +149,58 @@ KERNEL_CHOICES = {"triton": ("triton", "triton"), "sdpa": ("sdpa", "torch"), "ea
 # Our attention kernel's one limit a model config can meet. Dropout acts in training only (the model
 # passes dropout_p=0 in eval mode), so the kernel serves inference whatever the config's dropout.
 NO_TRAINING_DROPOUT = "our triton attention kernel has no attention dropout"
+# GPT-2 124M training tokens/s with --kernels triton over --kernels sdpa (benchmarks.training, bf16,
+# 16 x 1024), by GPU family (CUDA compute capability), copied from the committed results file named
+# beside it (tests/test_model.py checks each against its file, and that no file is left out).
+# "auto" takes our kernels on a family only where this is above 1: never a path our own numbers
+# show slower.
+TRITON_TRAINING_SPEEDUP: dict[tuple[int, int], tuple[float, str]] = {
+    (9, 0): (0.65, "benchmarks/results/nvidia-h200/training.csv"),  # NVIDIA H200, 2026-12-04
+}
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """The current CUDA device's compute capability (its family: (9, 0) for H100 and H200), or None."""
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def auto_kernels(device_type: str | None = None, train_dropout: float = 0.0) -> tuple[tuple[str, str], str]:
+    """--kernels auto: (attn_impl, norm_impl) and why, in a phrase for the run's banner. Our Triton
+    kernels where they can run and a committed benchmark shows them faster on this GPU family
+    (TRITON_TRAINING_SPEEDUP), with SDPA's attention when training with dropout; else SDPA and
+    torch's LayerNorm."""
+    on_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
+    if not on_cuda:
+        return KERNEL_CHOICES["sdpa"], "PyTorch's kernels off CUDA"
+    if triton_unavailable_reason() is not None:
+        return KERNEL_CHOICES["sdpa"], "PyTorch's kernels: triton can't run here"
+    capability = cuda_capability()
+    family = f"sm_{capability[0]}{capability[1]}" if capability else "this GPU"
+    speedup, source = TRITON_TRAINING_SPEEDUP.get(capability, (None, None))
+    if speedup is None:
+        return KERNEL_CHOICES["sdpa"], f"PyTorch's kernels: no committed benchmark shows ours faster on {family}"
+    if speedup <= 1:
+        return KERNEL_CHOICES["sdpa"], (f"PyTorch's kernels: ours trained at {speedup:.2f}x their tokens/s on "
+                                        f"{family} ({source})")
+    why = f"our kernels: they trained at {speedup:.2f}x SDPA's tokens/s on {family} ({source})"
+    if train_dropout > 0:
+        return ("sdpa", "triton"), why + "; SDPA's attention, for the dropout"
+    return KERNEL_CHOICES["triton"], why
 
 
 def resolve_kernels(choice: str, device_type: str | None = None, *, train_dropout: float = 0.0) -> tuple[str, str]:
     """(attn_impl, norm_impl) for the scripts' --kernels {auto, triton, sdpa, eager}, on device_type
     (default: CUDA when there is a GPU). train_dropout is the model's dropout when it is to be
-    trained, 0 for inference. "auto" is our Triton kernels on CUDA (attention through SDPA when
-    training with dropout) and SDPA + torch LayerNorm elsewhere. "triton" where Triton can't run
-    raises KernelUnavailableError saying why; "triton" for training with dropout, InputError."""
+    trained, 0 for inference. "auto": auto_kernels. "triton" where Triton can't run raises
+    KernelUnavailableError saying why; "triton" for training with dropout, InputError."""
     if choice == "auto":
-        on_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
-        if not (on_cuda and triton_unavailable_reason() is None):
-            return KERNEL_CHOICES["sdpa"]
-        return ("sdpa", "triton") if train_dropout > 0 else KERNEL_CHOICES["triton"]
+        return auto_kernels(device_type, train_dropout)[0]
     if choice not in KERNEL_CHOICES:
         raise InputError(f"--kernels must be one of {['auto', *KERNEL_CHOICES]}, got {choice!r}")
     check_available(*KERNEL_CHOICES[choice])
     if choice == "triton" and train_dropout > 0:
         raise InputError(f"--kernels triton: {NO_TRAINING_DROPOUT} (the model's dropout is {train_dropout:g}); "
-                         f"use --kernels auto (SDPA attention, our LayerNorm) or dropout=0")
+                         f"use --kernels auto or sdpa, or dropout=0")
     return KERNEL_CHOICES[choice]
 
 

@@ -22,7 +22,8 @@ from gpt2.registry import KERNEL_CHOICES, resolve_kernels  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KERNELS = ("auto", *KERNEL_CHOICES)
-KERNELS_HELP = ("auto = our Triton kernels on CUDA (attention by SDPA when training with dropout), "
+KERNELS_HELP = ("auto = our Triton kernels on a GPU family where a committed benchmark shows them faster "
+                "(gpt2.registry.TRITON_TRAINING_SPEEDUP; attention by SDPA when training with dropout), "
                 "PyTorch SDPA elsewhere")
 
 

@@ -8,7 +8,7 @@
     # prompts from a file, one per line; greedy decoding; Hugging Face's GPT-2 (needs a network)
     python scripts/generate.py --model_name_or_path gpt2 --prompt_file prompts.txt --temperature 0
 
-    # on a GPU with our Triton kernels (what --kernels auto picks there) in bf16
+    # on a GPU with our Triton kernels in bf16
     python scripts/generate.py --model_name_or_path gpt2 --prompt "Hello" --kernels triton --dtype bf16
 
 An empty prompt starts from <|endoftext|> (GPT-2's unconditional sampling). Each sample is

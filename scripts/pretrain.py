@@ -58,7 +58,7 @@ from gpt2.files import atomic_write_text, remove_stale_temporaries
 from gpt2.hub import unreachable_on_hub
 from gpt2.loss import IGNORE_INDEX
 from gpt2.provenance import git_commit, versions
-from gpt2.registry import KernelUnavailableError, resolve_kernels
+from gpt2.registry import KernelUnavailableError, auto_kernels, resolve_kernels
 from gpt2.throughput import ThroughputWindow, device_name, estimate_memory, mfu, peak_flops, peak_memory
 from gpt2.tokenizer import (
     SAVED_TOKENIZER_FILES,
@@ -557,7 +557,8 @@ def banner(run: Run, model: GPT2, stats) -> str:
         f"  model      {model.num_parameters():,} parameters ({model.num_parameters(exclude_embeddings=True):,} "
         f"without embeddings): {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, "
         f"context {config.n_positions}",
-        f"  kernels    attention {config.attn_impl}, LayerNorm {config.norm_impl} (--kernels {args.kernels})"
+        f"  kernels    attention {config.attn_impl}, LayerNorm {config.norm_impl} (--kernels {args.kernels}"
+        + (f": {auto_kernels(accelerator.device.type, config.dropout)[1]})" if args.kernels == "auto" else ")")
         + ("; every block recomputed in backward (--gradient_checkpointing)" if args.gradient_checkpointing else ""),
     ]
     if args.document_masking:

@@ -219,11 +219,16 @@ def test_eager_kernels_agree(checkpoint, text_file):
     assert eager["nll_sum"] == pytest.approx(sdpa["nll_sum"], rel=1e-6)
 
 
-def test_on_cuda_auto_picks_our_kernels_for_a_model_with_dropout(checkpoint, tmp_path, monkeypatch):
-    """The scripts' inference path on a GPU, for a checkpoint whose config has dropout (HF's gpt2
-    has 0.1): --kernels auto gives our Triton kernels (dropout does nothing in eval mode), and the
-    model's logits are SDPA's. CI has no GPU: the device is named cuda while the model stays on
-    this CPU (Triton's interpreter runs the kernels)."""
+def test_on_a_faster_gpu_auto_picks_our_kernels_for_a_model_with_dropout(checkpoint, tmp_path, monkeypatch):
+    """The scripts' inference path on a GPU where our kernels are measured faster, for a checkpoint
+    whose config has dropout (HF's gpt2 has 0.1): --kernels auto gives our Triton kernels (dropout
+    does nothing in eval mode), and the model's logits are SDPA's. CI has no GPU: the device is
+    named cuda, of a family with a faster result, while the model stays on this CPU (Triton's
+    interpreter runs the kernels)."""
+    from gpt2 import registry
+
+    monkeypatch.setattr(registry, "cuda_capability", lambda: (9, 0))
+    monkeypatch.setitem(registry.TRITON_TRAINING_SPEEDUP, (9, 0), (1.3, "faster.csv"))
     with_dropout = tmp_path / "dropout"
     model = GPT2.from_pretrained(checkpoint)
     model.config.dropout = 0.1

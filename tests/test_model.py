@@ -2,12 +2,13 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2 import GPT2, GPT2Config
+from gpt2 import GPT2, GPT2Config, registry
 from gpt2.loss import linear_cross_entropy
 from gpt2.registry import ATTENTION, resolve_kernels
 
@@ -176,10 +177,19 @@ def test_resolve_kernels(monkeypatch):
     assert resolve_kernels("sdpa") == ("sdpa", "torch")
     assert resolve_kernels("eager", "cuda") == ("eager", "torch")
     assert resolve_kernels("auto", "cpu") == ("sdpa", "torch")
-    # On CUDA (here: the interpreter stands in), auto is triton, with SDPA attention when training
-    # with dropout; inference, where dropout does nothing, takes our attention whatever the config says.
+    # On CUDA (here: the interpreter stands in), auto is SDPA unless a committed benchmark shows
+    # our kernels faster on the GPU's family: not for an unmeasured family, nor for a slower one.
+    assert resolve_kernels("auto", "cuda") == ("sdpa", "torch")
+    monkeypatch.setattr(registry, "cuda_capability", lambda: (9, 0))
+    monkeypatch.setitem(registry.TRITON_TRAINING_SPEEDUP, (9, 0), (0.65, "slower.csv"))
+    assert registry.auto_kernels("cuda") == (("sdpa", "torch"), "PyTorch's kernels: ours trained at 0.65x their "
+                                                                 "tokens/s on sm_90 (slower.csv)")
+    monkeypatch.setitem(registry.TRITON_TRAINING_SPEEDUP, (9, 0), (1.3, "faster.csv"))
+    # Measured faster: triton, with SDPA attention when training with dropout; inference, where
+    # dropout does nothing, takes our attention whatever the config says.
     assert resolve_kernels("auto", "cuda") == ("triton", "triton")
     assert resolve_kernels("auto", "cuda", train_dropout=0.1) == ("sdpa", "triton")
+    assert resolve_kernels("auto", "cpu") == ("sdpa", "torch")
     assert resolve_kernels("triton", "cuda") == ("triton", "triton")
     with pytest.raises(ValueError, match="--kernels triton: our triton attention kernel has no attention dropout"):
         resolve_kernels("triton", "cuda", train_dropout=0.1)
@@ -189,6 +199,26 @@ def test_resolve_kernels(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="need a CUDA GPU"):
         resolve_kernels("triton")
+
+
+def test_auto_reads_the_committed_training_results():
+    """TRITON_TRAINING_SPEEDUP holds what the committed training results say: for each file named,
+    GPT-2 124M's triton over sdpa tokens/s to two digits, on a device of that family; and every
+    committed results file with both runs has its entry, so a new result can't be left out."""
+    import csv
+
+    root = Path(__file__).resolve().parents[1]
+    families = {"NVIDIA H100": (9, 0), "NVIDIA H200": (9, 0)}  # device names in the files, by family
+    measured = {}
+    for path in sorted(root.glob("benchmarks/results/*/training.csv")):
+        rows = [r for r in csv.DictReader(path.open()) if r["metric"] == "tokens_per_s" and r["preset"] == "gpt2"
+                and r["status"] == "ok" and r["dtype"] == "bf16"]
+        tps = {r["provider"]: float(r["p50"]) for r in rows}
+        if {"sdpa", "triton"} <= set(tps):
+            device = rows[0]["device"]
+            family = next(f for name, f in families.items() if device.startswith(name))
+            measured[family] = (round(tps["triton"] / tps["sdpa"], 2), str(path.relative_to(root)))
+    assert measured == registry.TRITON_TRAINING_SPEEDUP
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
