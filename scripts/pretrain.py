@@ -525,7 +525,7 @@ def plan(args, accelerator: Accelerator, model: GPT2, block_size: int, stats, tr
                              shards=world if sharded else 1)
     gib = 2**30
     steps = (f"{args.max_train_steps:,} -> {args.max_train_steps * step_tokens:,} tokens" if args.max_train_steps
-             else f"unknown ({args.num_train_epochs:g} epochs of data not read)")
+             else f"unknown (--num_train_epochs {args.num_train_epochs:g} of data that was not read)")
     lines = [
         "Plan (--dry_run: nothing was trained or written)",
         f"  parameters     {params:,} ({model.num_parameters(exclude_embeddings=True):,} without embeddings)"
