@@ -407,8 +407,7 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     block_size = _block_size(args, model.config)
     train_loader, eval_loader, stats = build_dataloaders(args, raw, tokenizer, block_size, accelerator)
     ga, world = args.gradient_accumulation_steps, accelerator.num_processes
-    steps_per_epoch = None if args.streaming else len(train_loader) // world // ga
-    _steps_from_epochs(args, steps_per_epoch)
+    steps_per_epoch = _steps_from_epochs(args, accelerator, train_loader)
     if accelerator.is_main_process:  # every setting now resolved
         ckpt.record_outputs(output_dir, RUN_CONFIG)
         atomic_write_text(output_dir / RUN_CONFIG, run_config(args))
@@ -451,11 +450,16 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     return run
 
 
-def _steps_from_epochs(args, steps_per_epoch: int | None) -> None:
-    """--num_train_epochs alone sets --max_train_steps (--max_train_steps wins over it: HF's rule)."""
-    if args.max_train_steps is None and steps_per_epoch is not None:
+def _steps_from_epochs(args, accelerator: Accelerator, train_loader) -> int | None:
+    """Optimizer steps per epoch (None for a stream, or data not read: train_loader None); with
+    --num_train_epochs alone they set --max_train_steps (--max_train_steps wins: HF's rule)."""
+    if train_loader is None or args.streaming:
+        return None
+    steps_per_epoch = len(train_loader) // accelerator.num_processes // args.gradient_accumulation_steps
+    if args.max_train_steps is None:
         args.max_train_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
         _check_warmup(args)
+    return steps_per_epoch
 
 
 def dry_run(args, accelerator: Accelerator, config: GPT2Config | None, resume_dir: Path | None) -> None:
@@ -477,12 +481,10 @@ def dry_run(args, accelerator: Accelerator, config: GPT2Config | None, resume_di
     with torch.device("meta") if config is not None else contextlib.nullcontext():  # shapes, not memory
         model = build_model(args, accelerator, config, vocab_size)
     block_size = _block_size(args, model.config)
-    train_loader, stats, steps_per_epoch = None, None, None
+    train_loader, stats = None, None
     if raw is not None and tokenizer is not None:
         train_loader, _, stats = build_dataloaders(args, raw, tokenizer, block_size, accelerator)
-        ga, world = args.gradient_accumulation_steps, accelerator.num_processes
-        steps_per_epoch = None if args.streaming else len(train_loader) // world // ga
-    _steps_from_epochs(args, steps_per_epoch)
+    steps_per_epoch = _steps_from_epochs(args, accelerator, train_loader)
     accelerator.print(plan(args, accelerator, model, block_size, stats, train_loader, steps_per_epoch,
                            unreached=unreached, vocab_known=tokenizer is not None))
 

@@ -691,7 +691,7 @@ def test_unwritable_output_folder_refused_before_measuring(module, argv, flag, p
     that writes one."""
     if place == "under /proc":
         if not os.path.isdir("/proc"):
-            pytest.skip("no /proc here")
+            pytest.skip("needs Linux's /proc, where even root can't create a folder")
         folder, fragment = Path("/proc") / f"no-such-{os.getpid()}" / "out", "can't be created or written"
     else:
         (tmp_path / "a_file").write_text("x")
