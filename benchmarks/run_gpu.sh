@@ -7,19 +7,22 @@
 #   GIT_COMMIT=... bash benchmarks/run_gpu.sh tests attention-gpt2                  # chosen phases only
 #
 # The plan, in order (what each phase may take, BUDGET_SECONDS=480 in all):
+#   training-gpt2     GPT-2 124M training, side by side in one run: sdpa eager, triton eager,
+#                     triton + CUDA graphs, sdpa + CUDA graphs, sdpa + torch.compile (last: its
+#                     compile is the longest; each provider's rows are saved when it ends)  (270 s)
+#   overhead          the host's cost per call of our ops against PyTorch's                   (75 s)
+#   tests             the CUDA correctness tests at real sizes (pytest -m requires_cuda),
+#                     the captured training step against eager's among them               (110 s)
 #   attention-target  attention at the target point: GPT-2 shape, T=1024, causal, bf16, fwd and
 #                     fwd+bwd against every SDPA backend                                      (110 s)
 #   layer_norm-768    LayerNorm and add+LayerNorm at hidden 768, 16k rows, bf16               (80 s)
-#   training-gpt2     GPT-2 124M training step, --kernels triton against sdpa                 (130 s)
-#   overhead          the host's cost per call of our ops against PyTorch's                   (75 s)
-#   tests             the CUDA correctness tests at real sizes (pytest -m requires_cuda)      (110 s)
 #   fsdp              a 1-process FSDP2 run of GPT-2 124M (accelerate_fsdp2.yaml, bf16): Accelerate's
 #                     own FSDP selection, sharded saves, the gathered final model and sample;
 #                     then a resume from its step_10, losses compared                         (150 s)
 #   attention-documents  document-masked attention (the documents suite: ours, FlexAttention,
 #                     SDPA's dense mask) at GPT-2 shapes, T=1024, 4096, 8192, bf16            (120 s)
 #   training-documents   the GPT-2 124M step with --document_masking, triton and sdpa        (100 s)
-#   training-compile  the same two, compiled (pretrain.py --compile)                          (what is left)
+#   training-compile  triton + torch.compile (sdpa + compile ran in training-gpt2)          (what is left)
 #   attention-gpt2    attention at every GPT-2 shape, bf16, causal and not                    (what is left)
 #   layer_norm        the whole LayerNorm sweep                                               (what is left)
 # Other phases, by name: attention (every suite and dtype), training (GPT-2 124M and 355M).
@@ -137,7 +140,7 @@ run_phase() {
 }
 
 phases=("$@")
-((${#phases[@]})) || phases=(attention-target layer_norm-768 training-gpt2 overhead tests fsdp attention-documents
+((${#phases[@]})) || phases=(training-gpt2 overhead tests attention-target layer_norm-768 fsdp attention-documents
                              training-documents training-compile attention-gpt2 layer_norm)
 
 # The fsdp phase: two launches and a comparison (a function, so that run_phase's timeout can run it).
@@ -167,10 +170,11 @@ export -f fsdp_phase
 # /tmp/gpu-dry-run), to check that it fits its budget before device time is spent on it.
 if [[ ${QUICK:-} == 1 ]]; then
     quick=(--quick --output_dir /tmp/gpu-dry-run/quick) target=() ln768=() gpt2=(--presets gpt2-tiny) gpt2_shapes=()
-    documents=(--suite documents-quick)
+    documents=(--suite documents-quick) side_by_side=(--providers sdpa triton)  # --cuda_graphs needs a GPU
 else
     quick=() target=(--suite gpt2 --dtype bf16 --seqlens 1024 --causal causal) ln768=(--hidden 768 --dtype bf16)
     gpt2=(--presets gpt2) gpt2_shapes=(--suite gpt2 --dtype bf16) documents=(--suite documents --dtype bf16)
+    side_by_side=(--providers sdpa triton triton+graphs sdpa+graphs sdpa+compile)
 fi
 attention=(python3 -m benchmarks.attention "${quick[@]}")
 layer_norm=(python3 -m benchmarks.layer_norm "${quick[@]}")
@@ -179,14 +183,14 @@ for phase in "${phases[@]}"; do
     case $phase in
         attention-target) run_phase attention-target 110 "${attention[@]}" "${target[@]}" ;;
         layer_norm-768) run_phase layer_norm-768 80 "${layer_norm[@]}" "${ln768[@]}" ;;
-        training-gpt2) run_phase training-gpt2 130 "${training[@]}" "${gpt2[@]}" ;;
+        training-gpt2) run_phase training-gpt2 270 "${training[@]}" "${gpt2[@]}" "${side_by_side[@]}" ;;
         overhead) run_phase overhead 75 python3 -m benchmarks.overhead "${quick[@]}" ;;
         tests) run_phase tests 110 python3 -m pytest -q -m requires_cuda tests -p no:cacheprovider ;;
         fsdp) if [[ ${QUICK:-} == 1 ]]; then note "== fsdp: skipped (Accelerate runs FSDP on GPUs only)"
               else run_phase fsdp 150 bash -c fsdp_phase; fi ;;
         attention-documents) run_phase attention-documents 120 "${attention[@]}" "${documents[@]}" ;;
         training-documents) run_phase training-documents 100 "${training[@]}" "${gpt2[@]}" --providers triton+docs sdpa+docs ;;
-        training-compile) run_phase training-compile 480 "${training[@]}" "${gpt2[@]}" --providers sdpa+compile triton+compile ;;
+        training-compile) run_phase training-compile 480 "${training[@]}" "${gpt2[@]}" --providers triton+compile ;;
         attention-gpt2) run_phase attention-gpt2 480 "${attention[@]}" "${gpt2_shapes[@]}" ;;
         layer_norm) run_phase layer_norm 480 "${layer_norm[@]}" ;;
         attention) run_phase attention 480 "${attention[@]}" ;;

@@ -3,6 +3,7 @@
     python -m benchmarks.training                          # GPT-2 124M (and 355M), seq 1024, bf16, on a GPU
     python -m benchmarks.training --presets gpt2 --steps 50
     python -m benchmarks.training --presets gpt2 --providers sdpa+compile triton+compile   # pretrain.py --compile
+    python -m benchmarks.training --presets gpt2 --providers sdpa triton+graphs    # pretrain.py --cuda_graphs
     python -m benchmarks.training --presets gpt2 --providers triton triton+docs sdpa+docs  # --document_masking
     python -m benchmarks.training --presets gpt2 --providers sdpa sdpa+ckpt     # --gradient_checkpointing
     python -m benchmarks.training --quick --output_dir /tmp/b   # a tiny model on CPU (interpreter), CI smoke
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 if not __package__:  # run as a file (python benchmarks/training.py): the checkout goes on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,35 +40,42 @@ POINT_FIELDS = ["preset", "block_size", "batch_size", "dtype", "provider"]  # on
 WARMUP_STEPS = 5  # excluded from the throughput medians
 
 
-# provider -> (--kernels, --compile, --document_masking, --gradient_checkpointing); --providers picks
-# (default: the two uncompiled, unmasked ones). "+docs": attention within each packed document (sdpa:
-# a dense mask). "+ckpt": every block recomputed in backward (activation memory against time).
-PROVIDERS = {"sdpa": ("sdpa", False, False, False), "triton": ("triton", False, False, False),
-             "sdpa+compile": ("sdpa", True, False, False), "triton+compile": ("triton", True, False, False),
-             "sdpa+docs": ("sdpa", False, True, False), "triton+docs": ("triton", False, True, False),
-             "sdpa+ckpt": ("sdpa", False, False, True), "triton+ckpt": ("triton", False, False, True)}
+class Provider(NamedTuple):
+    """What one run passes to pretrain.py."""
+
+    kernels: str  # --kernels
+    compile: bool = False  # --compile (inductor, through Accelerate)
+    graphs: bool = False  # --cuda_graphs (the step captured once, replayed)
+    documents: bool = False  # --document_masking (sdpa: a dense mask)
+    recompute: bool = False  # --gradient_checkpointing (activation memory against time)
+
+
+# --providers picks from these (default: the two eager, unmasked ones)
+PROVIDERS = {"sdpa": Provider("sdpa"), "triton": Provider("triton"),
+             "sdpa+compile": Provider("sdpa", compile=True), "triton+compile": Provider("triton", compile=True),
+             "sdpa+graphs": Provider("sdpa", graphs=True), "triton+graphs": Provider("triton", graphs=True),
+             "sdpa+docs": Provider("sdpa", documents=True), "triton+docs": Provider("triton", documents=True),
+             "sdpa+ckpt": Provider("sdpa", recompute=True), "triton+ckpt": Provider("triton", recompute=True)}
 # (a, b): b's tokens/s over a's, and the two runs' largest loss difference where they train the same model
-RATIOS = [("sdpa", "triton"), ("sdpa+compile", "triton+compile"), ("sdpa+docs", "triton+docs"),
+RATIOS = [("sdpa", "triton"), ("sdpa", "triton+graphs"), ("sdpa+compile", "triton+graphs"), ("sdpa", "sdpa+graphs"),
+          ("sdpa", "sdpa+compile"), ("sdpa+compile", "triton+compile"), ("sdpa+docs", "triton+docs"),
           ("triton", "triton+docs"), ("sdpa", "sdpa+ckpt"), ("triton", "triton+ckpt")]
 
 
 def pretrain_command(args, preset: str, provider: str, out_dir: Path, tokenizer: Path | None) -> list[str]:
-    kernels, compiled, documents, recompute = PROVIDERS[provider]
+    run = PROVIDERS[provider]
     cmd = [
         sys.executable, str(common.ROOT / "scripts" / "pretrain.py"),
-        "--config_name", preset, "--kernels", kernels, "--output_dir", str(out_dir),
+        "--config_name", preset, "--kernels", run.kernels, "--output_dir", str(out_dir),
         "--block_size", str(args.block_size), "--per_device_train_batch_size", str(args.batch_size),
         "--max_train_steps", str(args.steps), "--logging_steps", "1", "--eval_steps", str(10 * args.steps),
         "--max_eval_samples", str(args.batch_size), "--learning_rate", "6e-4", "--min_lr", "6e-5",
         "--num_warmup_steps", str(max(1, args.steps // 10)), "--seed", "1234", "--sample_tokens", "8",
         "--vocab_size", str(args.vocab_size),
     ]
-    if compiled:
-        cmd.append("--compile")
-    if documents:
-        cmd.append("--document_masking")
-    if recompute:
-        cmd.append("--gradient_checkpointing")
+    flags = {"--compile": run.compile, "--cuda_graphs": run.graphs, "--document_masking": run.documents,
+             "--gradient_checkpointing": run.recompute}
+    cmd += [flag for flag, wanted in flags.items() if wanted]
     cmd += ["--config_overrides", model_overrides(preset, args.config_overrides)]
     if tokenizer is not None:
         cmd += ["--tokenizer_name", str(tokenizer)]
@@ -89,7 +98,7 @@ def model_config(preset: str, overrides: str | None) -> GPT2Config:
 def sdpa_backend_of(args, preset: str, provider: str, env: dict) -> str | None:
     """The SDPA backend a provider's attention calls run on (None where attention isn't SDPA's):
     one call at the run's shape and dtype, with the dense document mask for +docs."""
-    kernels, _, documents, _ = PROVIDERS[provider]
+    kernels, documents = PROVIDERS[provider].kernels, PROVIDERS[provider].documents
     if kernels != "sdpa":
         return None
     import torch
@@ -146,7 +155,7 @@ def parse_args(argv=None):
                         help="the BPE trained on the built-in corpus (the model keeps its preset's vocabulary)")
     parser.add_argument("--config_overrides", default=None)
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=["sdpa", "triton"],
-                        help="runs to make; +compile: pretrain.py --compile")
+                        help="runs to make; +compile: pretrain.py --compile, +graphs: --cuda_graphs")
     parser.add_argument("--output_dir", type=common.writable_dir, default=None)
     parser.add_argument("--replot", action="store_true", help="measure nothing: rewrite training.md from the CSV")
     return parser.parse_args(argv)
@@ -248,7 +257,7 @@ def summarize(rows, out_dir) -> str:
             a, b = get(first, "tokens_per_s"), get(second, "tokens_per_s")
             if a and b and a["status"] == b["status"] == "ok":
                 note = None
-                if PROVIDERS[first][2] == PROVIDERS[second][2]:  # the same model: the losses should agree
+                if PROVIDERS[first].documents == PROVIDERS[second].documents:  # the same model: the losses should agree
                     la, lb = losses[first], losses[second]
                     both = sorted(set(la) & set(lb))
                     diff = max((abs(la[s] - lb[s]) for s in both), default=float("nan"))

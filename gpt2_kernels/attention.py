@@ -1099,11 +1099,12 @@ class DocumentBounds(NamedTuple):
 
 def document_bounds(document_ids: torch.Tensor) -> DocumentBounds:
     """The document bounds flash_attention works from, for ids (B, T) non-decreasing along T: one
-    small reduction and a device-to-host sync check the order (skipped while torch.compile traces,
-    a data-dependent branch, where the order is unchecked), a few small ops find the bounds. Build
-    them once per batch and pass them to every layer. A document is a run of equal ids."""
+    small reduction and a device-to-host sync check the order (skipped where utils.host_checks()
+    says no: while torch.compile traces or a CUDA graph is captured, where the order is the caller's
+    to check), a few small ops find the bounds. Build them once per batch and pass them to every
+    layer. A document is a run of equal ids."""
     _check_document_ids(document_ids)
-    if not torch.compiler.is_compiling() and document_ids.shape[1] > 1:
+    if utils.host_checks() and document_ids.shape[1] > 1:
         if bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
             raise ValueError("flash_attention: document_ids must be non-decreasing along the sequence in every row")
     b, t = document_ids.shape

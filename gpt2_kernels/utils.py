@@ -21,6 +21,10 @@ here once, so the ops agree on them and a test flips one switch for both:
   the last dimension as contiguous; any other stride is theirs to follow).
 * ``check_device(op, name, x, cpu_alternative)``: CUDA tensors, or CPU tensors under the
   interpreter; anything else is refused with a message naming the CPU alternative.
+* ``host_checks()`` and ``without_host_checks()``: whether an input check that reads device data on
+  the host (a device-to-host sync) runs now; not while torch.compile traces, while a CUDA stream
+  captures a graph (a sync there is an error), or inside ``without_host_checks()``, where the caller
+  has made the check on its own copy of the data.
 * ``LOG2E``, ``LN2``: the base-2 conversion constants, as ``tl.constexpr`` so ``@triton.jit`` code
   can use them (``from gpt2_kernels.utils import LOG2E``); ``LOG2E.value`` is the float on the host.
 * ``define_op(name, schema, ...)``: registers one PyTorch custom operator
@@ -77,6 +81,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -90,6 +95,29 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln 2: log(x) = log2(x) * LN2
 # Debug switch for tests: allocate every kernel output (and scratch buffer) filled with NaN instead
 # of uninitialised, so an element a kernel forgets to write shows up as NaN.
 POISON_OUTPUTS = False
+
+
+_checks = threading.local()
+
+
+def host_checks() -> bool:
+    """Whether a check that reads device data on the host (a sync) should run: not under
+    torch.compile, not while the current CUDA stream captures a graph, not inside without_host_checks()."""
+    if getattr(_checks, "off", False) or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+@contextlib.contextmanager
+def without_host_checks():
+    """Inside, the kernels skip their checks that would sync with the host; the caller has checked
+    the same data itself (on its host copy), e.g. before copying a batch into a captured graph's inputs."""
+    before = getattr(_checks, "off", False)
+    _checks.off = True
+    try:
+        yield
+    finally:
+        _checks.off = before
 
 
 def interpreting() -> bool:

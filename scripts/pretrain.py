@@ -38,6 +38,7 @@ import cli  # first: makes the checkout importable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
+    AutocastKwargs,
     DataLoaderConfiguration,
     DistributedType,
     GradientAccumulationPlugin,
@@ -55,6 +56,7 @@ from gpt2.documents import WithDocumentIds, document_kwargs
 from gpt2.errors import InputError, bounded_int, exit_on_input_error, first_line
 from gpt2.evaluation import sequence_nll
 from gpt2.files import atomic_write_text, remove_stale_temporaries
+from gpt2.graphed_step import GraphedStep, graph_problem
 from gpt2.hub import unreachable_on_hub
 from gpt2.loss import IGNORE_INDEX
 from gpt2.provenance import git_commit, versions
@@ -225,6 +227,9 @@ def _add_model_flags(m) -> None:
                    help="tokens per sequence; default n_positions")
     cli.add_device_flags(m, dtype=False)  # precision: accelerate launch --mixed_precision
     m.add_argument("--compile", action="store_true", help="torch.compile through Accelerate (inductor)")
+    m.add_argument("--cuda_graphs", action="store_true",
+                   help="capture each training step (forward, backward, clipping, AdamW) as one CUDA graph and "
+                        "replay it: the host launches one graph a step, not every kernel. One CUDA GPU, bf16 or fp32")
 
 
 def _add_training_flags(t) -> None:
@@ -311,6 +316,7 @@ class Run:
     steps_per_epoch: int | None = None  # optimizer steps in one pass over the data; None for a stream
     last_checkpoint: Path | None = None
     val: tuple[float, float] | None = None  # the latest (val loss, val perplexity)
+    graphed: GraphedStep | None = None  # --cuda_graphs: the step, captured at its first call
 
 
 def build_accelerator(args) -> Accelerator:
@@ -329,7 +335,9 @@ def build_accelerator(args) -> Accelerator:
         dynamo_backend="inductor" if args.compile else None,
         # How long a process waits for the others at a collective before it gives up (HF Trainer's
         # --ddp_timeout): a stopped or hung process must not leave the rest waiting in silence.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
+                         # autocast's cache of cast weights must not outlive a captured region
+                         *([AutocastKwargs(cache_enabled=False)] if args.cuda_graphs else [])],
     )
     asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")  # accelerate launch --use_fsdp
     if asked and accelerator.distributed_type != DistributedType.FSDP:
@@ -390,6 +398,12 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     set_seed(args.seed)  # before the model is built: its initial weights follow from the seed
     config = build_config(args)
     choose_kernels(args, accelerator, config or GPT2Config())  # a refusal before any data is read
+    if args.cuda_graphs:
+        problem = graph_problem(accelerator.device, mixed_precision=accelerator.mixed_precision,
+                                processes=accelerator.num_processes, compile=args.compile,
+                                gradient_checkpointing=args.gradient_checkpointing)
+        if problem:
+            raise InputError(f"--cuda_graphs {problem}")
     if config is not None and args.block_size and args.block_size > config.n_positions:
         raise InputError(_block_size_message(args.block_size, config.n_positions))
     # After the checks that need no data, so a typo deletes nothing. A run resumed from a checkpoint
@@ -441,6 +455,8 @@ def setup_run(args, accelerator: Accelerator) -> Run:
     )
     if resume_dir is not None:
         resume(run, resume_dir)
+    if args.cuda_graphs:  # after resume, which loads the optimizer state it makes capturable
+        run.graphed = GraphedStep(model, optimizer.optimizer, args.max_grad_norm)
     if args.with_tracking:
         if accelerator.is_main_process:
             ckpt.record_outputs(args.output_dir, TRACKER_PROJECT)
@@ -561,7 +577,9 @@ def banner(run: Run, model: GPT2, stats) -> str:
         f"context {config.n_positions}",
         f"  kernels    attention {config.attn_impl}, LayerNorm {config.norm_impl} (--kernels {args.kernels}"
         + (f": {auto_kernels(accelerator.device.type, config.dropout)[1]})" if args.kernels == "auto" else ")")
-        + ("; every block recomputed in backward (--gradient_checkpointing)" if args.gradient_checkpointing else ""),
+        + ("; every block recomputed in backward (--gradient_checkpointing)" if args.gradient_checkpointing else "")
+        + ("; the step captured as one CUDA graph at step 1, replayed after (--cuda_graphs)" if args.cuda_graphs
+           else ""),
     ]
     if args.document_masking:
         lines.append("  documents  masked: a token attends only to its own document (end-of-text ends one)"
@@ -819,6 +837,11 @@ def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
     """One optimizer step over its gradient-accumulation micro-batches, taken together so the loss can
     be divided by the step's token count across micro-batches and ranks before backward (a
     token-weighted loss). A non-finite loss or gradient norm skips the update."""
+    if run.graphed is not None:  # the same step as below, replayed as one CUDA graph
+        loss, tokens, grad_norm, skipped, out_of_order = run.graphed(micro_batches)
+        if bool(skipped) and bool(out_of_order):  # as the eager kernels' own check
+            raise ValueError("flash_attention: document_ids must be non-decreasing along the sequence in every row")
+        return StepResult(loss, int(tokens), grad_norm, finite=not bool(skipped))
     accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
     world, ga = accelerator.num_processes, run.args.gradient_accumulation_steps
     n_tokens = sum((b["input_ids"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches).to(accelerator.device)
@@ -870,7 +893,7 @@ def log_training(run: Run, window: tuple[float, float], result: StepResult, prog
     utilisation = mfu(tokens_per_s / run.accelerator.num_processes, run.flops_per_token, run.peak_flops)
     record = {
         "train_loss": train_loss,
-        "lr": run.scheduler.get_last_lr()[0],
+        "lr": float(run.scheduler.get_last_lr()[0]),  # a tensor with --cuda_graphs
         "grad_norm": float(result.grad_norm),
         "tokens_per_s": tokens_per_s,
         "mfu": utilisation,
