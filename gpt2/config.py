@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +64,10 @@ class GPT2Config:
             raise InputError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.layer_norm_epsilon <= 0:
-            raise InputError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+        for name in ("layer_norm_epsilon", "rope_theta"):  # inf or nan would train a model of NaNs
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+                raise InputError(f"{name} must be positive and finite, got {value!r}")
 
     @property
     def head_dim(self) -> int:

@@ -142,6 +142,11 @@ def test_small_preset_is_small():
         (dict(position_embedding="alibi"), "position_embedding must be one of"),
         (dict(n_layer=0), "positive integer"),
         (dict(dropout=1.0), "dropout"),
+        (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon must be positive and finite"),
+        (dict(layer_norm_epsilon=float("nan")), "layer_norm_epsilon must be positive and finite"),
+        (dict(layer_norm_epsilon=float("inf")), "layer_norm_epsilon must be positive and finite"),
+        (dict(rope_theta=0.0), "rope_theta must be positive and finite"),
+        (dict(rope_theta=float("inf")), "rope_theta must be positive and finite"),
     ],
 )
 def test_bad_config(kwargs, message):
