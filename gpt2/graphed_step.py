@@ -94,6 +94,8 @@ class GraphedStep:
         if self.inputs is None:
             self._set_up(micro_batches)
         self._load(micro_batches)
+        if self.capture and self.graph is None:  # the first call: warm up on these batches, capture
+            self.graph, self.outputs = self._captured()
         if self.graph is None:  # capture=False: the same step, run eagerly
             outputs = tuple(t.clone() for t in self._step())
             self.optimizer.zero_grad(set_to_none=True)  # as each replay's first backward overwrites them
@@ -108,16 +110,12 @@ class GraphedStep:
         self.optimizer.found_inf = self.found_inf  # read by the fused step; 1 skips the update
         self.inputs = [{name: torch.empty_like(value, device=device) for name, value in batch.items()}
                        for batch in micro_batches]
-        self._load(micro_batches)
-        if self.capture:
-            self.graph, self.outputs = self._captured()
+        self.shapes = [{name: value.shape for name, value in batch.items()} for batch in self.inputs]
 
     def _load(self, micro_batches: list[dict]) -> None:
         """Copy the batches into the input buffers (shapes fixed at the first call)."""
-        if [{n: t.shape for n, t in b.items()} for b in micro_batches] != [
-                {n: t.shape for n, t in b.items()} for b in self.inputs]:
-            raise ValueError("the captured step takes micro-batches of the shapes of its first: "
-                             f"{[{n: tuple(t.shape) for n, t in b.items()} for b in self.inputs]}")
+        if [{name: value.shape for name, value in batch.items()} for batch in micro_batches] != self.shapes:
+            raise ValueError(f"the captured step takes micro-batches of the shapes of its first: {self.shapes}")
         for buffers, batch in zip(self.inputs, micro_batches):
             for name, value in batch.items():
                 buffers[name].copy_(value, non_blocking=True)

@@ -24,7 +24,7 @@ here once, so the ops agree on them and a test flips one switch for both:
 * ``host_checks()`` and ``without_host_checks()``: whether an input check that reads device data on
   the host (a device-to-host sync) runs now; not while torch.compile traces, while a CUDA stream
   captures a graph (a sync there is an error), or inside ``without_host_checks()``, where the caller
-  has made the check on its own copy of the data.
+  makes the same check itself without a sync (on the device, read after the work is done).
 * ``LOG2E``, ``LN2``: the base-2 conversion constants, as ``tl.constexpr`` so ``@triton.jit`` code
   can use them (``from gpt2_kernels.utils import LOG2E``); ``LOG2E.value`` is the float on the host.
 * ``define_op(name, schema, ...)``: registers one PyTorch custom operator
@@ -110,8 +110,9 @@ def host_checks() -> bool:
 
 @contextlib.contextmanager
 def without_host_checks():
-    """Inside, the kernels skip their checks that would sync with the host; the caller has checked
-    the same data itself (on its host copy), e.g. before copying a batch into a captured graph's inputs."""
+    """Inside, the kernels skip their checks that would sync with the host; the caller makes the same
+    checks without a sync, e.g. gpt2/graphed_step.py folds the document order into a flag on the
+    device and reads it after the graph's replay."""
     before = getattr(_checks, "off", False)
     _checks.off = True
     try:

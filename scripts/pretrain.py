@@ -839,9 +839,10 @@ def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
     token-weighted loss). A non-finite loss or gradient norm skips the update."""
     if run.graphed is not None:  # the same step as below, replayed as one CUDA graph
         loss, tokens, grad_norm, skipped, out_of_order = run.graphed(micro_batches)
-        if bool(skipped) and bool(out_of_order):  # as the eager kernels' own check
+        skipped = bool(skipped)  # the one read of the step: it waits for the replay
+        if skipped and bool(out_of_order):  # as the eager kernels' own check
             raise ValueError("flash_attention: document_ids must be non-decreasing along the sequence in every row")
-        return StepResult(loss, int(tokens), grad_norm, finite=not bool(skipped))
+        return StepResult(loss, int(tokens), grad_norm, finite=not skipped)
     accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
     world, ga = accelerator.num_processes, run.args.gradient_accumulation_steps
     n_tokens = sum((b["input_ids"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches).to(accelerator.device)
